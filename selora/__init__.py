@@ -1,0 +1,19 @@
+"""selora: SeLoRA (spectral-encoding LoRA) and SRLoRA (subspace recomposition) for any PyTorch model.
+
+    import selora
+    model = selora.apply(model, selora.SeLoRAConfig(r=8, spectral_ratio=0.5))
+    ...train...
+    selora.save_adapter(model, "out/adapter")
+    selora.export_lora(model, "out/peft")      # loads with peft.PeftModel.from_pretrained
+"""
+from .config import LLAMA_PROJECTIONS, ConfigValueError, LoRAConfig, SeLoRAConfig, SRLoRAConfig
+from .inject import (TargetModuleError, adapter_layers, apply, count_parameters, initialize_adapters, merge,
+                     parameter_table, unmerge)
+from .io import AdapterFileError, adapter_state_dict, export_lora, load_adapter, save_adapter
+from .layers import AdapterLinear
+
+__all__ = [
+    "LLAMA_PROJECTIONS", "ConfigValueError", "LoRAConfig", "SeLoRAConfig", "SRLoRAConfig", "TargetModuleError",
+    "AdapterFileError", "AdapterLinear", "adapter_layers", "adapter_state_dict", "apply", "count_parameters",
+    "export_lora", "initialize_adapters", "load_adapter", "merge", "parameter_table", "save_adapter", "unmerge",
+]

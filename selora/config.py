@@ -1,0 +1,172 @@
+"""Adapter configurations: plain dataclasses, validated on construction.
+
+A config describes *what* to attach; `selora.apply` decides *where*. Everything a config holds is saved with
+the adapter (adapter_config.json) so a saved adapter can be re-applied without the code that trained it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+INIT_CHOICES = ("default", "pissa")
+BASIS_CHOICES = ("dct", "dft")
+
+
+class ConfigValueError(ValueError):
+    """A config field holds a value the adapter cannot use; the message names the field and the fix."""
+
+
+@dataclass
+class LoRAConfig:
+    """Plain LoRA: dW = scaling * B @ A with A (r x in), B (out x r), B = 0 at init.
+
+    target_modules: module-name suffixes (``"q_proj"``) or, when an entry starts with ``"re:"``, a regular
+    expression matched against the full module name (``"re:.*layers\\.[0-3]\\..*proj"``).
+    use_rslora: scaling = alpha / sqrt(r) (rank-stabilised) instead of alpha / r.
+    use_dora: add DoRA's trainable per-output magnitude vector.
+    init: "default" (A random, B zero) or "pissa" (factors from the base weight's top-r singular directions,
+    base replaced by its residual so the model's function is unchanged).
+    """
+
+    method: ClassVar[str] = "lora"
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = LLAMA_PROJECTIONS
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.target_modules = tuple(self.target_modules)
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ConfigValueError(f"r={self.r!r}: the rank must be a positive integer, e.g. r=8")
+        if self.alpha <= 0:
+            raise ConfigValueError(f"alpha={self.alpha!r}: alpha must be > 0 (it sets the update's scale)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigValueError(f"dropout={self.dropout!r}: must be in [0, 1)")
+        if not self.target_modules:
+            raise ConfigValueError("target_modules is empty: name at least one module, e.g. ('q_proj', 'v_proj')")
+        if self.init not in INIT_CHOICES:
+            raise ConfigValueError(f"init={self.init!r}: choose one of {INIT_CHOICES}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        out["method"] = self.method
+        return out
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> "LoRAConfig":
+        data = dict(data)
+        method = data.pop("method", "lora")
+        classes = {"lora": LoRAConfig, "selora": SeLoRAConfig}
+        if method not in classes:
+            raise ConfigValueError(f"method={method!r}: unknown adapter method; choose one of {sorted(classes)}")
+        cls = classes[method]
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigValueError(f"unknown {cls.__name__} field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**data)
+
+
+@dataclass
+class SeLoRAConfig(LoRAConfig):
+    """SeLoRA: each LoRA factor is decoded from a few trainable spectral coefficients.
+
+    Row i of A (length ``in``) and column i of B (length ``out``) are each the inverse transform of a sparse
+    spectrum whose non-zeros sit at fixed frequency locations drawn from ``seed``. The trainable count per
+    row is ``round(spectral_ratio * length)`` (or ``n_coefficients`` when given), so the adapter has about
+    ``spectral_ratio`` times LoRA's parameters while the decoded factors stay dense.
+
+    basis: "dct" (orthonormal DCT-II; complete, so ratio 1.0 is exactly LoRA reparameterised) or "dft"
+    (real part of the inverse DFT, FourierFT-style; only ``length // 2 + 1`` distinct real frequencies
+    exist per row, which caps the coefficient count).
+    shared_locations: True -> all rows of a factor share one set of locations; False -> each row (pair)
+    draws its own.
+    """
+
+    method: ClassVar[str] = "selora"
+
+    spectral_ratio: float = 0.5
+    n_coefficients: int | None = None
+    basis: str = "dct"
+    shared_locations: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (0.0 < self.spectral_ratio <= 1.0):
+            raise ConfigValueError(
+                f"spectral_ratio={self.spectral_ratio!r}: must be in (0, 1], the fraction of each factor row "
+                "that is trainable (0.5 halves LoRA's parameter count)")
+        if self.n_coefficients is not None and (not isinstance(self.n_coefficients, int) or self.n_coefficients < 1):
+            raise ConfigValueError(f"n_coefficients={self.n_coefficients!r}: must be a positive integer or None")
+        if self.basis not in BASIS_CHOICES:
+            raise ConfigValueError(f"basis={self.basis!r}: choose one of {BASIS_CHOICES}")
+
+
+@dataclass
+class SRLoRAConfig:
+    """SRLoRA schedule: every ``interval`` steps in [start_step, end_step], fuse the
+    ``pairs_per_recomposition`` least important pairs (per layer, or globally) into the base and
+    re-initialise them along unused principal directions of the pretrained weight.
+
+    ema_beta / uncertainty_beta: smoothing of the sensitivity |theta * grad| and of its deviation (AdaLoRA).
+    svd: "full" or "randomized" (torch.svd_lowrank) for the principal directions.
+    quantized_fusion: "requantize" (dequantize, add, quantize again) or "residual" (keep fused updates as a
+    frozen low-rank residual next to a quantized base; no re-quantization error).
+    """
+
+    start_step: int = 10
+    end_step: int = 100
+    interval: int = 10
+    pairs_per_recomposition: int = 1
+    ema_beta: float = 0.85
+    uncertainty_beta: float = 0.85
+    scope: str = "layer"
+    svd: str = "full"
+    svd_oversample: int = 8
+    quantized_fusion: str = "requantize"
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.interval < 1:
+            raise ConfigValueError(f"srlora.interval={self.interval}: must be >= 1 step")
+        if self.start_step < 1:
+            raise ConfigValueError(f"srlora.start_step={self.start_step}: must be >= 1 (scores need one step of gradients)")
+        if self.end_step < self.start_step:
+            raise ConfigValueError(
+                f"srlora.end_step={self.end_step} is before start_step={self.start_step}: the schedule never fires; "
+                "set end_step >= start_step")
+        if self.start_step < self.warmup_steps:
+            raise ConfigValueError(
+                f"srlora.start_step={self.start_step} fires before the warm-up ends (warmup_steps={self.warmup_steps}); "
+                "importance scores are not meaningful yet — start at or after warm-up")
+        if self.pairs_per_recomposition < 1:
+            raise ConfigValueError(f"srlora.pairs_per_recomposition={self.pairs_per_recomposition}: must be >= 1")
+        for name in ("ema_beta", "uncertainty_beta"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigValueError(f"srlora.{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.scope not in ("layer", "global"):
+            raise ConfigValueError(f"srlora.scope={self.scope!r}: choose 'layer' or 'global'")
+        if self.svd not in ("full", "randomized"):
+            raise ConfigValueError(f"srlora.svd={self.svd!r}: choose 'full' or 'randomized'")
+        if self.quantized_fusion not in ("requantize", "residual"):
+            raise ConfigValueError(f"srlora.quantized_fusion={self.quantized_fusion!r}: choose 'requantize' or 'residual'")
+
+    def recomposition_steps(self) -> list[int]:
+        """Optimizer steps (1-based count of completed steps) at which a recomposition happens."""
+        return list(range(self.start_step, self.end_step + 1, self.interval))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,258 @@
+"""Adapter files: selora's own format (save/load, exact round trip) and HF PEFT's LoRA format (export).
+
+selora format, one directory:
+  adapter_config.json        {"format": "selora-adapter", "version": 1, "adapter": <config>, "layers": {...}}
+  adapter_model.safetensors  per layer: trainable tensors, spectral locations, the base-delta record
+  extra_state.safetensors    optional caller state (e.g. SRLoRA scores), saved beside the adapter
+Directories are written to a temporary sibling and renamed into place, so a crash mid-save never leaves a
+half-written adapter where a good one was. Under ZeRO-3 every rank must call save/export (gathering is
+collective); rank 0 alone writes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import LoRAConfig
+from .distributed import gathered, world
+from .inject import adapter_layers, apply
+from .layers import AdapterLinear
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+EXTRA_FILE = "extra_state.safetensors"
+FORMAT = "selora-adapter"
+
+
+class AdapterFileError(ValueError):
+    """An adapter directory is missing, incomplete, corrupt, or does not fit the model."""
+
+
+# ----- writing helpers ---------------------------------------------------------------------------------
+def write_directory_atomically(directory: str | Path, write) -> Path:
+    """Call ``write(tmp_dir)`` then move tmp_dir to ``directory``, replacing an existing one only at the end."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        write(tmp)
+        for path in tmp.iterdir():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def _layer_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
+    """A layer's adapter tensors, whole (gathered under ZeRO-3), as CPU copies."""
+    with gathered(list(layer.lora_A.parameters()) + list(layer.lora_B.parameters())
+                  + ([layer.magnitude] if layer.magnitude is not None else [])):
+        state = {f"lora_A.{k}": v.detach().cpu().clone() for k, v in layer.lora_A.state_dict().items()}
+        state.update({f"lora_B.{k}": v.detach().cpu().clone() for k, v in layer.lora_B.state_dict().items()})
+        if layer.magnitude is not None:
+            state["magnitude"] = layer.magnitude.detach().cpu().clone()
+    state["base_delta_A"] = layer.base_delta_A.detach().cpu().clone()
+    state["base_delta_B"] = layer.base_delta_B.detach().cpu().clone()
+    return state
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every adapter tensor keyed ``<module name>.<tensor>``; identical in single-process and ZeRO-3 runs."""
+    state = {}
+    for name, layer in adapter_layers(model).items():
+        state.update({f"{name}.{k}": v for k, v in _layer_state(layer).items()})
+    return state
+
+
+def _layer_meta(model: nn.Module) -> dict:
+    return {name: {"in_features": l.in_features, "out_features": l.out_features, "base": l.kind,
+                   "delta_in_forward": l.delta_in_forward}
+            for name, l in adapter_layers(model).items()}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, extra_state: dict[str, torch.Tensor] | None = None,
+                 extra_meta: dict | None = None) -> Path:
+    """Write the adapter of ``model`` (after `selora.apply`) to ``directory``; returns the path."""
+    layers = adapter_layers(model)
+    if not layers:
+        raise AdapterFileError("this model has no selora adapters to save; call selora.apply(model, config) first")
+    tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
+    extra = {k: v.detach().cpu().contiguous() for k, v in (extra_state or {}).items()}
+    meta = {"format": FORMAT, "version": 1, "adapter": model.selora_config.to_dict(), "layers": _layer_meta(model),
+            "extra": extra_meta or {}}
+    if world()[0] != 0:
+        return Path(directory)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        if extra:
+            save_file(extra, str(tmp / EXTRA_FILE))
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+
+    return write_directory_atomically(directory, write)
+
+
+# ----- reading -----------------------------------------------------------------------------------------
+def read_adapter(directory: str | Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(meta, tensors, extra tensors) from an adapter directory, with a clear error for each way it can be bad."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFileError(f"adapter directory {str(directory)!r} does not exist; pass the directory that "
+                               "save_adapter wrote (it holds adapter_config.json)")
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise AdapterFileError(f"{path} is missing: {directory} is not a complete selora adapter "
+                                   "(was the save interrupted? use the previous checkpoint)")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AdapterFileError(f"{config_path} is not valid JSON ({error}); the file is corrupt") from None
+    if meta.get("format") != FORMAT:
+        hint = " (this looks like a PEFT adapter: load it with peft.PeftModel.from_pretrained)" if "peft_type" in meta else ""
+        raise AdapterFileError(f"{config_path} is not a selora adapter config{hint}")
+    try:
+        tensors = load_file(str(weights_path))
+        extra_path = directory / EXTRA_FILE
+        extra = load_file(str(extra_path)) if extra_path.is_file() else {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFileError(f"{weights_path} cannot be read ({error}); the file is corrupt or truncated") from None
+    return meta, tensors, extra
+
+
+def _check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Every saved layer exists in ``model`` with the same shape, and every tensor is present."""
+    for name, info in meta["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterFileError(f"adapter layer {name!r} does not exist in {type(model).__name__}; "
+                                   "this adapter was trained on a different model architecture") from None
+        shape = (getattr(module, "in_features", None), getattr(module, "out_features", None))
+        if shape != (info["in_features"], info["out_features"]):
+            raise AdapterFileError(
+                f"adapter layer {name!r} expects in={info['in_features']}, out={info['out_features']} but the model's "
+                f"module has in={shape[0]}, out={shape[1]}; load it on the model it was trained for")
+        for key in ("base_delta_A", "base_delta_B"):
+            if f"{name}.{key}" not in tensors:
+                raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{key}; the file is incomplete")
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Tensor]:
+    """Load an adapter saved by `save_adapter` into ``model`` and return its extra state.
+
+    ``model`` is either the *original* base model (the adapter is applied first, with the saved config)
+    or a model already given the same config by `selora.apply`. Nothing is changed unless everything fits.
+    """
+    meta, tensors, extra = read_adapter(directory)
+    config = LoRAConfig.from_dict(meta["adapter"])
+    _check_fits(model, meta, tensors)
+    layers = adapter_layers(model)
+    if layers:
+        if model.selora_config.to_dict() != config.to_dict():
+            raise AdapterFileError(f"the model's adapters were applied with {model.selora_config.to_dict()} but "
+                                   f"{directory} holds {config.to_dict()}; load onto the base model instead")
+    else:
+        apply(model, config)
+        layers = adapter_layers(model)
+    if set(layers) != set(meta["layers"]):
+        missing = sorted(set(meta["layers"]) ^ set(layers))[:5]
+        raise AdapterFileError(f"adapter layers differ from the model's adapted modules (e.g. {missing})")
+    for name, layer in layers.items():
+        _load_layer(layer, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
+                    meta["layers"][name], name)
+    return extra
+
+
+def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict, name: str) -> None:
+    own = {f"lora_A.{k}": v for k, v in layer.lora_A.state_dict().items()}
+    own.update({f"lora_B.{k}": v for k, v in layer.lora_B.state_dict().items()})
+    if layer.magnitude is not None:
+        own["magnitude"] = layer.magnitude
+    for key, target in own.items():
+        if key not in state:
+            raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{key}; the file is incomplete")
+        if tuple(state[key].shape) != tuple(getattr(target, "ds_shape", target.shape)):
+            raise AdapterFileError(f"{name}.{key} has shape {tuple(state[key].shape)} in the file but "
+                                   f"{tuple(target.shape)} in the model")
+    with gathered(list(layer.parameters()), modifier_rank=0):
+        for key, target in own.items():
+            target.data.copy_(state[key].to(target.device, target.dtype))
+    saved_A, saved_B = state["base_delta_A"], state["base_delta_B"]
+    same = (saved_A.shape == layer.base_delta_A.shape and torch.equal(saved_A, layer.base_delta_A.cpu())
+            and torch.equal(saved_B, layer.base_delta_B.cpu()))
+    if same and layer.delta_in_forward == info["delta_in_forward"]:
+        return
+    # Re-base: remove what apply() wrote into the base (e.g. a PiSSA residual), write what the file records.
+    if not layer.delta_in_forward:
+        layer.record_base_change(-layer.base_delta_B.clone(), layer.base_delta_A.clone())
+    layer.base_delta_A = torch.zeros(0, layer.in_features, device=layer.base_delta_A.device)
+    layer.base_delta_B = torch.zeros(layer.out_features, 0, device=layer.base_delta_B.device)
+    layer.delta_in_forward = info["delta_in_forward"]
+    layer.record_base_change(saved_B, saved_A)
+
+
+# ----- PEFT export -------------------------------------------------------------------------------------
+@torch.no_grad()
+def export_lora(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None,
+                task_type: str | None = "auto") -> Path:
+    """Write the adapter as a plain HF PEFT LoRA (adapter_config.json + adapter_model.safetensors).
+
+    The exported update is the whole change relative to the *pretrained* base: the decoded factors plus any
+    PiSSA residual or SRLoRA fusion selora wrote into the base. Scaling is folded into B (lora_alpha = r);
+    layers with fewer directions are zero-padded to one common rank, which changes no output.
+    """
+    layers = adapter_layers(model)
+    if not layers:
+        raise AdapterFileError("this model has no selora adapters to export; call selora.apply first")
+    config: LoRAConfig = model.selora_config
+    factors = {}
+    for name, layer in layers.items():
+        with gathered(list(layer.parameters(recurse=True))):
+            A, B = layer.factor_matrices()
+            magnitude = layer.magnitude.detach().float().cpu().clone() if layer.magnitude is not None else None
+        A_all = torch.cat([A.cpu(), layer.base_delta_A.float().cpu()], dim=0)
+        B_all = torch.cat([layer.scaling * B.cpu(), layer.base_delta_B.float().cpu()], dim=1)
+        factors[name] = (A_all, B_all, magnitude)
+    rank = max(A.shape[0] for A, _, _ in factors.values())
+    tensors = {}
+    for name, (A, B, magnitude) in factors.items():
+        pad = rank - A.shape[0]
+        tensors[f"base_model.model.{name}.lora_A.weight"] = torch.cat([A, A.new_zeros(pad, A.shape[1])]).contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = torch.cat([B, B.new_zeros(B.shape[0], pad)], 1).contiguous()
+        if magnitude is not None:
+            tensors[f"base_model.model.{name}.lora_magnitude_vector"] = magnitude.contiguous()
+    if task_type == "auto":
+        task_type = "CAUSAL_LM" if hasattr(model, "generate") and hasattr(model, "config") else None
+    peft_config = {
+        "peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": rank, "lora_dropout": 0.0,
+        "target_modules": sorted(layers), "bias": "none", "use_rslora": False, "use_dora": config.use_dora,
+        "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": base_model_name_or_path,
+    }
+    if world()[0] != 0:
+        return Path(directory)
+
+    def write(tmp: Path) -> None:
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2))
+
+    return write_directory_atomically(directory, write)

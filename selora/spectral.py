@@ -1,0 +1,124 @@
+"""Spectral bases for SeLoRA: frequency locations, decode (coefficients -> dense rows) and fit (rows -> coefficients).
+
+Every factor row is a 1-D signal of length L (``in_features`` for a row of A, ``out_features`` for a column
+of B). Its spectrum is zero except at K fixed locations, and the row is the inverse transform of that
+spectrum. Both bases are orthonormal on the locations they allow, so `fit` (least squares onto the span of
+the chosen basis vectors) is just the forward transform read at the locations.
+
+All rows of a factor are decoded in one batched transform: (rows, K) coefficients -> (rows, L) dense.
+Transforms run in float32 (torch.fft has no bfloat16 kernels), or float64 when given float64; callers cast the result.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+
+def max_locations(length: int, basis: str) -> int:
+    """How many distinct basis vectors a row of this length has in ``basis``."""
+    return length if basis == "dct" else length // 2 + 1
+
+
+def coefficient_count(length: int, spectral_ratio: float, n_coefficients: int | None, basis: str) -> int:
+    """Trainable coefficients per row: ``n_coefficients`` if given, else round(ratio * length), at least 1."""
+    count = n_coefficients if n_coefficients is not None else max(1, round(spectral_ratio * length))
+    limit = max_locations(length, basis)
+    if count > limit:
+        hint = " (the dft basis has only length // 2 + 1 real frequencies; use basis='dct' for more)" if basis == "dft" else ""
+        raise ValueError(f"{count} spectral coefficients asked for a row of length {length}, but basis "
+                         f"{basis!r} has only {limit}{hint}; lower spectral_ratio or n_coefficients")
+    return count
+
+
+def draw_locations(length: int, count: int, rows: int, shared: bool, basis: str,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Fixed frequency locations, uniformly at random without replacement.
+
+    Returns int64 (rows, count), sorted along the last dim; with ``shared`` every row holds the same set.
+    """
+    limit = max_locations(length, basis)
+    if shared:
+        locations = torch.randperm(limit, generator=generator)[:count].sort().values
+        return locations.expand(rows, count).clone()
+    return torch.stack([torch.randperm(limit, generator=generator)[:count].sort().values for _ in range(rows)])
+
+
+def _working_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 stays float64 (reference computations); everything else runs in float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@functools.lru_cache(maxsize=256)
+def _dct_twiddle(length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(i*pi*k/(2L)) and the orthonormal DCT-II scale s_k (sqrt(1/L) at k=0, sqrt(2/L) otherwise)."""
+    k = torch.arange(length, dtype=torch.float64)
+    twiddle = torch.polar(torch.ones_like(k), math.pi * k / (2 * length))
+    scale = torch.full((length,), math.sqrt(2.0 / length), dtype=torch.float64)
+    scale[0] = math.sqrt(1.0 / length)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return twiddle.to(device, complex_dtype), scale.to(device, dtype)
+
+
+def dct(x: torch.Tensor) -> torch.Tensor:
+    """Orthonormal DCT-II along the last dim, O(L log L) via one FFT (Makhoul's reordering)."""
+    length, dtype = x.shape[-1], _working_dtype(x)
+    twiddle, scale = _dct_twiddle(length, x.device, dtype)
+    reordered = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
+    spectrum = torch.fft.fft(reordered.to(dtype), dim=-1)
+    return (spectrum * twiddle.conj()).real * scale
+
+
+def idct(coefficients: torch.Tensor) -> torch.Tensor:
+    """Inverse of `dct` (orthonormal DCT-III) along the last dim."""
+    length, dtype = coefficients.shape[-1], _working_dtype(coefficients)
+    twiddle, scale = _dct_twiddle(length, coefficients.device, dtype)
+    unscaled = coefficients.to(dtype) / scale
+    # W_k = X_k - i X_{L-k} (X_L = 0) recovers the FFT of the reordered signal up to the twiddle.
+    mirrored = torch.cat([torch.zeros_like(unscaled[..., :1]), unscaled[..., 1:].flip(-1)], dim=-1)
+    spectrum = torch.complex(unscaled, -mirrored) * twiddle
+    reordered = torch.fft.ifft(spectrum, dim=-1).real
+    half = (length + 1) // 2
+    out = torch.empty_like(reordered)
+    out[..., ::2] = reordered[..., :half]
+    out[..., 1::2] = reordered[..., half:].flip(-1)
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def _dft_norm(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Per-frequency factor that makes the cosine basis vector at u unit-norm under irfft/rfft."""
+    norm = torch.full((length // 2 + 1,), math.sqrt(length / 2.0))
+    norm[0] = math.sqrt(length)
+    if length % 2 == 0:
+        norm[-1] = math.sqrt(length)
+    return norm.to(device, dtype)
+
+
+def decode(coefficients: torch.Tensor, locations: torch.Tensor, length: int, basis: str) -> torch.Tensor:
+    """Dense rows from sparse spectra.
+
+    coefficients: (rows, K) float; locations: (rows, K) int64 -> (rows, length) float32 (float64 if given).
+    """
+    rows, dtype = coefficients.shape[0], _working_dtype(coefficients)
+    coefficients = coefficients.to(dtype)
+    if basis == "dct":
+        spectrum = coefficients.new_zeros(rows, length).scatter(1, locations, coefficients)
+        return idct(spectrum)
+    norm = _dft_norm(length, coefficients.device, dtype)
+    spectrum = coefficients.new_zeros(rows, length // 2 + 1).scatter(1, locations, coefficients * norm[locations])
+    return torch.fft.irfft(spectrum, n=length, dim=-1)
+
+
+def fit(rows: torch.Tensor, locations: torch.Tensor, basis: str) -> torch.Tensor:
+    """Least-squares coefficients whose `decode` is closest to ``rows`` (exact projection: the basis is orthonormal).
+
+    rows: (R, length) -> (R, K) float32.
+    """
+    length, dtype = rows.shape[-1], _working_dtype(rows)
+    if basis == "dct":
+        return dct(rows).gather(1, locations)
+    norm = _dft_norm(length, rows.device, dtype)
+    real_spectrum = torch.fft.rfft(rows.to(dtype), dim=-1).real
+    return real_spectrum.gather(1, locations) / norm[locations]
