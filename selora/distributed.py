@@ -82,3 +82,87 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if world()[1] > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+# ----- writing into parameters that ZeRO may hold as shards -------------------------------------------------
+def _has_master_copy(param: torch.Tensor) -> bool:
+    """True if a DeepSpeed optimizer keeps an fp32 master copy of ``param`` (ZeRO 1/2/3 after initialize)."""
+    return hasattr(param, "_hp_mapping") or hasattr(param, "_z3_optimizer")
+
+
+def _shard_range(param: torch.Tensor) -> tuple[int, int]:
+    """[start, end) of this rank's ZeRO-3 shard in the flattened parameter (the padding excluded)."""
+    rank = world()[0]
+    size = param.ds_tensor.ds_numel
+    start = rank * size
+    return start, min(start + size, param.ds_numel)
+
+
+@torch.no_grad()
+def full_value(param: torch.Tensor) -> torch.Tensor:
+    """The whole parameter as a float32 copy on every rank (small adapter tensors only)."""
+    with gathered([param]):
+        return param.detach().float().clone()
+
+
+@torch.no_grad()
+def set_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Set ``param`` to ``value`` (the whole tensor, identical on every rank), including ZeRO's shard and the
+    optimizer's fp32 master copy, so the next optimizer step starts from ``value``."""
+    if is_partitioned(param):
+        start, end = _shard_range(param)
+        shard = param.ds_tensor
+        shard.data[: end - start].copy_(value.reshape(-1)[start:end].to(shard.dtype))
+    else:
+        param.data.copy_(value.to(param.dtype))
+    if _has_master_copy(param):
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(param, value.float())
+
+
+@torch.no_grad()
+def add_low_rank(param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> None:
+    """param (out, in) += left (out, k) @ right (k, in), touching only this rank's shard under ZeRO-3."""
+    if not is_partitioned(param):
+        param.data.add_((left.float() @ right.float()).to(param.dtype))
+        return
+    start, end = _shard_range(param)
+    if end <= start:
+        return
+    columns = param.ds_shape[1]
+    first_row, last_row = start // columns, (end - 1) // columns
+    block = (left[first_row:last_row + 1].float() @ right.float()).reshape(-1)
+    offset = first_row * columns
+    shard = param.ds_tensor
+    shard.data[: end - start].add_(block[start - offset:end - offset].to(shard.dtype))
+
+
+def reset_optimizer_rows(optimizer, param: torch.Tensor, rows: torch.Tensor) -> int:
+    """Zero the optimizer moments of ``rows`` (first dim) of ``param``; returns how many state tensors were reset.
+
+    Works for torch optimizers and for DeepSpeed's ZeRO 1/2/3 optimizers (through their full-state API).
+    """
+    if optimizer is None:
+        return 0
+    if _has_master_copy(param):
+        from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+        reset = 0
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = safe_get_full_optimizer_state(param, key)
+            if state is None:
+                continue
+            state = state.clone()
+            state[rows] = 0
+            safe_set_full_optimizer_state(param, state, key)
+            reset += 1
+        return reset
+    inner = getattr(optimizer, "optimizer", optimizer)
+    state = inner.state.get(param, {})
+    reset = 0
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape[:1] == param.shape[:1] and value.dim() == param.dim():
+            value[rows] = 0
+            reset += 1
+    return reset

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoRAConfig
-from .distributed import gathered, world
+from .distributed import full_value, gathered, world
 from .inject import adapter_layers, apply
 from .layers import AdapterLinear
 
@@ -68,8 +68,8 @@ def _layer_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
         state.update({f"lora_B.{k}": v.detach().cpu().clone() for k, v in layer.lora_B.state_dict().items()})
         if layer.magnitude is not None:
             state["magnitude"] = layer.magnitude.detach().cpu().clone()
-    state["base_delta_A"] = layer.base_delta_A.detach().cpu().clone()
-    state["base_delta_B"] = layer.base_delta_B.detach().cpu().clone()
+    for key in ("base_delta_A", "base_delta_B", "residual_A", "residual_B"):
+        state[key] = getattr(layer, key).detach().cpu().clone()
     return state
 
 
@@ -82,8 +82,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _layer_meta(model: nn.Module) -> dict:
-    return {name: {"in_features": l.in_features, "out_features": l.out_features, "base": l.kind,
-                   "delta_in_forward": l.delta_in_forward}
+    return {name: {"in_features": l.in_features, "out_features": l.out_features, "base": l.kind}
             for name, l in adapter_layers(model).items()}
 
 
@@ -150,7 +149,7 @@ def _check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) 
             raise AdapterFileError(
                 f"adapter layer {name!r} expects in={info['in_features']}, out={info['out_features']} but the model's "
                 f"module has in={shape[0]}, out={shape[1]}; load it on the model it was trained for")
-        for key in ("base_delta_A", "base_delta_B"):
+        for key in ("base_delta_A", "base_delta_B", "residual_A", "residual_B"):
             if f"{name}.{key}" not in tensors:
                 raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{key}; the file is incomplete")
 
@@ -196,17 +195,17 @@ def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict
     with gathered(list(layer.parameters()), modifier_rank=0):
         for key, target in own.items():
             target.data.copy_(state[key].to(target.device, target.dtype))
+    layer.residual_A = state["residual_A"].to(layer.residual_A)
+    layer.residual_B = state["residual_B"].to(layer.residual_B)
     saved_A, saved_B = state["base_delta_A"], state["base_delta_B"]
-    same = (saved_A.shape == layer.base_delta_A.shape and torch.equal(saved_A, layer.base_delta_A.cpu())
-            and torch.equal(saved_B, layer.base_delta_B.cpu()))
-    if same and layer.delta_in_forward == info["delta_in_forward"]:
+    if saved_A.shape == layer.base_delta_A.shape and torch.equal(saved_A, layer.base_delta_A.cpu()) \
+            and torch.equal(saved_B, layer.base_delta_B.cpu()):
         return
-    # Re-base: remove what apply() wrote into the base (e.g. a PiSSA residual), write what the file records.
-    if not layer.delta_in_forward:
-        layer.record_base_change(-layer.base_delta_B.clone(), layer.base_delta_A.clone())
+    # Re-base: undo what apply() wrote into the base (e.g. a PiSSA residual), then write what the file records.
+    undo_A, undo_B = layer.base_delta_A.clone(), -layer.base_delta_B.clone()
+    layer.record_base_change(undo_B, undo_A)
     layer.base_delta_A = torch.zeros(0, layer.in_features, device=layer.base_delta_A.device)
     layer.base_delta_B = torch.zeros(layer.out_features, 0, device=layer.base_delta_B.device)
-    layer.delta_in_forward = info["delta_in_forward"]
     layer.record_base_change(saved_B, saved_A)
 
 
@@ -226,11 +225,10 @@ def export_lora(model: nn.Module, directory: str | Path, base_model_name_or_path
     config: LoRAConfig = model.selora_config
     factors = {}
     for name, layer in layers.items():
-        with gathered(list(layer.parameters(recurse=True))):
-            A, B = layer.factor_matrices()
-            magnitude = layer.magnitude.detach().float().cpu().clone() if layer.magnitude is not None else None
-        A_all = torch.cat([A.cpu(), layer.base_delta_A.float().cpu()], dim=0)
-        B_all = torch.cat([layer.scaling * B.cpu(), layer.base_delta_B.float().cpu()], dim=1)
+        A, B = layer.factor_matrices()
+        magnitude = full_value(layer.magnitude).cpu() if layer.magnitude is not None else None
+        A_all = torch.cat([A.cpu(), layer.base_delta_A.float().cpu(), layer.residual_A.float().cpu()], dim=0)
+        B_all = torch.cat([layer.scaling * B.cpu(), layer.base_delta_B.float().cpu(), layer.residual_B.float().cpu()], dim=1)
         factors[name] = (A_all, B_all, magnitude)
     rank = max(A.shape[0] for A, _, _ in factors.values())
     tensors = {}

@@ -20,7 +20,7 @@ from torch import nn
 
 from . import quant, spectral
 from .config import LoRAConfig, SeLoRAConfig
-from .distributed import gathered
+from .distributed import add_low_rank, full_value, gathered, reset_optimizer_rows, set_full_value
 from .svd import PrincipalDirections
 
 
@@ -39,14 +39,16 @@ class DenseFactor(nn.Module):
     def forward(self) -> torch.Tensor:
         return self.weight
 
-    def trainable_rows(self) -> list[nn.Parameter]:
-        return [self.weight]
+    @property
+    def param(self) -> nn.Parameter:
+        return self.weight
 
-    @torch.no_grad()
-    def fit_rows(self, target: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Set rows (all, or the given indices) to the closest representable values of ``target``."""
-        index = slice(None) if rows is None else rows
-        self.weight.data[index] = target.to(self.weight.dtype)
+    def fit_values(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Parameter rows whose decoding is closest to ``target`` (len(rows), length): the rows themselves."""
+        return target.float()
+
+    def decode_values(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return values.float()
 
 
 class SpectralFactor(nn.Module):
@@ -69,16 +71,19 @@ class SpectralFactor(nn.Module):
     def forward(self) -> torch.Tensor:
         return spectral.decode(self.coefficients, self.locations, self.length, self.basis)
 
-    def trainable_rows(self) -> list[nn.Parameter]:
-        return [self.coefficients]
+    @property
+    def param(self) -> nn.Parameter:
+        return self.coefficients
 
-    @torch.no_grad()
-    def fit_rows(self, target: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Least-squares coefficients for ``target`` rows (the projection onto this row's basis vectors)."""
-        locations = self.locations if rows is None else self.locations[rows]
-        fitted = spectral.fit(target, locations, self.basis).to(self.coefficients.dtype)
-        index = slice(None) if rows is None else rows
-        self.coefficients.data[index] = fitted
+    def fit_values(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Least-squares coefficients for ``target`` rows: the projection onto each row's basis vectors.
+
+        This is what re-initialising a spectral pair means: the pair keeps its frequency locations and its
+        coefficients are re-fitted to the target direction (not re-drawn)."""
+        return spectral.fit(target, self.locations[rows], self.basis).float()
+
+    def decode_values(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return spectral.decode(values, self.locations[rows], self.length, self.basis).float()
 
 
 def make_factor(config: LoRAConfig, length: int, zero: bool, generator: torch.Generator,
@@ -110,18 +115,25 @@ class AdapterLinear(nn.Module):
         self.lora_A = make_factor(config, self.in_features, zero=False, generator=generator, device=adapter_device)
         self.lora_B = make_factor(config, self.out_features, zero=True, generator=generator, device=adapter_device)
         self.magnitude = nn.Parameter(torch.ones(self.out_features, device=adapter_device)) if self.use_dora else None
-        # Low-rank record of what selora wrote into the base: W_base = W_pretrained + delta_B @ delta_A.
+        # Low-rank records relative to the pretrained base W0, in (out, k) @ (k, in) form:
+        #   base_delta: written into the base weight (PiSSA residual, SRLoRA fusion on float bases)
+        #   residual:   kept beside a quantized base and added in forward (no re-quantization error)
         self.register_buffer("base_delta_A", torch.zeros(0, self.in_features, device=adapter_device))
         self.register_buffer("base_delta_B", torch.zeros(self.out_features, 0, device=adapter_device))
-        # When True the delta is *not* in the base but added in forward (quantized bases, no re-quantization).
-        self.delta_in_forward = False
+        self.register_buffer("residual_A", torch.zeros(0, self.in_features, device=adapter_device))
+        self.register_buffer("residual_B", torch.zeros(self.out_features, 0, device=adapter_device))
         self.merged = False
         self._merge_norm: torch.Tensor | None = None
+        # SRLoRA sets this: gradients of the decoded factors are summed here during backward (no extra pass).
+        self.track_pair_gradients = False
+        self.grad_A: torch.Tensor | None = None
+        self.grad_Bt: torch.Tensor | None = None
 
     # ----- factors -------------------------------------------------------------------------------------
     def factor_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoded (A (r, in), B (out, r)) in float32."""
-        return self.lora_A().float(), self.lora_B().float().T
+        """Decoded (A (r, in), B (out, r)) in float32 (gathered under ZeRO-3; every rank must call)."""
+        with gathered(list(self.lora_A.parameters()) + list(self.lora_B.parameters())):
+            return self.lora_A().float().clone(), self.lora_B().float().T.clone()
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in) float32."""
@@ -131,25 +143,47 @@ class AdapterLinear(nn.Module):
     def base_delta(self) -> torch.Tensor:
         return self.base_delta_B.float() @ self.base_delta_A.float()
 
+    def residual(self) -> torch.Tensor:
+        return self.residual_B.float() @ self.residual_A.float()
+
     def base_weight(self) -> torch.Tensor:
-        """The weight the base computes with, dense float32 (out, in), including a forward-side delta."""
+        """The weight the base computes with, dense float32 (out, in), forward-side residual included."""
         with gathered([self.base_layer.weight]):
             weight = quant.dense_weight(self.base_layer).clone()
-        return weight + self.base_delta() if self.delta_in_forward else weight
+        return weight + self.residual() if self.residual_A.shape[0] else weight
+
+    def pretrained_weight(self) -> torch.Tensor:
+        """W0: the base weight before selora changed it (up to the base's quantization error)."""
+        weight = self.base_weight() - self.residual() if self.residual_A.shape[0] else self.base_weight()
+        return weight - self.base_delta() if self.base_delta_A.shape[0] else weight
 
     def effective_weight(self) -> torch.Tensor:
         """What the layer computes as one dense matrix (before DoRA's per-row rescale)."""
         return self.base_weight() + (0 if self.merged else self.delta_weight())
 
     # ----- forward -------------------------------------------------------------------------------------
+    def _track(self, A: torch.Tensor, Bt: torch.Tensor) -> None:
+        if not (self.track_pair_gradients and torch.is_grad_enabled() and A.requires_grad):
+            return
+
+        def add_A(grad: torch.Tensor) -> None:
+            self.grad_A = grad.detach().float() if self.grad_A is None else self.grad_A.add_(grad.detach().float())
+
+        def add_Bt(grad: torch.Tensor) -> None:
+            self.grad_Bt = grad.detach().float() if self.grad_Bt is None else self.grad_Bt.add_(grad.detach().float())
+
+        A.register_hook(add_A)
+        Bt.register_hook(add_Bt)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.delta_in_forward and self.base_delta_A.shape[0] > 0:
-            result = result + F.linear(F.linear(x, self.base_delta_A.to(x.dtype)), self.base_delta_B.to(x.dtype))
+        if self.residual_A.shape[0] and not self.merged:
+            result = result + F.linear(F.linear(x, self.residual_A.to(x.dtype)), self.residual_B.to(x.dtype))
         if self.merged:
             return result
-        A = self.lora_A().to(x.dtype)
-        B = self.lora_B().to(x.dtype).T
+        A_rows, Bt_rows = self.lora_A(), self.lora_B()
+        self._track(A_rows, Bt_rows)
+        A, B = A_rows.to(x.dtype), Bt_rows.to(x.dtype).T
         update = F.linear(F.linear(self.dropout(x), A), B) * self.scaling
         if not self.use_dora:
             return result + update
@@ -165,19 +199,17 @@ class AdapterLinear(nn.Module):
     # ----- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Write the adapter (and a forward-side delta) into the base weight; forward then uses the base only."""
+        """Write the adapter (and a forward-side residual) into the base weight; forward then uses the base only."""
         if self.merged:
             return
+        combined_delta = self.delta_weight()
         with gathered([self.base_layer.weight], modifier_rank=0):
-            weight = quant.dense_weight(self.base_layer)
-            if self.delta_in_forward:
-                weight = weight + self.base_delta()
-            combined = weight + self.delta_weight()
+            weight = quant.dense_weight(self.base_layer) + (self.residual() if self.residual_A.shape[0] else 0)
+            combined = weight + combined_delta
             if self.use_dora:
                 self._merge_norm = combined.norm(dim=1)
                 combined = (self.magnitude.float() / self._merge_norm).unsqueeze(1) * combined
             quant.write_dense_weight(self.base_layer, combined)
-        self._delta_was_in_forward, self.delta_in_forward = self.delta_in_forward, False
         self.merged = True
 
     @torch.no_grad()
@@ -185,53 +217,69 @@ class AdapterLinear(nn.Module):
         """Undo `merge` (exact up to rounding for float bases; re-quantizes again for 4/8-bit bases)."""
         if not self.merged:
             return
-        self.delta_in_forward = self._delta_was_in_forward
+        delta = self.delta_weight()
         with gathered([self.base_layer.weight], modifier_rank=0):
             weight = quant.dense_weight(self.base_layer)
             if self.use_dora:
                 weight = (self._merge_norm / self.magnitude.float()).unsqueeze(1) * weight
-            weight = weight - self.delta_weight()
-            if self.delta_in_forward:
-                weight = weight - self.base_delta()
+            weight = weight - delta - (self.residual() if self.residual_A.shape[0] else 0)
             quant.write_dense_weight(self.base_layer, weight)
         self.merged = False
 
     # ----- base changes (PiSSA init, SRLoRA fusion) ------------------------------------------------------
     @torch.no_grad()
-    def record_base_change(self, delta_B: torch.Tensor, delta_A: torch.Tensor) -> None:
-        """Add ``delta_B @ delta_A`` (out, k) @ (k, in) to the base (or to the forward-side delta)."""
+    def record_base_change(self, delta_B: torch.Tensor, delta_A: torch.Tensor, into: str = "base") -> None:
+        """Add ``delta_B @ delta_A`` ((out, k) @ (k, in)) to the base weight (into="base") or keep it as a
+        forward-side residual (into="residual"), and record it."""
+        delta_A, delta_B = delta_A.float(), delta_B.float()
+        if into == "residual":
+            self.residual_A = torch.cat([self.residual_A, delta_A.to(self.residual_A)], dim=0)
+            self.residual_B = torch.cat([self.residual_B, delta_B.to(self.residual_B)], dim=1)
+            return
         self.base_delta_A = torch.cat([self.base_delta_A, delta_A.to(self.base_delta_A)], dim=0)
         self.base_delta_B = torch.cat([self.base_delta_B, delta_B.to(self.base_delta_B)], dim=1)
-        if self.delta_in_forward:
-            return
-        with gathered([self.base_layer.weight], modifier_rank=0):
-            weight = quant.dense_weight(self.base_layer)
-            quant.write_dense_weight(self.base_layer, weight + delta_B.float() @ delta_A.float())
+        if self.kind == "linear":
+            add_low_rank(self.base_layer.weight, delta_B.to(self.base_layer.weight.device),
+                         delta_A.to(self.base_layer.weight.device))
+        else:
+            quant.write_dense_weight(self.base_layer, quant.dense_weight(self.base_layer) + delta_B @ delta_A)
 
     @torch.no_grad()
-    def set_pairs_from_directions(self, directions: PrincipalDirections, pairs: torch.Tensor) -> None:
-        """PiSSA-style: pair p_j gets A row sqrt(S_j) V_j and B column sqrt(S_j) U_j, divided by sqrt(scaling)
-        so that the pair's update equals S_j U_j V_j^T, then fitted to the factor's parametrisation.
+    def replace_pairs(self, pairs: torch.Tensor, directions: PrincipalDirections, into: str = "base",
+                      optimizer=None) -> None:
+        """Fuse pairs ``pairs`` into the base and re-initialise them along ``directions`` (one per pair), so
+        that the layer computes exactly the same function before and after (up to rounding / quantization).
 
-        The base is NOT touched here; callers compensate with `record_base_change`.
+        New pair j: A row sqrt(S_j / scaling) V_j, B column sqrt(S_j / scaling) U_j (PiSSA-style), fitted to
+        the factor's parametrisation (spectral pairs keep their locations and re-fit their coefficients).
+        The base absorbs old minus new: W_base += scaling * (B_old A_old - B_new A_new).
+        Optimizer moments of the replaced rows are zeroed; other rows are untouched.
         """
-        root = (directions.S.float() / self.scaling).sqrt()
-        self.lora_A.fit_rows(root.unsqueeze(1) * directions.V.float().T, pairs)
-        self.lora_B.fit_rows(root.unsqueeze(1) * directions.U.float().T, pairs)
+        pairs = pairs.to(torch.long).cpu()
+        values_A, values_Bt = full_value(self.lora_A.param), full_value(self.lora_B.param)
+        old_A = self.lora_A.decode_values(values_A[pairs], pairs)
+        old_Bt = self.lora_B.decode_values(values_Bt[pairs], pairs)
+        root = (directions.S.float() / self.scaling).sqrt().unsqueeze(1).to(values_A.device)
+        values_A[pairs] = self.lora_A.fit_values(root * directions.V.float().T.to(values_A.device), pairs)
+        values_Bt[pairs] = self.lora_B.fit_values(root * directions.U.float().T.to(values_A.device), pairs)
+        new_A = self.lora_A.decode_values(values_A[pairs], pairs)
+        new_Bt = self.lora_B.decode_values(values_Bt[pairs], pairs)
+        self.record_base_change(self.scaling * torch.cat([old_Bt, -new_Bt]).T, torch.cat([old_A, new_A]), into)
+        set_full_value(self.lora_A.param, values_A)
+        set_full_value(self.lora_B.param, values_Bt)
+        reset_optimizer_rows(optimizer, self.lora_A.param, pairs)
+        reset_optimizer_rows(optimizer, self.lora_B.param, pairs)
 
     @torch.no_grad()
     def initialize_from_principal_directions(self, directions: PrincipalDirections) -> None:
         """PiSSA init: all r pairs from the top-r directions; base <- base - adapter, so outputs are unchanged."""
-        pairs = torch.arange(self.r, device=self.lora_A.trainable_rows()[0].device)
-        self.set_pairs_from_directions(directions, pairs)
-        A, B = self.factor_matrices()
-        self.record_base_change(-self.scaling * B, A)
+        self.replace_pairs(torch.arange(self.r), directions)
 
     @torch.no_grad()
     def initialize_magnitude(self) -> None:
         """DoRA: magnitude = row norms of the current effective weight (so the output is unchanged)."""
         if self.magnitude is not None:
-            self.magnitude.data.copy_(self.effective_weight().norm(dim=1).to(self.magnitude.dtype))
+            set_full_value(self.magnitude, self.effective_weight().norm(dim=1))
 
     def extra_repr(self) -> str:
         kind = "SeLoRA" if isinstance(self.lora_A, SpectralFactor) else "LoRA"
