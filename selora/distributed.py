@@ -166,3 +166,20 @@ def reset_optimizer_rows(optimizer, param: torch.Tensor, rows: torch.Tensor) -> 
             value[rows] = 0
             reset += 1
     return reset
+
+
+def gather_to_owner(param: torch.Tensor, owner: int) -> torch.Tensor | None:
+    """The whole (out, in) parameter on ``owner`` only (None elsewhere); a collective under ZeRO-3.
+
+    Only the owner ever holds the full weight, so spreading owners spreads the memory too.
+    """
+    if not is_partitioned(param):
+        return param.data if world()[0] == owner else None
+    rank, world_size = world()
+    shard = param.ds_tensor.data
+    if rank == owner:
+        pieces = [torch.empty_like(shard) for _ in range(world_size)]
+        dist.gather(shard, pieces, dst=owner)
+        return torch.cat(pieces)[: param.ds_numel].view(param.ds_shape)
+    dist.gather(shard, None, dst=owner)
+    return None

@@ -13,7 +13,7 @@ from torch import nn
 from . import quant
 from .config import LoRAConfig
 from .layers import AdapterLinear
-from .svd import principal_directions
+from .svd import sharded_principal_directions
 
 
 class TargetModuleError(ValueError):
@@ -102,14 +102,20 @@ def apply(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> n
 
 
 @torch.no_grad()
-def initialize_adapters(model: nn.Module, svd_method: str = "full") -> None:
-    """Data-dependent init in one process: PiSSA directions (if configured), then DoRA magnitudes."""
+def initialize_adapters(model: nn.Module, svd_method: str = "full") -> dict:
+    """Data-dependent init: PiSSA directions (if configured; the SVDs spread over ranks under ZeRO), then
+    DoRA magnitudes. Every rank must call it. Returns SVD statistics ({"computed_here": n, "owners": ...})."""
     config: LoRAConfig = model.selora_config
-    for layer in adapter_layers(model).values():
-        if config.init == "pissa":
-            directions = principal_directions(layer.base_weight(), layer.r, method=svd_method, seed=config.seed)
-            layer.initialize_from_principal_directions(directions)
+    layers = adapter_layers(model)
+    stats = {"computed_here": 0, "owners": {}}
+    if config.init == "pissa":
+        directions, stats = sharded_principal_directions(layers, {n: l.r for n, l in layers.items()},
+                                                         method=svd_method, seed=config.seed)
+        for name, layer in layers.items():
+            layer.initialize_from_principal_directions(directions[name])
+    for layer in layers.values():
         layer.initialize_magnitude()
+    return stats
 
 
 def merge(model: nn.Module) -> None:

@@ -68,7 +68,7 @@ def _layer_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
         state.update({f"lora_B.{k}": v.detach().cpu().clone() for k, v in layer.lora_B.state_dict().items()})
         if layer.magnitude is not None:
             state["magnitude"] = layer.magnitude.detach().cpu().clone()
-    for key in ("base_delta_A", "base_delta_B", "residual_A", "residual_B"):
+    for key in ("base_delta_A", "base_delta_B", "base_delta_chunks", "residual_A", "residual_B"):
         state[key] = getattr(layer, key).detach().cpu().clone()
     return state
 
@@ -197,16 +197,28 @@ def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict
             target.data.copy_(state[key].to(target.device, target.dtype))
     layer.residual_A = state["residual_A"].to(layer.residual_A)
     layer.residual_B = state["residual_B"].to(layer.residual_B)
-    saved_A, saved_B = state["base_delta_A"], state["base_delta_B"]
-    if saved_A.shape == layer.base_delta_A.shape and torch.equal(saved_A, layer.base_delta_A.cpu()) \
-            and torch.equal(saved_B, layer.base_delta_B.cpu()):
-        return
-    # Re-base: undo what apply() wrote into the base (e.g. a PiSSA residual), then write what the file records.
-    undo_A, undo_B = layer.base_delta_A.clone(), -layer.base_delta_B.clone()
-    layer.record_base_change(undo_B, undo_A)
-    layer.base_delta_A = torch.zeros(0, layer.in_features, device=layer.base_delta_A.device)
-    layer.base_delta_B = torch.zeros(layer.out_features, 0, device=layer.base_delta_B.device)
-    layer.record_base_change(saved_B, saved_A)
+    _rebase(layer, state["base_delta_A"], state["base_delta_B"], state.get("base_delta_chunks"))
+
+
+def _rebase(layer: AdapterLinear, saved_A: torch.Tensor, saved_B: torch.Tensor, chunks: torch.Tensor | None) -> None:
+    """Make the base hold W0 + the saved record. When what apply() wrote is a prefix of the record (the usual
+    case: the same PiSSA init, then SRLoRA fusions), the remaining changes are replayed chunk by chunk, exactly
+    as training applied them, so the resumed base is bit-identical to the uninterrupted one."""
+    have = layer.base_delta_A.shape[0]
+    chunks = [int(c) for c in chunks] if chunks is not None and chunks.numel() else [saved_A.shape[0]]
+    prefix = (have <= saved_A.shape[0] and torch.equal(saved_A[:have], layer.base_delta_A.cpu())
+              and torch.equal(saved_B[:, :have], layer.base_delta_B.cpu()))
+    if not prefix:  # undo what apply() wrote, then replay everything
+        layer.record_base_change(-layer.base_delta_B.clone(), layer.base_delta_A.clone())
+        layer.base_delta_A = layer.base_delta_A[:0]
+        layer.base_delta_B = layer.base_delta_B[:, :0]
+        layer.base_delta_chunks = layer.base_delta_chunks[:0]
+        have = 0
+    start = 0
+    for width in chunks:
+        if start >= have:
+            layer.record_base_change(saved_B[:, start:start + width], saved_A[start:start + width])
+        start += width
 
 
 # ----- PEFT export -------------------------------------------------------------------------------------

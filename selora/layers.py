@@ -20,7 +20,8 @@ from torch import nn
 
 from . import quant, spectral
 from .config import LoRAConfig, SeLoRAConfig
-from .distributed import add_low_rank, full_value, gathered, reset_optimizer_rows, set_full_value
+from .distributed import (add_low_rank, full_value, gather_to_owner, gathered, reset_optimizer_rows, set_full_value,
+                          world)
 from .svd import PrincipalDirections
 
 
@@ -118,10 +119,13 @@ class AdapterLinear(nn.Module):
         # Low-rank records relative to the pretrained base W0, in (out, k) @ (k, in) form:
         #   base_delta: written into the base weight (PiSSA residual, SRLoRA fusion on float bases)
         #   residual:   kept beside a quantized base and added in forward (no re-quantization error)
-        self.register_buffer("base_delta_A", torch.zeros(0, self.in_features, device=adapter_device))
-        self.register_buffer("base_delta_B", torch.zeros(self.out_features, 0, device=adapter_device))
-        self.register_buffer("residual_A", torch.zeros(0, self.in_features, device=adapter_device))
-        self.register_buffer("residual_B", torch.zeros(self.out_features, 0, device=adapter_device))
+        # Not persistent: they travel only in selora's adapter files, never in a model/engine state_dict, so an
+        # engine checkpoint can never restore a record without the matching base (or the reverse).
+        # base_delta_chunks keeps the width of each change, so a load replays them with identical rounding.
+        for name, shape in (("base_delta_A", (0, self.in_features)), ("base_delta_B", (self.out_features, 0)),
+                            ("residual_A", (0, self.in_features)), ("residual_B", (self.out_features, 0))):
+            self.register_buffer(name, torch.zeros(*shape, device=adapter_device), persistent=False)
+        self.register_buffer("base_delta_chunks", torch.zeros(0, dtype=torch.long), persistent=False)
         self.merged = False
         self._merge_norm: torch.Tensor | None = None
         # SRLoRA sets this: gradients of the decoded factors are summed here during backward (no extra pass).
@@ -155,6 +159,17 @@ class AdapterLinear(nn.Module):
     def pretrained_weight(self) -> torch.Tensor:
         """W0: the base weight before selora changed it (up to the base's quantization error)."""
         weight = self.base_weight() - self.residual() if self.residual_A.shape[0] else self.base_weight()
+        return weight - self.base_delta() if self.base_delta_A.shape[0] else weight
+
+    def pretrained_weight_on(self, owner: int) -> torch.Tensor | None:
+        """W0 on rank ``owner`` only (None elsewhere); under ZeRO-3 the base is gathered to the owner alone.
+        Every rank must call it (collective)."""
+        if self.kind != "linear":  # quantized bases are never ZeRO-3 partitioned here
+            return self.pretrained_weight() if world()[0] == owner else None
+        full = gather_to_owner(self.base_layer.weight, owner)
+        if full is None:
+            return None
+        weight = full.float().clone()
         return weight - self.base_delta() if self.base_delta_A.shape[0] else weight
 
     def effective_weight(self) -> torch.Tensor:
@@ -238,6 +253,7 @@ class AdapterLinear(nn.Module):
             return
         self.base_delta_A = torch.cat([self.base_delta_A, delta_A.to(self.base_delta_A)], dim=0)
         self.base_delta_B = torch.cat([self.base_delta_B, delta_B.to(self.base_delta_B)], dim=1)
+        self.base_delta_chunks = torch.cat([self.base_delta_chunks, torch.tensor([delta_A.shape[0]])])
         if self.kind == "linear":
             add_low_rank(self.base_layer.weight, delta_B.to(self.base_layer.weight.device),
                          delta_A.to(self.base_layer.weight.device))

@@ -1,0 +1,166 @@
+"""SRLoRA: importance-scored LoRA pairs, periodically fused into the base and re-initialised along unused
+principal directions of the pretrained weight (subspace recomposition).
+
+Per pair i of a layer (row i of A, column i of B; the *decoded* factors for SeLoRA) the sensitivity is
+    I_i = mean over the pair's elements of |theta * dL/dtheta|
+(the mean, not the sum, so layers of different shapes compare). As in AdaLoRA, it is smoothed and paired
+with its uncertainty:  Ibar <- b1 Ibar + (1-b1) I,   Ubar <- b2 Ubar + (1-b2) |I - Ibar|,   score = Ibar * Ubar.
+Gradients come from hooks on the decoded factors during the normal backward (no extra pass); they are summed
+over micro-batches and, across data-parallel ranks, all-reduced before scoring, so every rank scores the
+global gradient and takes the same decision.
+
+At each scheduled step the lowest-scoring ``pairs_per_recomposition`` pairs (per layer, or over all layers
+with scope="global") are replaced by `AdapterLinear.replace_pairs`: fused into the base and re-initialised
+along the next unused singular directions, the base compensating so the model's function does not jump.
+A re-initialised pair's scores restart from the mean of its layer's other pairs (a neutral start; zero
+would make it the first candidate for the next fusion).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ConfigValueError, SRLoRAConfig
+from .distributed import all_reduce_sum, world
+from .inject import adapter_layers
+from .layers import AdapterLinear
+from .svd import sharded_principal_directions
+
+
+class SRLoRA:
+    """Owns the importance scores, the schedule and the used-direction record of every adapter layer."""
+
+    def __init__(self, model: nn.Module, config: SRLoRAConfig, total_steps: int | None = None):
+        self.config = config
+        self.layers: dict[str, AdapterLinear] = adapter_layers(model)
+        if not self.layers:
+            raise ConfigValueError("SRLoRA needs adapter layers: call selora.apply(model, config) first")
+        adapter_config = model.selora_config
+        self.r = adapter_config.r
+        k = config.pairs_per_recomposition
+        if k >= self.r:
+            raise ConfigValueError(f"srlora.pairs_per_recomposition={k} must be smaller than the rank r={self.r}: "
+                                   "fusing every pair at once would leave nothing trained in between")
+        steps = config.recomposition_steps()
+        if total_steps is not None:
+            steps = [s for s in steps if s <= total_steps]
+            if not steps:
+                raise ConfigValueError(
+                    f"srlora schedule (start_step={config.start_step}, interval={config.interval}) never fires "
+                    f"within {total_steps} training steps; lower srlora.start_step below train.max_steps")
+        self.schedule = steps
+        first_free = self.r if adapter_config.init == "pissa" else 0
+        self.fusion_target = {}
+        counts = {}
+        for name, layer in self.layers.items():
+            limit = min(layer.in_features, layer.out_features)
+            need = first_free + k * len(steps)
+            if need > limit:
+                raise ConfigValueError(
+                    f"{name}: {len(steps)} recompositions x {k} pairs need {need} principal directions but the "
+                    f"{layer.out_features}x{layer.in_features} weight has only {limit}; fire less often or fuse fewer pairs")
+            counts[name] = need
+            quantized = layer.kind != "linear"
+            self.fusion_target[name] = "residual" if quantized and config.quantized_fusion == "residual" else "base"
+            layer.track_pair_gradients = True
+        self.directions, self.svd_stats = sharded_principal_directions(self.layers, counts, method=config.svd,
+                                                                       seed=adapter_config.seed)
+        device = next(iter(self.layers.values())).base_delta_A.device
+        self.importance = torch.zeros(len(self.layers), self.r, device=device)
+        self.uncertainty = torch.zeros(len(self.layers), self.r, device=device)
+        self.used = [list(range(first_free)) for _ in self.layers]
+        self.steps_done = 0
+        self.history: list[dict] = []
+
+    # ----- scores ----------------------------------------------------------------------------------------
+    def scores(self) -> torch.Tensor:
+        """(layers, r) smoothed importance x uncertainty; lower = fused first."""
+        return self.importance * self.uncertainty
+
+    @torch.no_grad()
+    def _sensitivity(self) -> torch.Tensor:
+        """(layers, r) mean |theta * grad| per pair, from the gradients summed since the last step."""
+        grads = []
+        for layer in self.layers.values():
+            grad_A = layer.grad_A if layer.grad_A is not None else torch.zeros(self.r, layer.in_features)
+            grad_Bt = layer.grad_Bt if layer.grad_Bt is not None else torch.zeros(self.r, layer.out_features)
+            grads += [grad_A.reshape(-1).to(self.importance.device), grad_Bt.reshape(-1).to(self.importance.device)]
+        flat = all_reduce_sum(torch.cat(grads)) / world()[1]
+        rows, offset = [], 0
+        for layer in self.layers.values():
+            A, B = layer.factor_matrices()
+            size_A, size_B = A.numel(), B.numel()
+            grad_A = flat[offset:offset + size_A].view_as(A)
+            grad_Bt = flat[offset + size_A:offset + size_A + size_B].view(self.r, layer.out_features)
+            offset += size_A + size_B
+            pair = (A * grad_A).abs().sum(1) + (B.T * grad_Bt).abs().sum(1)
+            rows.append(pair / (layer.in_features + layer.out_features))
+            layer.grad_A = layer.grad_Bt = None
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def update_scores(self) -> None:
+        sensitivity = self._sensitivity()
+        b1, b2 = self.config.ema_beta, self.config.uncertainty_beta
+        self.importance.mul_(b1).add_((1 - b1) * sensitivity)
+        self.uncertainty.mul_(b2).add_((1 - b2) * (sensitivity - self.importance).abs())
+
+    # ----- recomposition -----------------------------------------------------------------------------------
+    def choose_pairs(self) -> dict[int, torch.Tensor]:
+        """Layer index -> pair indices to fuse now (ties broken by index, so every rank agrees)."""
+        k = self.config.pairs_per_recomposition
+        scores = self.scores()
+        if self.config.scope == "layer":
+            return {i: torch.argsort(scores[i], stable=True)[:k].sort().values for i in range(len(self.layers))}
+        flat = torch.argsort(scores.reshape(-1), stable=True)[:k]
+        chosen: dict[int, list[int]] = {}
+        for index in flat.tolist():
+            chosen.setdefault(index // self.r, []).append(index % self.r)
+        return {i: torch.tensor(sorted(p)) for i, p in sorted(chosen.items())}
+
+    @torch.no_grad()
+    def recompose(self, step: int, optimizer=None) -> list[dict]:
+        events = []
+        names = list(self.layers)
+        for index, pairs in self.choose_pairs().items():
+            name, layer = names[index], self.layers[names[index]]
+            start = len(self.used[index])
+            columns = torch.arange(start, start + len(pairs))
+            d = self.directions[name]
+            subset = type(d)(d.U[:, columns], d.S[columns], d.V[:, columns])
+            layer.replace_pairs(pairs, subset, into=self.fusion_target[name], optimizer=optimizer)
+            self.used[index] += columns.tolist()
+            keep = torch.ones(self.r, dtype=torch.bool)
+            keep[pairs] = False
+            for table in (self.importance, self.uncertainty):
+                table[index, pairs] = table[index, keep].mean() if keep.any() else 0.0
+            events.append({"step": step, "layer": name, "pairs": pairs.tolist(), "directions": columns.tolist()})
+        self.history += events
+        return events
+
+    def step(self, step: int, optimizer=None) -> list[dict]:
+        """Call once after each completed optimizer step (``step`` = steps completed). Updates the scores and,
+        when the schedule says so, recomposes. Returns the recomposition events (empty list otherwise)."""
+        self.update_scores()
+        self.steps_done = step
+        return self.recompose(step, optimizer) if step in self.schedule else []
+
+    # ----- state -------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Scores, used directions and schedule position, as tensors (saved with the adapter)."""
+        width = max(len(u) for u in self.used) if self.used else 0
+        used = torch.full((len(self.used), max(width, 1)), -1, dtype=torch.long)
+        for i, u in enumerate(self.used):
+            used[i, :len(u)] = torch.tensor(u, dtype=torch.long)
+        return {"srlora.importance": self.importance.cpu().clone(), "srlora.uncertainty": self.uncertainty.cpu().clone(),
+                "srlora.used_directions": used, "srlora.steps_done": torch.tensor(self.steps_done)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = tuple(self.importance.shape)
+        if tuple(state["srlora.importance"].shape) != expected:
+            raise ConfigValueError(f"SRLoRA state has scores for {tuple(state['srlora.importance'].shape)} "
+                                   f"(layers, r) but this model has {expected}")
+        self.importance.copy_(state["srlora.importance"])
+        self.uncertainty.copy_(state["srlora.uncertainty"])
+        self.used = [[int(j) for j in row if j >= 0] for row in state["srlora.used_directions"]]
+        self.steps_done = int(state["srlora.steps_done"])
