@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .config import ConfigValueError, SRLoRAConfig
-from .distributed import all_reduce_sum, world
+from .distributed import all_reduce_sum, is_partitioned, world
 from .inject import adapter_layers
 from .layers import AdapterLinear
 from .svd import sharded_principal_directions
@@ -62,6 +62,11 @@ class SRLoRA:
             counts[name] = need
             quantized = layer.kind != "linear"
             self.fusion_target[name] = "residual" if quantized and config.quantized_fusion == "residual" else "base"
+            if quantized and self.fusion_target[name] == "base" and is_partitioned(layer.base_layer.weight):
+                raise ConfigValueError(
+                    f"{name}: cannot re-quantize a {layer.kind} base that ZeRO-3 partitions across ranks; "
+                    "set srlora.quantized_fusion=residual (fused updates stay beside the base, exactly)")
+        for layer in self.layers.values():
             layer.track_pair_gradients = True
         self.directions, self.svd_stats = sharded_principal_directions(self.layers, counts, method=config.svd,
                                                                        seed=adapter_config.seed)
