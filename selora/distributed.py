@@ -33,11 +33,21 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     Every rank must enter the block (it is a collective). With ``modifier_rank`` set, what that rank writes
     into the gathered tensors is re-partitioned to all ranks on exit.
     """
-    partitioned = [p for p in params if p is not None and is_partitioned(p)]
-    if not partitioned:
+    params = [p for p in params if p is not None and is_partitioned(p)]
+    if not params:
         yield
         return
     import deepspeed  # only needed when parameters really are partitioned
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    # Inside a module's forward ZeRO-3 may already hold a parameter whole: read it as it is (gathering it
+    # again would free it under the module's feet). Writes always happen outside forward, on released params.
+    partitioned = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
+    if modifier_rank is not None and len(partitioned) != len(params):
+        raise RuntimeError("cannot modify a ZeRO-3 parameter that a running forward holds; modify it between steps")
+    if not partitioned:
+        yield
+        return
 
     with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
         yield

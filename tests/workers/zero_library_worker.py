@@ -1,0 +1,112 @@
+"""Run under `deepspeed --num_gpus N` (or plain python for the 1-process reference): trains a tiny LLaMA with
+selora adapters for a few steps under ZeRO stage 2/3 and writes losses, SVD work counts and the saved
+adapters under --out. tests/test_zero.py compares them with a single-process run.
+
+The same script is the single-process reference when started without a launcher: then it uses a plain
+torch AdamW loop over the full global batch, which is what the data-parallel ranks must reproduce.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import selora  # noqa: E402
+from selora.srlora import SRLoRA  # noqa: E402
+
+METHODS = {
+    "lora": (selora.LoRAConfig(r=4, alpha=8), None),
+    "selora_pissa": (selora.SeLoRAConfig(r=4, alpha=8, init="pissa", use_dora=True), None),
+    "selora_srlora": (selora.SeLoRAConfig(r=4, alpha=8),
+                      selora.SRLoRAConfig(start_step=2, end_step=4, interval=2, pairs_per_recomposition=1)),
+}
+STEPS, GLOBAL_BATCH, LR = 5, 4, 5e-3
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randint(0, 128, (GLOBAL_BATCH, 16), generator=torch.Generator().manual_seed(1000 + step))
+
+
+def load_model(path: str, ds_config: dict | None):
+    from transformers import AutoModelForCausalLM
+    if ds_config is not None and ds_config["zero_optimization"]["stage"] == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+        keep = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive while loading: weights load sharded
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+        assert hasattr(model.model.layers[0].self_attn.q_proj.weight, "ds_id"), "base not partitioned"
+        return model
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+
+
+def run(method: str, model_path: str, out: Path, stage: int | None) -> None:
+    import deepspeed
+    adapter_config, srlora_config = METHODS[method]
+    rank, world_size = selora.distributed.world()
+    ds_config = None
+    if stage is not None:
+        ds_config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size, "gradient_accumulation_steps": 1,
+                     "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+                     "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
+    torch.manual_seed(0)
+    model = load_model(model_path, ds_config)
+    selora.apply(model, adapter_config, initialize=False)
+    svd = selora.initialize_adapters(model)
+    selora.save_adapter(model, out / f"{method}_init_adapter")
+    residual = model.model.layers[0].self_attn.q_proj.base_weight()  # gathered under ZeRO-3 (collective)
+    if rank == 0:
+        torch.save(residual, out / f"{method}_init_q_proj_base.pt")
+    rec = SRLoRA(model, srlora_config, total_steps=STEPS) if srlora_config else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
+    if ds_config is not None:
+        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    losses, events = [], []
+    for step in range(1, STEPS + 1):
+        ids = batch(step)[rank::world_size]
+        if ds_config is not None:
+            loss = engine(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+            reported = selora.distributed.all_reduce_sum(loss.detach().clone()) / world_size
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            reported = loss.detach()
+        losses.append(reported.item())
+        if rec is not None:
+            events += rec.step(step, optimizer)
+    state = rec.state_dict() if rec else None
+    selora.save_adapter(model, out / f"{method}_adapter", extra_state=state)
+    computed = torch.tensor(float(svd["computed_here"] + (rec.svd_stats["computed_here"] if rec else 0)))
+    per_rank = [0.0] * world_size
+    per_rank[rank] = computed.item()
+    per_rank = selora.distributed.all_reduce_sum(torch.tensor(per_rank)).tolist()
+    if rank == 0:
+        (out / f"{method}.json").write_text(json.dumps({"losses": losses, "events": events,
+                                                        "svd_computed_per_rank": per_rank}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--stage", type=int, default=None)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    if "WORLD_SIZE" in os.environ:
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="gloo")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for method in args.methods.split(","):
+        run(method, args.model, out, args.stage)
+
+
+if __name__ == "__main__":
+    main()
