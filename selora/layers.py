@@ -70,7 +70,7 @@ class SpectralFactor(nn.Module):
             self.coefficients.data.copy_(values)
 
     def forward(self) -> torch.Tensor:
-        return spectral.decode(self.coefficients, self.locations, self.length, self.basis)
+        return spectral.SpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis)
 
     @property
     def param(self) -> nn.Parameter:

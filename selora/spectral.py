@@ -122,3 +122,22 @@ def fit(rows: torch.Tensor, locations: torch.Tensor, basis: str) -> torch.Tensor
     norm = _dft_norm(length, rows.device, dtype)
     real_spectrum = torch.fft.rfft(rows.to(dtype), dim=-1).real
     return real_spectrum.gather(1, locations) / norm[locations]
+
+
+class SpectralDecode(torch.autograd.Function):
+    """decode() with a one-transform backward: decode is linear with orthonormal basis vectors, so its
+    adjoint is exactly `fit` (autograd through scatter + FFT + twiddles would launch about twice the kernels).
+
+    Decoded factors are deliberately not cached across calls: DeepSpeed writes parameters through ``.data``,
+    which no version counter sees, so a cache could silently serve stale factors."""
+
+    @staticmethod
+    def forward(ctx, coefficients, locations, length, basis):
+        ctx.save_for_backward(locations)
+        ctx.basis = basis
+        return decode(coefficients.detach(), locations, length, basis)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (locations,) = ctx.saved_tensors
+        return fit(grad, locations, ctx.basis), None, None, None
