@@ -51,45 +51,43 @@ def _working_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=256)
-def _dct_twiddle(length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(i*pi*k/(2L)) and the orthonormal DCT-II scale s_k (sqrt(1/L) at k=0, sqrt(2/L) otherwise)."""
+def _dct_phases(length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frequency complex factors that turn the orthonormal DCT into one real FFT of length 2L.
+
+    inverse:  x_j = Re(sum_k s_k X_k e^{i pi k (2j+1) / 2L}) = irfft(Z, 2L)[j] with Z_k = L s_k e^{i pi k/2L} X_k
+              (doubled at k = 0, where irfft counts the term once);
+    forward:  X_k = s_k Re(e^{-i pi k/2L} rfft(x, 2L)_k);  s_0 = sqrt(1/L), s_k = sqrt(2/L).
+    """
     k = torch.arange(length, dtype=torch.float64)
-    twiddle = torch.polar(torch.ones_like(k), math.pi * k / (2 * length))
     scale = torch.full((length,), math.sqrt(2.0 / length), dtype=torch.float64)
     scale[0] = math.sqrt(1.0 / length)
+    angle = math.pi * k / (2 * length)
+    inverse = torch.polar(length * scale, angle)
+    inverse[0] *= 2
+    forward = torch.polar(scale, -angle)
     complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
-    return twiddle.to(device, complex_dtype), scale.to(device, dtype)
+    return inverse.to(device, complex_dtype), forward.to(device, complex_dtype)
 
 
 def dct(x: torch.Tensor) -> torch.Tensor:
-    """Orthonormal DCT-II along the last dim, O(L log L) via one FFT (Makhoul's reordering)."""
+    """Orthonormal DCT-II along the last dim: one real FFT of length 2L."""
     length, dtype = x.shape[-1], _working_dtype(x)
-    twiddle, scale = _dct_twiddle(length, x.device, dtype)
-    reordered = torch.cat([x[..., ::2], x[..., 1::2].flip(-1)], dim=-1)
-    spectrum = torch.fft.fft(reordered.to(dtype), dim=-1)
-    return (spectrum * twiddle.conj()).real * scale
+    _, forward = _dct_phases(length, x.device, dtype)
+    return (torch.fft.rfft(x.to(dtype), n=2 * length, dim=-1)[..., :length] * forward).real
 
 
 def idct(coefficients: torch.Tensor) -> torch.Tensor:
-    """Inverse of `dct` (orthonormal DCT-III) along the last dim."""
+    """Inverse of `dct` (orthonormal DCT-III) along the last dim: one inverse real FFT of length 2L."""
     length, dtype = coefficients.shape[-1], _working_dtype(coefficients)
-    twiddle, scale = _dct_twiddle(length, coefficients.device, dtype)
-    unscaled = coefficients.to(dtype) / scale
-    # W_k = X_k - i X_{L-k} (X_L = 0) recovers the FFT of the reordered signal up to the twiddle.
-    mirrored = torch.cat([torch.zeros_like(unscaled[..., :1]), unscaled[..., 1:].flip(-1)], dim=-1)
-    spectrum = torch.complex(unscaled, -mirrored) * twiddle
-    reordered = torch.fft.ifft(spectrum, dim=-1).real
-    half = (length + 1) // 2
-    out = torch.empty_like(reordered)
-    out[..., ::2] = reordered[..., :half]
-    out[..., 1::2] = reordered[..., half:].flip(-1)
-    return out
+    inverse, _ = _dct_phases(length, coefficients.device, dtype)
+    spectrum = torch.nn.functional.pad(coefficients.to(dtype) * inverse, (0, 1))
+    return torch.fft.irfft(spectrum, n=2 * length, dim=-1)[..., :length]
 
 
 @functools.lru_cache(maxsize=256)
 def _dft_norm(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Per-frequency factor that makes the cosine basis vector at u unit-norm under irfft/rfft."""
-    norm = torch.full((length // 2 + 1,), math.sqrt(length / 2.0))
+    norm = torch.full((length // 2 + 1,), math.sqrt(length / 2.0), dtype=torch.float64)  # exact for float64 callers
     norm[0] = math.sqrt(length)
     if length % 2 == 0:
         norm[-1] = math.sqrt(length)
@@ -104,8 +102,10 @@ def decode(coefficients: torch.Tensor, locations: torch.Tensor, length: int, bas
     rows, dtype = coefficients.shape[0], _working_dtype(coefficients)
     coefficients = coefficients.to(dtype)
     if basis == "dct":
-        spectrum = coefficients.new_zeros(rows, length).scatter(1, locations, coefficients)
-        return idct(spectrum)
+        inverse, _ = _dct_phases(length, coefficients.device, dtype)
+        spectrum = torch.zeros(rows, length + 1, dtype=inverse.dtype, device=coefficients.device)
+        spectrum = spectrum.scatter(1, locations, coefficients * inverse[locations])
+        return torch.fft.irfft(spectrum, n=2 * length, dim=-1)[:, :length]
     norm = _dft_norm(length, coefficients.device, dtype)
     spectrum = coefficients.new_zeros(rows, length // 2 + 1).scatter(1, locations, coefficients * norm[locations])
     return torch.fft.irfft(spectrum, n=length, dim=-1)
@@ -118,7 +118,9 @@ def fit(rows: torch.Tensor, locations: torch.Tensor, basis: str) -> torch.Tensor
     """
     length, dtype = rows.shape[-1], _working_dtype(rows)
     if basis == "dct":
-        return dct(rows).gather(1, locations)
+        _, forward = _dct_phases(length, rows.device, dtype)
+        spectrum = torch.fft.rfft(rows.to(dtype), n=2 * length, dim=-1)
+        return (spectrum.gather(1, locations) * forward[locations]).real
     norm = _dft_norm(length, rows.device, dtype)
     real_spectrum = torch.fft.rfft(rows.to(dtype), dim=-1).real
     return real_spectrum.gather(1, locations) / norm[locations]
