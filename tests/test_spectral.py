@@ -1,0 +1,118 @@
+"""selora.spectral: the DCT against scipy, decode/fit round trips, fit as least squares against an explicit basis
+matrix, the dft coefficient cap, and seeded frequency locations."""
+import numpy as np
+import pytest
+import scipy.fft
+import torch
+
+from selora import spectral
+
+LENGTHS = (1, 2, 3, 7, 8, 16, 33, 64)
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_dct_matches_scipy_and_idct_inverts(length):
+    x = torch.randn(5, length, dtype=torch.float64, generator=torch.Generator().manual_seed(length))
+    reference = scipy.fft.dct(x.numpy(), type=2, norm="ortho", axis=-1)
+    coefficients = spectral.dct(x)
+    assert coefficients.dtype == torch.float64
+    np.testing.assert_allclose(coefficients.numpy(), reference, rtol=0, atol=1e-12)
+    torch.testing.assert_close(spectral.idct(coefficients), x, rtol=0, atol=1e-12)
+    # idct is the orthonormal DCT-III, i.e. scipy's idct of type 2
+    np.testing.assert_allclose(spectral.idct(x).numpy(), scipy.fft.idct(x.numpy(), type=2, norm="ortho", axis=-1),
+                               rtol=0, atol=1e-12)
+    # float32 in, float32 out, to float32 accuracy
+    x32 = x.float()
+    np.testing.assert_allclose(spectral.dct(x32).numpy(), reference, rtol=0, atol=1e-5)
+
+
+def draw(length, count, rows, shared, basis, seed=0):
+    return spectral.draw_locations(length, count, rows, shared, basis, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("basis", ["dct", "dft"])
+@pytest.mark.parametrize("length", [15, 16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_decode_fit_round_trip(basis, length, shared):
+    count = spectral.max_locations(length, basis) - 2
+    locations = draw(length, count, 6, shared, basis)
+    coefficients = torch.randn(6, count, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    rows = spectral.decode(coefficients, locations, length, basis)
+    assert rows.shape == (6, length) and rows.dtype == torch.float64
+    torch.testing.assert_close(spectral.fit(rows, locations, basis), coefficients, rtol=0, atol=1e-12)
+    # orthonormal: decoding keeps the norm of the coefficients
+    torch.testing.assert_close(rows.norm(dim=1), coefficients.norm(dim=1), rtol=1e-12, atol=0)
+
+
+def test_full_dct_basis_is_complete():
+    """With every location the DCT basis spans everything: fit then decode gives the rows back."""
+    rows = torch.randn(4, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    locations = torch.arange(12).expand(4, 12).clone()
+    again = spectral.decode(spectral.fit(rows, locations, "dct"), locations, 12, "dct")
+    torch.testing.assert_close(again, rows, rtol=0, atol=1e-12)
+
+
+def basis_matrix(locations_row: torch.Tensor, length: int, basis: str) -> torch.Tensor:
+    """(length, K): column j is the decode of the j-th unit coefficient vector."""
+    count = locations_row.numel()
+    columns = [spectral.decode(torch.eye(count, dtype=torch.float64)[j:j + 1], locations_row.unsqueeze(0), length, basis)[0]
+               for j in range(count)]
+    return torch.stack(columns, dim=1)
+
+
+@pytest.mark.parametrize("basis", ["dct", "dft"])
+@pytest.mark.parametrize("length", [15, 16])
+def test_fit_is_the_least_squares_projection(basis, length):
+    count = spectral.max_locations(length, basis) // 2 + 1
+    locations = draw(length, count, 5, shared=False, basis=basis, seed=3)
+    rows = torch.randn(5, length, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    fitted = spectral.fit(rows, locations, basis)
+    for i in range(5):
+        matrix = basis_matrix(locations[i], length, basis)
+        torch.testing.assert_close(matrix.T @ matrix, torch.eye(count, dtype=torch.float64), rtol=0, atol=1e-12)
+        reference = torch.linalg.lstsq(matrix, rows[i].unsqueeze(1)).solution.squeeze(1)
+        torch.testing.assert_close(fitted[i], reference, rtol=0, atol=1e-10)
+        # the reference is not trivially the row itself: the projection leaves a residual
+        assert (matrix @ reference - rows[i]).norm() > 1e-3
+
+
+def test_dft_basis_vectors_are_cosines():
+    """dft location u decodes to the unit-norm cosine cos(2 pi u t / L) (the real part of the inverse DFT)."""
+    length = 10
+    t = torch.arange(length, dtype=torch.float64)
+    for u in range(length // 2 + 1):
+        decoded = spectral.decode(torch.ones(1, 1, dtype=torch.float64), torch.tensor([[u]]), length, "dft")[0]
+        cosine = torch.cos(2 * torch.pi * u * t / length)
+        torch.testing.assert_close(decoded, cosine / cosine.norm(), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("length", [64, 65])
+def test_coefficient_count_and_dft_cap(length):
+    assert spectral.coefficient_count(length, 0.25, None, "dct") == round(0.25 * length)
+    assert spectral.coefficient_count(length, 0.001, None, "dct") == 1  # at least one coefficient per row
+    assert spectral.coefficient_count(length, 0.5, 7, "dft") == 7  # n_coefficients wins over the ratio
+    cap = length // 2 + 1
+    assert spectral.coefficient_count(length, 0.5, cap, "dft") == cap
+    assert spectral.coefficient_count(length, 1.0, None, "dct") == length
+    with pytest.raises(ValueError, match=rf"{cap + 1} spectral coefficients .* length {length}.* 'dft' has only {cap}"):
+        spectral.coefficient_count(length, 0.5, cap + 1, "dft")
+    with pytest.raises(ValueError, match="length // 2 \\+ 1"):
+        spectral.coefficient_count(length, 0.9, None, "dft")
+
+
+def test_locations_deterministic_sorted_shared_and_per_row():
+    for basis, length in (("dct", 40), ("dft", 40)):
+        limit = spectral.max_locations(length, basis)
+        shared = draw(length, 9, 6, True, basis, seed=5)
+        per_row = draw(length, 9, 6, False, basis, seed=5)
+        for locations in (shared, per_row):
+            assert locations.dtype == torch.int64 and locations.shape == (6, 9)
+            assert torch.all(locations[:, 1:] > locations[:, :-1])  # sorted, no repeats
+            assert locations.min() >= 0 and locations.max() < limit
+        assert torch.equal(shared, shared[:1].expand(6, 9))
+        assert len({tuple(row.tolist()) for row in per_row}) > 1
+        # same seed -> same draw; another seed -> another draw
+        assert torch.equal(shared, draw(length, 9, 6, True, basis, seed=5))
+        assert torch.equal(per_row, draw(length, 9, 6, False, basis, seed=5))
+        assert not torch.equal(shared, draw(length, 9, 6, True, basis, seed=6))
+        assert not torch.equal(per_row, draw(length, 9, 6, False, basis, seed=6))
