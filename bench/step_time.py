@@ -51,21 +51,23 @@ def build_model(layers: int, quant: str):
     return model
 
 
-def attach(model, method: str, rank: int):
+def attach(model, method: str, rank: int, total_steps: int):
     """Returns (model, srlora or None)."""
+    selora.cache_decoded_factors(method.endswith("_cached"))
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(selora.LLAMA_PROJECTIONS))
         return get_peft_model(model, config), None
     if method == "selora_lora":
         return selora.apply(model, selora.LoRAConfig(r=rank, alpha=2 * rank)), None
-    if method == "selora_selora":
+    if method in ("selora_selora", "selora_selora_cached"):
         return selora.apply(model, selora.SeLoRAConfig(r=rank, alpha=2 * rank, spectral_ratio=0.5)), None
-    if method == "selora_selora_matched":  # r doubled at ratio 0.5: the same trainable count as LoRA at r
+    if method in ("selora_selora_matched", "selora_selora_matched_cached"):  # r doubled at ratio 0.5: the same trainable count as LoRA at r
         return selora.apply(model, selora.SeLoRAConfig(r=2 * rank, alpha=4 * rank, spectral_ratio=0.5)), None
     if method == "selora_srlora":
         selora.apply(model, selora.LoRAConfig(r=rank, alpha=2 * rank))
-        return model, SRLoRA(model, selora.SRLoRAConfig(start_step=5, end_step=10 ** 6, interval=5, svd="randomized"))
+        srlora = selora.SRLoRAConfig(start_step=5, end_step=total_steps, interval=5, svd="randomized")
+        return model, SRLoRA(model, srlora, total_steps=total_steps)
     raise ValueError(method)
 
 
@@ -132,7 +134,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--quant", default="bf16,4bit")
-    parser.add_argument("--methods", default="peft_lora,selora_lora,selora_selora,selora_srlora,selora_selora_matched")
+    parser.add_argument("--methods", default="peft_lora,selora_lora,selora_selora,selora_selora_cached,selora_srlora,"
+                                             "selora_selora_matched_cached")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
@@ -144,7 +147,7 @@ def main() -> None:
             by_layers = {}
             for layers in (l1, l2):
                 model = build_model(layers, quant)
-                model, rec = attach(model, method, args.rank)
+                model, rec = attach(model, method, args.rank, args.warmup + args.steps)
                 by_layers[layers] = measure(model, rec, args.batch, args.seq, args.warmup, args.steps)
                 del model, rec
                 torch.cuda.empty_cache()

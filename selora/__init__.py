@@ -11,9 +11,10 @@ from .inject import (TargetModuleError, adapter_layers, apply, count_parameters,
                      parameter_table, unmerge)
 from .io import AdapterFileError, adapter_state_dict, export_lora, load_adapter, save_adapter
 from .layers import AdapterLinear
+from .spectral import cache_decoded_factors
 
 __all__ = [
     "LLAMA_PROJECTIONS", "ConfigValueError", "LoRAConfig", "SeLoRAConfig", "SRLoRAConfig", "TargetModuleError",
-    "AdapterFileError", "AdapterLinear", "adapter_layers", "adapter_state_dict", "apply", "count_parameters",
+    "AdapterFileError", "AdapterLinear", "adapter_layers", "cache_decoded_factors", "adapter_state_dict", "apply", "count_parameters",
     "export_lora", "initialize_adapters", "load_adapter", "merge", "parameter_table", "save_adapter", "unmerge",
 ]

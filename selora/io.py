@@ -25,6 +25,7 @@ from .config import LoRAConfig
 from .distributed import full_value, gathered, world
 from .inject import adapter_layers, apply
 from .layers import AdapterLinear
+from .spectral import invalidate_decoded_factors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -195,6 +196,7 @@ def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict
     with gathered(list(layer.parameters()), modifier_rank=0):
         for key, target in own.items():
             target.data.copy_(state[key].to(target.device, target.dtype))
+    invalidate_decoded_factors()
     layer.residual_A = state["residual_A"].to(layer.residual_A)
     layer.residual_B = state["residual_B"].to(layer.residual_B)
     _rebase(layer, state["base_delta_A"], state["base_delta_B"], state.get("base_delta_chunks"))

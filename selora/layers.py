@@ -70,7 +70,15 @@ class SpectralFactor(nn.Module):
             self.coefficients.data.copy_(values)
 
     def forward(self) -> torch.Tensor:
-        return spectral.SpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis)
+        key = spectral.cache_key(self.coefficients)
+        if key is None:
+            return spectral.SpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis)
+        if getattr(self, "_cached_key", None) != key:
+            with torch.no_grad():
+                self._cached_dense = spectral.decode(self.coefficients, self.locations, self.length, self.basis)
+            self._cached_key = key
+        return spectral.CachedSpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis,
+                                                   self._cached_dense)
 
     @property
     def param(self) -> nn.Parameter:

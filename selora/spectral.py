@@ -14,6 +14,7 @@ import functools
 import math
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 def max_locations(length: int, basis: str) -> int:
@@ -143,3 +144,53 @@ class SpectralDecode(torch.autograd.Function):
     def backward(ctx, grad):
         (locations,) = ctx.saved_tensors
         return fit(grad, locations, ctx.basis), None, None, None
+
+
+# ----- decoded-factor cache ---------------------------------------------------------------------------------
+# Decoded factors change only when coefficients change: at an optimizer step or when selora writes them.
+# With the cache on, a factor is decoded once per step and reused by every micro-batch and by activation-
+# checkpoint recomputation. Every torch optimizer step (DeepSpeed steps one underneath) bumps the generation;
+# DeepSpeed's later copy of master weights into .data happens before the next forward fills the cache.
+class _DecodeCache:
+    enabled = False
+    generation = 0
+
+
+def _bump_generation(*_args, **_kwargs) -> None:
+    _DecodeCache.generation += 1
+
+
+register_optimizer_step_post_hook(_bump_generation)
+
+
+def cache_decoded_factors(enabled: bool = True) -> None:
+    """Turn the decoded-factor cache on or off (off by default). While on, coefficients edited by hand outside
+    an optimizer step or selora's own functions are seen only after the next step or the next call of this."""
+    _DecodeCache.enabled = enabled
+    _bump_generation()
+
+
+def invalidate_decoded_factors() -> None:
+    """Called by selora whenever it writes coefficients itself (re-init, load)."""
+    _bump_generation()
+
+
+def cache_key(coefficients: torch.Tensor) -> tuple | None:
+    if not _DecodeCache.enabled:
+        return None
+    return (_DecodeCache.generation, coefficients.data_ptr(), coefficients._version, coefficients.dtype)
+
+
+class CachedSpectralDecode(torch.autograd.Function):
+    """Like SpectralDecode, but the forward result is taken from ``holder`` (filled once per cache key)."""
+
+    @staticmethod
+    def forward(ctx, coefficients, locations, length, basis, dense):
+        ctx.save_for_backward(locations)
+        ctx.basis = basis
+        return dense.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (locations,) = ctx.saved_tensors
+        return fit(grad, locations, ctx.basis), None, None, None, None
