@@ -31,3 +31,24 @@ def tiny_llama():
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(0, TINY_LLAMA["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def model_snapshot(model: torch.nn.Module) -> dict:
+    """What an error must leave untouched: state_dict keys and values, module types, trainable flags."""
+    return {
+        "keys": list(model.state_dict()),
+        "values": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "types": [(name, type(module)) for name, module in model.named_modules()],
+        "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "selora_config": hasattr(model, "selora_config"),
+    }
+
+
+def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
+    after = model_snapshot(model)
+    assert after["keys"] == before["keys"]
+    assert after["types"] == before["types"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["selora_config"] == before["selora_config"]
+    for key, value in before["values"].items():
+        assert torch.equal(after["values"][key], value), key

@@ -1,0 +1,219 @@
+"""selora.inject: what apply() makes trainable, zero change at init (default and PiSSA), seeded locations,
+parameter counts against the closed-form formula (LLaMA-7B on the meta device), and bad input that must leave
+the model untouched."""
+import time
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import selora
+from selora import spectral
+from selora.config import ConfigValueError
+from selora.inject import TargetModuleError
+
+from conftest import assert_unchanged, build_tiny_llama, model_snapshot, relative_error
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# ----- trainable parameters and gradients ---------------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    selora.SeLoRAConfig(r=4),
+    selora.SeLoRAConfig(r=4, basis="dft", use_dora=True),
+    selora.LoRAConfig(r=4, use_dora=True),
+], ids=["selora", "selora-dft-dora", "lora-dora"])
+def test_only_adapter_parameters_train_and_all_receive_gradients(tiny_llama, input_ids, config):
+    model = selora.apply(tiny_llama(), config)
+    layers = selora.adapter_layers(model)
+    assert len(layers) == 2 * 7
+    suffixes = ("lora_A.coefficients", "lora_B.coefficients") if isinstance(config, selora.SeLoRAConfig) \
+        else ("lora_A.weight", "lora_B.weight")
+    suffixes += ("magnitude",) if config.use_dora else ()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"{layer}.{suffix}" for layer in layers for suffix in suffixes}
+    assert set(trainable) == expected
+    for name, buffer in model.named_buffers():
+        assert not buffer.requires_grad, name
+    with torch.no_grad():  # B != 0 so that A's gradient is non-zero too
+        for layer in layers.values():
+            layer.lora_B.param.normal_(0, 0.02)
+    model.train()
+    model(input_ids, labels=input_ids).loss.backward()
+    for name, param in trainable.items():
+        assert param.grad is not None, name
+        assert param.grad.abs().sum() > 0, name
+    for name, param in model.named_parameters():
+        if name not in trainable:
+            assert param.grad is None, name
+
+
+# ----- zero change at init ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    selora.LoRAConfig(r=4),
+    selora.SeLoRAConfig(r=4, basis="dct"),
+    selora.SeLoRAConfig(r=4, basis="dft"),
+    selora.SeLoRAConfig(r=4, use_dora=True),
+    selora.LoRAConfig(r=4, use_dora=True),
+    selora.SeLoRAConfig(r=4, use_rslora=True),
+    selora.LoRAConfig(r=4, use_rslora=True),
+], ids=["lora", "selora-dct", "selora-dft", "selora-dora", "lora-dora", "selora-rslora", "lora-rslora"])
+def test_default_init_leaves_logits_bit_identical(tiny_llama, input_ids, config):
+    reference = logits(tiny_llama(), input_ids)
+    model = selora.apply(tiny_llama(), config)
+    assert torch.equal(logits(model, input_ids), reference)
+
+
+@pytest.mark.parametrize("config", [
+    selora.LoRAConfig(r=4, init="pissa"),
+    selora.SeLoRAConfig(r=4, basis="dct", init="pissa"),
+    selora.SeLoRAConfig(r=4, basis="dft", init="pissa"),
+    selora.SeLoRAConfig(r=4, init="pissa", use_dora=True, use_rslora=True),
+], ids=["lora", "selora-dct", "selora-dft", "selora-dora-rslora"])
+def test_pissa_init_keeps_function_and_weights(tiny_llama, input_ids, config):
+    original = tiny_llama()
+    reference = logits(original, input_ids)
+    model = selora.apply(tiny_llama(), config)
+    assert relative_error(logits(model, input_ids), reference) < 1e-5  # measured 3.2e-7
+    for name, layer in selora.adapter_layers(model).items():
+        weight = original.get_submodule(name).weight
+        residual = layer.base_layer.weight
+        assert (residual - weight).abs().max() > 1e-2, name  # the base really holds a residual now
+        assert (residual + layer.delta_weight() - weight).abs().max() < 1e-5, name
+
+
+def test_rslora_scaling(tiny_llama):
+    plain = selora.apply(tiny_llama(), selora.LoRAConfig(r=4, alpha=8))
+    stable = selora.apply(tiny_llama(), selora.LoRAConfig(r=4, alpha=8, use_rslora=True))
+    assert all(layer.scaling == 2.0 for layer in selora.adapter_layers(plain).values())
+    assert all(layer.scaling == 4.0 for layer in selora.adapter_layers(stable).values())
+
+
+def test_locations_are_seeded_per_layer(tiny_llama):
+    def locations(seed):
+        model = selora.apply(tiny_llama(), selora.SeLoRAConfig(r=4, seed=seed, shared_locations=False))
+        return {n: (l.lora_A.locations.clone(), l.lora_B.locations.clone())
+                for n, l in selora.adapter_layers(model).items()}
+
+    first, again, other = locations(0), locations(0), locations(1)
+    for name in first:
+        assert all(torch.equal(a, b) for a, b in zip(first[name], again[name]))
+        assert not torch.equal(first[name][0], other[name][0])
+    q0, q1 = first["model.layers.0.self_attn.q_proj"][0], first["model.layers.1.self_attn.q_proj"][0]
+    assert not torch.equal(q0, q1)  # same shape, different layer -> different draw
+
+
+# ----- parameter counts -----------------------------------------------------------------------------------------
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000)
+# (in, out) of each projection in one LLaMA-7B block
+LLAMA_7B_SHAPES = {"q_proj": (4096, 4096), "k_proj": (4096, 4096), "v_proj": (4096, 4096), "o_proj": (4096, 4096),
+                   "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)}
+LLAMA_7B_BASE_PARAMETERS = 6_738_415_616  # embeddings + 32 blocks + final norm + untied lm_head
+
+
+def lora_formula(r, modules, layers=32):
+    return r * layers * sum(sum(LLAMA_7B_SHAPES[m]) for m in modules)
+
+
+def selora_formula(r, ratio, modules, layers=32):
+    return r * layers * sum(round(ratio * n_in) + round(ratio * n_out) for n_in, n_out in
+                            (LLAMA_7B_SHAPES[m] for m in modules))
+
+
+def meta_llama_7b():
+    with torch.device("meta"):
+        return LlamaForCausalLM(LlamaConfig(**LLAMA_7B))
+
+
+@pytest.mark.parametrize("config, expected", [
+    (selora.LoRAConfig(r=8), 8 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))),
+    (selora.SeLoRAConfig(r=8, spectral_ratio=0.3), selora_formula(8, 0.3, ATTENTION + MLP)),
+    (selora.SeLoRAConfig(r=16, spectral_ratio=0.1, basis="dft", shared_locations=False),
+     selora_formula(16, 0.1, ATTENTION + MLP)),
+    (selora.LoRAConfig(r=8, use_dora=True), lora_formula(8, ATTENTION + MLP) + 32 * (4 * 4096 + 2 * 11008 + 4096)),
+], ids=["lora-r8", "selora-r8-0.3", "selora-dft-r16-0.1", "lora-dora-r8"])
+def test_count_parameters_llama_7b_on_meta(config, expected):
+    start = time.perf_counter()
+    model = selora.apply(meta_llama_7b(), config)
+    counts = selora.count_parameters(model)
+    assert time.perf_counter() - start < 20
+    assert counts["trainable"] == expected
+    assert counts["total"] == LLAMA_7B_BASE_PARAMETERS + expected
+    assert sum(counts["per_module_type"].values()) == expected
+    assert set(counts["per_module_type"]) == set(ATTENTION + MLP)
+    table = selora.parameter_table(model)
+    for module_type in ATTENTION + MLP:
+        assert module_type in table
+    assert f"{expected:,}" in table
+
+
+def test_lora_r32_qkv_up_down_matches_the_papers_setting():
+    """LLM-Adapters / DoRA report "LoRA r=32" on q,k,v,up,down of LLaMA-7B as 0.83% trainable (~56.1M).
+
+    r * 32 layers * (3 * (4096 + 4096) + 2 * (4096 + 11008)) = 56,098,816, and 56,098,816 / 6,738,415,616 (the
+    base model's parameters) = 0.8325% -> "0.83%". (56,623,104 = 54 * 2**20 is not this count.) selora's own
+    trainable_percent divides by base + adapter parameters, 0.8256%."""
+    modules = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")
+    model = selora.apply(meta_llama_7b(), selora.LoRAConfig(r=32, target_modules=modules))
+    counts = selora.count_parameters(model)
+    assert counts["trainable"] == lora_formula(32, modules) == 56_098_816
+    assert round(100 * counts["trainable"] / LLAMA_7B_BASE_PARAMETERS, 2) == 0.83
+    assert counts["trainable_percent"] == pytest.approx(100 * 56_098_816 / (LLAMA_7B_BASE_PARAMETERS + 56_098_816))
+
+
+# ----- bad input -------------------------------------------------------------------------------------------------
+def test_unknown_target_module_names_what_exists(tiny_llama):
+    model = tiny_llama()
+    before = model_snapshot(model)
+    with pytest.raises(TargetModuleError) as error:
+        selora.apply(model, selora.SeLoRAConfig(target_modules=("q_proj", "qkv_proj")))
+    message = str(error.value)
+    assert "qkv_proj" in message
+    for name in ATTENTION + MLP:
+        assert name in message
+    assert_unchanged(model, before)
+
+
+# k_proj is 64 -> 32 (2 kv heads of 16): r=33 fits o_proj (64x64) but not k_proj
+@pytest.mark.parametrize("r, targets, culprit", [(33, ("o_proj", "k_proj"), "k_proj"), (65, ("q_proj",), "q_proj")])
+def test_rank_larger_than_a_dimension(tiny_llama, r, targets, culprit):
+    model = tiny_llama()
+    before = model_snapshot(model)
+    with pytest.raises(TargetModuleError, match=rf"r={r} is larger than .*{culprit}"):
+        selora.apply(model, selora.LoRAConfig(r=r, target_modules=targets))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("ratio", [0, 1.5, -0.1])
+def test_spectral_ratio_out_of_range(tiny_llama, ratio):
+    model = tiny_llama()
+    before = model_snapshot(model)
+    with pytest.raises(ConfigValueError, match=rf"spectral_ratio={ratio}: must be in \(0, 1\]"):
+        selora.apply(model, selora.SeLoRAConfig(spectral_ratio=ratio))
+    assert_unchanged(model, before)
+
+
+def test_dft_ratio_too_large(tiny_llama):
+    model = tiny_llama()
+    before = model_snapshot(model)
+    # hidden 64 -> the dft basis has 64 // 2 + 1 = 33 real frequencies; ratio 0.9 asks for 58
+    with pytest.raises(ValueError, match=r"58 spectral coefficients .* length 64.* 'dft' has only 33"):
+        selora.apply(model, selora.SeLoRAConfig(basis="dft", spectral_ratio=0.9))
+    assert_unchanged(model, before)
+    assert spectral.coefficient_count(64, 0.5, None, "dft") == 32  # 0.5 fits: the usual setting works
+    selora.apply(model, selora.SeLoRAConfig(basis="dft", spectral_ratio=0.5))
+
+
+def test_apply_twice_is_refused(tiny_llama):
+    model = selora.apply(tiny_llama(), selora.SeLoRAConfig(r=4))
+    before = model_snapshot(model)
+    with pytest.raises(TargetModuleError, match="already has a selora adapter"):
+        selora.apply(model, selora.SeLoRAConfig(r=4))
+    assert_unchanged(model, before)
