@@ -12,6 +12,7 @@ step is extrapolated. Ratios are to PEFT LoRA measured in the same process.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -150,6 +151,7 @@ def main() -> None:
                 model, rec = attach(model, method, args.rank, args.warmup + args.steps)
                 by_layers[layers] = measure(model, rec, args.batch, args.seq, args.warmup, args.steps)
                 del model, rec
+                gc.collect()  # adapter layers and SRLoRA hold reference cycles
                 torch.cuda.empty_cache()
             a, b = by_layers[l1], by_layers[l2]
             per_layer = (b["step_s_median"] - a["step_s_median"]) / (l2 - l1)

@@ -208,6 +208,8 @@ def _rebase(layer: AdapterLinear, saved_A: torch.Tensor, saved_B: torch.Tensor, 
     as training applied them, so the resumed base is bit-identical to the uninterrupted one."""
     have = layer.base_delta_A.shape[0]
     chunks = [int(c) for c in chunks] if chunks is not None and chunks.numel() else [saved_A.shape[0]]
+    # An empty record must replay nothing: a zero-width change still re-quantizes a 4/8-bit base.
+    chunks = [c for c in chunks if c > 0]
     prefix = (have <= saved_A.shape[0] and torch.equal(saved_A[:have], layer.base_delta_A.cpu())
               and torch.equal(saved_B[:, :have], layer.base_delta_B.cpu()))
     if not prefix:  # undo what apply() wrote, then replay everything

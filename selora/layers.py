@@ -38,7 +38,9 @@ class DenseFactor(nn.Module):
             self.weight.data.copy_(values)
 
     def forward(self) -> torch.Tensor:
-        return self.weight
+        # A view, not the leaf itself: per-call gradient hooks (SRLoRA scoring) then live on this call's tensor
+        # instead of piling up on the parameter.
+        return self.weight.view_as(self.weight)
 
     @property
     def param(self) -> nn.Parameter:

@@ -224,3 +224,31 @@ def test_partitioned_quantized_base_cannot_be_requantized():
     layer.base_layer.weight.ds_id = 0  # what a ZeRO-3 partitioned parameter carries
     with pytest.raises(ConfigValueError, match="quantized_fusion=residual"):
         SRLoRA(model, SRLoRAConfig(quantized_fusion="requantize"), total_steps=100)
+
+
+@pytest.mark.parametrize("config", [selora.LoRAConfig(r=3), selora.SeLoRAConfig(r=3, spectral_ratio=0.5)])
+def test_sensitivity_matches_the_formula_over_accumulated_micro_batches(config):
+    """I_i = mean over pair i's elements of |theta * dL/dtheta| (decoded factors), gradients summed over
+    micro-batches; with ema_beta = 0 the importance after one step is exactly that."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    selora.apply(model, config.__class__(**{**config.__dict__, "target_modules": ("0",)}))
+    layer = selora.adapter_layers(model)["0"]
+    with torch.no_grad():
+        layer.lora_B.param.normal_()
+    rec = SRLoRA(model, SRLoRAConfig(start_step=50, end_step=50, ema_beta=0.0, uncertainty_beta=0.0), total_steps=50)
+    batches = [torch.randn(4, 12, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    grads_A, grads_Bt = torch.zeros(3, 12), torch.zeros(3, 10)
+    for x in batches:  # three micro-batches, three forwards: the hooks must add each gradient exactly once
+        A_rows, Bt_rows = layer.lora_A(), layer.lora_B()
+        out = model(x).pow(2).sum()
+        out.backward()
+        gA, gBt = torch.autograd.grad(
+            (nn.functional.linear(nn.functional.linear(x, A_rows), Bt_rows.T) * layer.scaling
+             + layer.base_layer(x)).pow(2).sum(), (A_rows, Bt_rows))
+        grads_A += gA
+        grads_Bt += gBt
+    A, B = layer.factor_matrices()
+    expected = ((A * grads_A).abs().sum(1) + (B.T * grads_Bt).abs().sum(1)) / (12 + 10)
+    rec.update_scores()
+    assert torch.allclose(rec.importance[0], expected, rtol=1e-5, atol=1e-7)
