@@ -191,11 +191,12 @@ class AdapterLinear(nn.Module):
         if not (self.track_pair_gradients and torch.is_grad_enabled() and A.requires_grad):
             return
 
+        # The first gradient is copied: autograd may reuse its buffer as the parameter's .grad and add to it.
         def add_A(grad: torch.Tensor) -> None:
-            self.grad_A = grad.detach().float() if self.grad_A is None else self.grad_A.add_(grad.detach().float())
+            self.grad_A = grad.detach().float().clone() if self.grad_A is None else self.grad_A.add_(grad.detach())
 
         def add_Bt(grad: torch.Tensor) -> None:
-            self.grad_Bt = grad.detach().float() if self.grad_Bt is None else self.grad_Bt.add_(grad.detach().float())
+            self.grad_Bt = grad.detach().float().clone() if self.grad_Bt is None else self.grad_Bt.add_(grad.detach())
 
         A.register_hook(add_A)
         Bt.register_hook(add_Bt)
