@@ -1,0 +1,325 @@
+"""The training engine: one small interface over plain PyTorch and DeepSpeed.
+
+The loop in recipes/finetune.py only ever touches:
+    engine(**batch)        forward (through DeepSpeed's engine when there is one)
+    engine.backward(loss)  backward of one micro-batch (scaled for gradient accumulation)
+    engine.step() -> bool  end of a micro-batch; True when an optimizer step happened (accumulation boundary)
+    engine.optimizer       the torch optimizer, or DeepSpeed's (what SRLoRA resets rows in)
+    engine.module          the model (unwrapped)
+    engine.current_lr()    the learning rate the next optimizer step will use
+    engine.train() / engine.eval()
+    engine.save(dir) / engine.load(dir)   optimizer + scheduler (+ DeepSpeed's own files) in one directory
+    engine.full_state_dict()              every weight, whole (ZeRO-3 gathers to rank 0), for a merged export
+
+Everything DeepSpeed-specific lives in this file: the JSON configs under configs/deepspeed/, filling their
+"auto" values from cfg.train, deepspeed.initialize, and the ZeRO-3 init context for model loading.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
+ENGINE_STATE_FILE = "engine_state.pt"
+# cfg.train.lr_scheduler -> the DeepSpeed scheduler with the same shape (warm-up, then cosine / linear / flat).
+DEEPSPEED_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+
+
+class EngineConfigError(ValueError):
+    """A DeepSpeed config or a cfg.train value the engine cannot use; the message names the value and the fix."""
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise EngineConfigError("the model has no trainable parameters: apply adapters (selora.apply) before "
+                                "building the engine")
+    return params
+
+
+def lr_multiplier(kind: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the peak lr before optimizer step ``s`` (0-based): linear warm-up from 0 over
+    ``warmup_steps``, then cosine to 0 / linear to 0 / constant at ``total_steps`` (HF transformers' shapes)."""
+    if kind not in DEEPSPEED_SCHEDULERS:
+        raise EngineConfigError(f"train.lr_scheduler={kind!r}: choose one of {sorted(DEEPSPEED_SCHEDULERS)}")
+
+    def multiplier(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+
+    return multiplier
+
+
+# ----- plain PyTorch ---------------------------------------------------------------------------------------
+class PlainEngine:
+    """One process, no DeepSpeed: AdamW, manual gradient accumulation, clipping, LambdaLR."""
+
+    def __init__(self, model: torch.nn.Module, cfg, total_steps: int):
+        train = cfg.train
+        self.module = model
+        self.params = trainable_parameters(model)
+        self.optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                                           weight_decay=train.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_multiplier(train.lr_scheduler, train.warmup_steps, total_steps))
+        self.accumulation = int(train.gradient_accumulation_steps)
+        self.max_grad_norm = train.max_grad_norm
+        self.micro_steps = 0
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Each micro-batch's mean loss counts 1/accumulation, so the step sees the mean over the window.
+        (loss / self.accumulation).backward()
+
+    def step(self) -> bool:
+        self.micro_steps += 1
+        if self.micro_steps % self.accumulation:
+            return False
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def current_lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def save(self, directory: Path) -> None:
+        """Optimizer moments and scheduler position (the adapter weights are saved by the checkpoint)."""
+        directory.mkdir(parents=True, exist_ok=True)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "micro_steps": self.micro_steps}, directory / ENGINE_STATE_FILE)
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.micro_steps = state["micro_steps"]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+
+# ----- DeepSpeed ---------------------------------------------------------------------------------------------
+class DeepSpeedEngine:
+    """The same interface over ``deepspeed.initialize``'s engine."""
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict):
+        import deepspeed
+
+        self.config = ds_config
+        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model),
+                                                config=ds_config)
+        self.module = self.ds.module
+        self.optimizer = self.ds.optimizer
+
+    def __call__(self, **batch):
+        return self.ds(**batch)
+
+    def train(self) -> None:
+        self.ds.train()
+
+    def eval(self) -> None:
+        self.ds.eval()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+
+    def step(self) -> bool:
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.step()
+        return boundary
+
+    def current_lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def save(self, directory: Path) -> None:
+        """DeepSpeed's checkpoint (a collective): trainable weights, optimizer shards, scheduler. Frozen base
+        weights are left out; the base is reloaded from the model and selora's adapter replays its changes."""
+        self.ds.save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False,
+                                exclude_frozen_parameters=True)
+
+    def load(self, directory: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(directory.parent), tag=directory.name, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {directory}")
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole weights; under ZeRO-3 a collective that gathers them to rank 0 (others get an empty dict)."""
+        if self.ds.zero_optimization_partition_weights():
+            return self.ds._zero3_consolidated_16bit_state_dict() or {}
+        return self.module.state_dict()
+
+
+def _resolve_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.suffix == ".json" or path.exists():
+        if not path.is_file():
+            raise EngineConfigError(f"deepspeed.config={name!r}: no such file")
+        return path
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise EngineConfigError(f"deepspeed.config={name!r}: choose one of {known}, a path to a DeepSpeed JSON, "
+                                "or null for plain PyTorch")
+    return path
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _fill(section: dict, key: str, value) -> None:
+    if section.get(key, "auto") == "auto":
+        section[key] = value
+
+
+def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed config named by cfg.deepspeed.config with every "auto" filled from cfg.train.
+
+    Values the JSON sets explicitly are kept. cfg.deepspeed.overrides (optional mapping) is merged on top,
+    e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}.
+    """
+    train = cfg.train
+    config = json.loads(_resolve_config_path(str(cfg.deepspeed.config)).read_text())
+    overrides = OmegaConf.select(cfg, "deepspeed.overrides", default=None)
+    if overrides is not None:
+        _merge(config, OmegaConf.to_container(overrides, resolve=True))
+    micro, accumulation = int(train.micro_batch_size), int(train.gradient_accumulation_steps)
+    _fill(config, "train_micro_batch_size_per_gpu", micro)
+    _fill(config, "gradient_accumulation_steps", accumulation)
+    _fill(config, "train_batch_size", micro * accumulation * world_size)
+    _fill(config, "gradient_clipping", float(train.max_grad_norm or 0.0))
+    if config["train_batch_size"] != config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * world_size:
+        raise EngineConfigError(
+            f"DeepSpeed train_batch_size={config['train_batch_size']} != micro batch "
+            f"{config['train_micro_batch_size_per_gpu']} x accumulation {config['gradient_accumulation_steps']} x "
+            f"{world_size} ranks; set it to \"auto\"")
+
+    on_cuda = torch.cuda.is_available()
+    bf16 = config.setdefault("bf16", {})
+    _fill(bf16, "enabled", bool(on_cuda and torch.cuda.is_bf16_supported()))
+    fp16 = config.setdefault("fp16", {})
+    _fill(fp16, "enabled", False)
+
+    optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = optimizer.setdefault("params", {})
+    _fill(params, "lr", float(train.learning_rate))
+    _fill(params, "betas", list(ADAMW_BETAS))
+    _fill(params, "eps", ADAMW_EPS)
+    _fill(params, "weight_decay", float(train.weight_decay))
+    if not on_cuda:  # FusedAdam / DeepSpeedCPUAdam need compiled ops; torch's AdamW is exact and always there
+        params.setdefault("torch_adam", True)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
+
+    scheduler = config.setdefault("scheduler", {"type": "auto", "params": {}})
+    if scheduler.get("type", "auto") == "auto":
+        if train.lr_scheduler not in DEEPSPEED_SCHEDULERS:
+            raise EngineConfigError(f"train.lr_scheduler={train.lr_scheduler!r}: choose one of "
+                                    f"{sorted(DEEPSPEED_SCHEDULERS)}")
+        scheduler["type"] = DEEPSPEED_SCHEDULERS[train.lr_scheduler]
+    _fill_scheduler(scheduler, train, total_steps)
+
+    zero = config.setdefault("zero_optimization", {"stage": 0})
+    h = hidden_size
+    _fill(zero, "reduce_bucket_size", h * h if h else 500_000_000)
+    _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * h * h) if h else 50_000_000)
+    _fill(zero, "stage3_param_persistence_threshold", 10 * h if h else 100_000)
+    leftover = [key for key, value in _walk(config) if value == "auto"]
+    if leftover:
+        raise EngineConfigError(f"DeepSpeed config keys {leftover} are \"auto\" but the engine has no value for "
+                                "them; set them in the JSON")
+    return config
+
+
+def _fill_scheduler(scheduler: dict, train, total_steps: int) -> None:
+    params = scheduler.setdefault("params", {})
+    warmup = int(train.warmup_steps)
+    # DeepSpeed's warm-up lasts at least 2 steps; with no warm-up asked for, start it at the peak so it is flat.
+    no_warmup = warmup == 0
+    _fill(params, "warmup_num_steps", max(1, warmup))
+    _fill(params, "warmup_type", "linear")
+    kind = scheduler["type"]
+    if kind == "WarmupCosineLR":
+        _fill(params, "total_num_steps", total_steps)
+        _fill(params, "warmup_min_ratio", 1.0 if no_warmup else 0.0)
+        _fill(params, "cos_min_ratio", 0.0)
+    elif kind in ("WarmupDecayLR", "WarmupLR"):
+        if kind == "WarmupDecayLR":
+            _fill(params, "total_num_steps", total_steps)
+        _fill(params, "warmup_max_lr", float(train.learning_rate))
+        _fill(params, "warmup_min_lr", float(train.learning_rate) if no_warmup else 0.0)
+
+
+def _walk(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _walk(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), tree
+
+
+def uses_deepspeed(cfg) -> bool:
+    return cfg.deepspeed.config is not None
+
+
+def zero3_init_context(cfg, total_steps: int, world_size: int):
+    """Context for building the base model sharded over ranks (ZeRO-3 with deepspeed.zero3_init), else a no-op.
+
+    transformers also needs to know (HfDeepSpeedConfig) so that from_pretrained loads weights into the shards.
+    """
+    if not uses_deepspeed(cfg) or not cfg.deepspeed.zero3_init:
+        return contextlib.nullcontext()
+    config = deepspeed_config(cfg, total_steps, world_size)
+    if config["zero_optimization"].get("stage", 0) != 3:
+        return contextlib.nullcontext()
+    return _zero3_init(config)
+
+
+@contextlib.contextmanager
+def _zero3_init(config: dict):
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_config = HfDeepSpeedConfig(copy.deepcopy(config))  # noqa: F841 - must stay alive while the model loads
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        yield
+    del hf_config
+
+
+def build_engine(model: torch.nn.Module, cfg, steps: int, world_size: int = 1):
+    """The engine for ``model`` (adapters applied) training ``steps`` optimizer steps."""
+    if not uses_deepspeed(cfg):
+        if world_size > 1:
+            raise EngineConfigError(f"{world_size} processes but deepspeed.config is null: data-parallel training "
+                                    "needs DeepSpeed; set deepspeed.config=zero2 (or zero3)")
+        return PlainEngine(model, cfg, steps)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    return DeepSpeedEngine(model, deepspeed_config(cfg, steps, world_size, hidden))
