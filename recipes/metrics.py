@@ -1,0 +1,64 @@
+"""Training metrics: one JSON line per logged step in output_dir/metrics.jsonl, mirrored to TensorBoard.
+
+Only rank 0 writes; other ranks get a logger whose methods do nothing, so the loop calls it unconditionally.
+A line looks like {"step": 12, "loss": 1.93, "lr": 0.0002, "tokens_per_s": 5310.2} plus "eval_loss" when
+evaluated and "srlora" (the recomposition events) when SRLoRA fused pairs at that step.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str | Path, rank: int, tensorboard: bool, resume_step: int = 0):
+        """``resume_step``: lines past it (written by a run that died after its last checkpoint) are dropped,
+        so the file reads as one uninterrupted run."""
+        self.enabled = rank == 0
+        self.path = Path(output_dir) / METRICS_FILE
+        self.writer = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        keep = [line for line in read_metrics(self.path) if line["step"] <= resume_step] if resume_step else []
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in keep))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR),
+                                        purge_step=resume_step + 1 if resume_step else None)
+
+    def log(self, step: int, **values) -> None:
+        """Append one line; None values are left out. Numbers also go to TensorBoard as train/<name>."""
+        if not self.enabled:
+            return
+        line = {"step": step, **{k: v for k, v in values.items() if v is not None}}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        if self.writer is not None:
+            for key, value in line.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+            if "srlora" in line:
+                self.writer.add_scalar("srlora/pairs_fused", sum(len(e["pairs"]) for e in line["srlora"]), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """The lines of a metrics.jsonl (an empty list if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    lines = []
+    for text in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(text))
+        except json.JSONDecodeError:  # the last line of a run killed mid-write
+            continue
+    return lines
