@@ -1,0 +1,293 @@
+"""Instruction fine-tuning with SeLoRA / LoRA adapters (and optionally SRLoRA), plain PyTorch or DeepSpeed.
+
+Read `run` top to bottom: configs are checked, data is built, the model is loaded and given adapters, the
+engine is built, a checkpoint is resumed if there is one, the loop runs, the adapter is exported.
+
+    python launch/train.py --recipe llama_selora train.max_steps=100
+    deepspeed launch/train.py --recipe llama_srlora deepspeed.config=zero3
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+import selora
+from recipes import checkpoint, engine as engines
+from recipes.checkpoint import TrainerState
+from recipes.data import build_datasets, make_collate_fn
+from recipes.metrics import MetricsLogger
+from recipes.modeling import load_model, load_tokenizer
+from selora.distributed import world
+
+
+def run(cfg) -> dict:
+    """Train as ``cfg`` says; returns {"step", "loss", "eval_loss", "outputs": {kind: path}}."""
+    train = cfg.train
+    output_dir = Path(train.output_dir)
+
+    # Cheap checks first: a bad adapter/SRLoRA value fails before any data or weights are touched.
+    adapter_config = adapter_config_from(cfg.adapter)
+    srlora_enabled = bool(cfg.srlora.enabled)
+    srlora_config = srlora_config_from(cfg) if srlora_enabled else None
+
+    seed_everything(train.seed)
+    rank, world_size, device = setup_distributed(cfg)
+    say = print if rank == 0 else (lambda *args, **kwargs: None)
+
+    # Data before the model: bad data fails in seconds, not after loading billions of weights.
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
+    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, train.seed)
+    collate = make_collate_fn(tokenizer.pad_token_id)
+    order = DataOrder(len(train_ds), int(train.micro_batch_size), rank, world_size, int(train.seed))
+    total_steps = total_optimizer_steps(train, order.batches_per_epoch)
+    say(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
+        f"{total_steps} optimizer steps")
+
+    # Model, adapters, SRLoRA, engine.
+    init_context = engines.zero3_init_context(cfg, total_steps, world_size)
+    model, model_info = load_model(cfg.model, device, init_context=init_context)
+    selora.apply(model, adapter_config)
+    say(selora.parameter_table(model))
+    srlora = None
+    if srlora_enabled:
+        from selora.srlora import SRLoRA
+
+        srlora = SRLoRA(model, srlora_config, total_steps=total_steps)
+    engine = engines.build_engine(model, cfg, total_steps, world_size)
+
+    # Resume (or start fresh), then the RNG and data position are exactly where the checkpoint left them.
+    resume_from = checkpoint.find_checkpoint(output_dir, train.resume)
+    state = TrainerState(world_size=world_size)
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, engine, model, srlora)
+        say(f"resumed from {resume_from} at step {state.step}")
+    metrics = MetricsLogger(output_dir, rank, bool(train.tensorboard), resume_step=state.step)
+
+    # The loop: micro-batches in a seeded order; an optimizer step every gradient_accumulation_steps of them.
+    progress = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    window = LogWindow(device)
+    last = {"loss": None, "eval_loss": None}
+    engine.train()
+    batches = order.micro_batches(train_ds, collate, state.epoch, state.batch_in_epoch)
+    while state.step < total_steps:
+        state.epoch, state.batch_in_epoch, batch = next(batches)
+        state.micro_batches += 1
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = engine(**batch).loss  # the model's mean token loss (labels of -100 are ignored)
+        engine.backward(loss)
+        lr = engine.current_lr()
+        window.add_micro_batch(loss, batch["attention_mask"])
+        if not engine.step():
+            continue
+        state.step += 1
+        window.end_step()
+        progress.update(1)
+        step = state.step
+        events = srlora.step(step, engine.optimizer) if srlora is not None else []
+
+        line = {}
+        if (train.log_every and step % train.log_every == 0) or step == total_steps:
+            loss_value, tokens_per_s = window.reduce()
+            line.update(loss=loss_value, lr=lr, tokens_per_s=tokens_per_s)
+            last["loss"] = loss_value
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+        if eval_ds is not None and len(eval_ds) and train.eval_every and (step % train.eval_every == 0 or step == total_steps):
+            eval_loss = evaluate(engine, eval_ds, collate, int(train.micro_batch_size), device)
+            line["eval_loss"] = last["eval_loss"] = eval_loss
+            if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+                state.best_eval_loss = eval_loss
+            engine.train()
+        if events:
+            line["srlora"] = events
+        if line:
+            metrics.log(step, **line)
+        if train.save_every and (step % train.save_every == 0 or step == total_steps):
+            checkpoint.save_checkpoint(output_dir, engine, model, srlora, state)
+    progress.close()
+    metrics.close()
+
+    # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
+    outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),
+                                      save_merged=bool(train.save_merged),
+                                      base_model_name_or_path=base_model_name(cfg, model_info), tokenizer=tokenizer)
+    for kind, path in outputs.items():
+        say(f"{kind} saved to {path}")
+    return {"step": state.step, **last, "outputs": outputs}
+
+
+# ----- configs ------------------------------------------------------------------------------------------------
+def adapter_config_from(adapter) -> selora.LoRAConfig:
+    """cfg.adapter -> selora.LoRAConfig / SeLoRAConfig (validated on construction)."""
+    common = dict(r=int(adapter.r), alpha=float(adapter.alpha), dropout=float(adapter.dropout),
+                  target_modules=tuple(adapter.target_modules), use_rslora=bool(adapter.use_rslora),
+                  use_dora=bool(adapter.use_dora), init=str(adapter.init), seed=int(adapter.seed))
+    if adapter.method == "lora":
+        return selora.LoRAConfig(**common)
+    if adapter.method == "selora":
+        return selora.SeLoRAConfig(**common, spectral_ratio=float(adapter.spectral_ratio),
+                                   n_coefficients=None if adapter.n_coefficients is None else int(adapter.n_coefficients),
+                                   basis=str(adapter.basis), shared_locations=bool(adapter.shared_locations))
+    raise selora.ConfigValueError(f"adapter.method={adapter.method!r}: choose 'lora' or 'selora'")
+
+
+def srlora_config_from(cfg) -> selora.SRLoRAConfig:
+    s = cfg.srlora
+    return selora.SRLoRAConfig(start_step=int(s.start_step), end_step=int(s.end_step), interval=int(s.interval),
+                               pairs_per_recomposition=int(s.pairs_per_recomposition), ema_beta=float(s.ema_beta),
+                               uncertainty_beta=float(s.uncertainty_beta), scope=str(s.scope), svd=str(s.svd),
+                               quantized_fusion=str(s.quantized_fusion), warmup_steps=int(cfg.train.warmup_steps))
+
+
+def total_optimizer_steps(train, batches_per_epoch: int) -> int:
+    """train.max_steps when set (> 0), else train.epochs over the data."""
+    if train.max_steps is not None and int(train.max_steps) > 0:
+        return int(train.max_steps)
+    if not train.epochs or train.epochs <= 0:
+        raise ValueError(f"train.max_steps={train.max_steps} and train.epochs={train.epochs}: set one of them > 0")
+    return max(1, math.ceil(train.epochs * batches_per_epoch / int(train.gradient_accumulation_steps)))
+
+
+def base_model_name(cfg, model_info) -> str | None:
+    """What the PEFT export records as its base (a hub id or a local path), when the model came from one."""
+    if isinstance(model_info, dict) and model_info.get("name_or_path"):
+        return str(model_info["name_or_path"])
+    for key in ("name_or_path", "pretrained", "path"):
+        value = cfg.model.get(key) if hasattr(cfg.model, "get") else None
+        if value:
+            return str(value)
+    return None
+
+
+# ----- process setup ------------------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def setup_distributed(cfg) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device). torch.distributed is started only under a launcher (RANK/WORLD_SIZE set),
+    or as a one-process group when a DeepSpeed config is asked for without one (DeepSpeed needs a group)."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    on_cuda = torch.cuda.is_available()
+    if launched or engines.uses_deepspeed(cfg):
+        if not launched:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+    rank, world_size = world()
+    if not on_cuda:
+        return rank, world_size, torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return rank, world_size, torch.device("cuda", local_rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# ----- data order ---------------------------------------------------------------------------------------------
+class DataOrder:
+    """This rank's micro-batches of each epoch: DistributedSampler's seeded shuffle (set_epoch), cut into
+    micro-batches (the last one may be short). A position (epoch, batch_in_epoch) names the next micro-batch,
+    so a resumed run continues with exactly the micro-batch the interrupted one would have taken."""
+
+    def __init__(self, size: int, micro_batch_size: int, rank: int, world_size: int, seed: int):
+        if size == 0:
+            raise ValueError("the training set is empty: check data.* (paths, filters, max length)")
+        self.size, self.micro, self.rank, self.world_size, self.seed = size, micro_batch_size, rank, world_size, seed
+        self.batches_per_epoch = math.ceil(math.ceil(size / world_size) / micro_batch_size)
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        sampler = DistributedSampler(range(self.size), num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=self.seed, drop_last=False)
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        return [indices[i:i + self.micro] for i in range(0, len(indices), self.micro)]
+
+    def micro_batches(self, dataset, collate, epoch: int, start: int):
+        """Endless (epoch, position after this batch, batch) from ``(epoch, start)`` on."""
+        while True:
+            batches = self.batches(epoch)
+            loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate)
+            for position, batch in enumerate(loader, start + 1):
+                yield (epoch, position, batch) if position < len(batches) else (epoch + 1, 0, batch)
+            epoch, start = epoch + 1, 0
+
+
+# ----- logging and evaluation ---------------------------------------------------------------------------------
+class LogWindow:
+    """Loss and tokens since the last log line; reduced over ranks only when a line is written."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.step_loss = torch.zeros((), device=device)
+        self.micro = 0
+        self.loss_sum = torch.zeros((), device=device)
+        self.steps = 0
+        self.tokens = torch.zeros((), device=device)
+        self.started = time.perf_counter()
+
+    def add_micro_batch(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        self.step_loss += loss.detach().float()
+        self.micro += 1
+        self.tokens += attention_mask.sum()
+
+    def end_step(self) -> None:
+        self.loss_sum += self.step_loss / self.micro  # the step's loss: the mean over its micro-batches
+        self.steps += 1
+        self.step_loss.zero_()
+        self.micro = 0
+
+    def reduce(self) -> tuple[float, float]:
+        """(mean step loss over ranks and steps, tokens per second over all ranks) since the last call."""
+        totals = torch.stack([self.loss_sum, self.tokens.float()])
+        if world()[1] > 1:
+            dist.all_reduce(totals)
+        elapsed = time.perf_counter() - self.started
+        loss = totals[0].item() / (self.steps * world()[1])
+        tokens_per_s = totals[1].item() / max(elapsed, 1e-9)
+        self.loss_sum.zero_()
+        self.tokens.zero_()
+        self.steps = 0
+        self.started = time.perf_counter()
+        return loss, tokens_per_s
+
+
+@torch.no_grad()
+def evaluate(engine, eval_ds, collate, micro_batch_size: int, device: torch.device) -> float:
+    """Mean loss per target token over the whole eval set, all ranks together.
+
+    Ranks take every world_size-th example; a rank that runs out early still runs forwards (weight 0) so
+    that ZeRO-3's collective parameter gathering stays in step on every rank."""
+    rank, world_size = world()
+    shard = list(range(rank, len(eval_ds), world_size))
+    count = math.ceil(math.ceil(len(eval_ds) / world_size) / micro_batch_size)
+    batches = [shard[i * micro_batch_size:(i + 1) * micro_batch_size] or [0] for i in range(count)]
+    weights = [1.0 if shard[i * micro_batch_size:(i + 1) * micro_batch_size] else 0.0 for i in range(count)]
+    engine.eval()
+    totals = torch.zeros(2, device=device, dtype=torch.float64)
+    for weight, batch in zip(weights, DataLoader(eval_ds, batch_sampler=batches, collate_fn=collate)):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = engine(**batch).loss
+        targets = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
+        if weight and targets > 0:
+            totals += torch.stack([loss.double() * targets, targets.double()])
+    if world_size > 1:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
