@@ -23,7 +23,7 @@ from torch import nn
 
 from .config import LoRAConfig
 from .distributed import full_value, gathered, world
-from .inject import adapter_layers, apply
+from .inject import adapter_layers, apply, find_targets
 from .layers import AdapterLinear
 from .spectral import invalidate_decoded_factors
 
@@ -170,12 +170,16 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
         if model.selora_config.to_dict() != config.to_dict():
             raise AdapterFileError(f"the model's adapters were applied with {model.selora_config.to_dict()} but "
                                    f"{directory} holds {config.to_dict()}; load onto the base model instead")
-    else:
+    # Compare with the layers the config adapts *before* apply(), so a mismatch leaves the model untouched.
+    adapted = set(layers) if layers else set(find_targets(model, config))
+    if adapted != set(meta["layers"]):
+        only_model, only_file = sorted(adapted - set(meta["layers"]))[:5], sorted(set(meta["layers"]) - adapted)[:5]
+        raise AdapterFileError(f"{directory} does not cover the modules its config adapts in this model: "
+                               f"adapted but not in the file {only_model}, in the file but not adapted {only_file}; "
+                               "load it on the model it was trained for")
+    if not layers:
         apply(model, config)
         layers = adapter_layers(model)
-    if set(layers) != set(meta["layers"]):
-        missing = sorted(set(meta["layers"]) ^ set(layers))[:5]
-        raise AdapterFileError(f"adapter layers differ from the model's adapted modules (e.g. {missing})")
     for name, layer in layers.items():
         _load_layer(layer, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
                     meta["layers"][name], name)
