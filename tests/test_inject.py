@@ -12,7 +12,7 @@ from selora import spectral
 from selora.config import ConfigValueError
 from selora.inject import TargetModuleError
 
-from conftest import assert_unchanged, build_tiny_llama, model_snapshot, relative_error
+from conftest import assert_unchanged, model_snapshot, quantize_projections, relative_error
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -152,6 +152,16 @@ def test_count_parameters_llama_7b_on_meta(config, expected):
     for module_type in ATTENTION + MLP:
         assert module_type in table
     assert f"{expected:,}" in table
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_count_parameters_quantized_tiny_llama(tiny_llama, kind):
+    """Packed nf4 storage counts as 2 parameters a byte, so totals match the unquantized model."""
+    plain = selora.count_parameters(selora.apply(tiny_llama(), selora.SeLoRAConfig(r=4)))
+    quantized = selora.count_parameters(selora.apply(quantize_projections(tiny_llama(), kind), selora.SeLoRAConfig(r=4)))
+    # r * layers * sum over the 7 projections of round(0.5 * in) + round(0.5 * out); (in + out) sums to 1120
+    assert quantized["trainable"] == plain["trainable"] == 4 * 2 * 560
+    assert quantized["total"] == plain["total"]
 
 
 def test_lora_r32_qkv_up_down_matches_the_papers_setting():

@@ -76,7 +76,7 @@ def test_save_load_is_bit_exact_on_quantized_bases(tiny_llama, input_ids, tmp_pa
         assert torch.equal(layer.base_delta_chunks, selora.adapter_layers(model)[layer_name].base_delta_chunks)
 
 
-@pytest.mark.parametrize("name", ["lora", "selora", "selora-dft", "selora-dora", "selora-pissa"])
+@pytest.mark.parametrize("name", ["lora", "selora", "selora-dft", "selora-dora", "selora-pissa", "selora-dora-pissa"])
 def test_export_lora_loads_in_peft(tiny_llama, input_ids, tmp_path, name):
     model = trained(tiny_llama(), CONFIGS[name])
     expected = logits(model, input_ids)
