@@ -167,6 +167,10 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
     _check_fits(model, meta, tensors)
     layers = adapter_layers(model)
     if layers:
+        merged = [name for name, layer in layers.items() if layer.merged]
+        if merged:  # new factors under a merged base would be ignored, and unmerge would subtract the wrong delta
+            raise AdapterFileError(f"{len(merged)} adapter layers (e.g. {merged[0]}) are merged into the base; "
+                                   "call selora.unmerge(model) before load_adapter")
         if model.selora_config.to_dict() != config.to_dict():
             raise AdapterFileError(f"the model's adapters were applied with {model.selora_config.to_dict()} but "
                                    f"{directory} holds {config.to_dict()}; load onto the base model instead")

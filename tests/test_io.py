@@ -127,6 +127,20 @@ def test_load_onto_model_applied_with_another_config(tiny_llama, saved):
     assert_load_fails(model, saved, "'spectral_ratio': 0.25", "'spectral_ratio': 0.5", "load onto the base model")
 
 
+def test_load_onto_merged_model_is_refused(tiny_llama, input_ids, saved):
+    """Loading under a merged base used to be silent: the output kept the old merged update, and unmerge then
+    subtracted the newly loaded one, corrupting the base."""
+    model = trained(tiny_llama(), CONFIGS["selora"], seed=1)
+    selora.merge(model)
+    assert_load_fails(model, saved, "merged into the base", "selora.unmerge(model)")
+    selora.unmerge(model)
+    selora.load_adapter(model, saved)
+    reference = tiny_llama()
+    selora.load_adapter(reference, saved)
+    # merge + unmerge left float rounding in the base (<1e-6), so close rather than bit-equal
+    assert relative_error(logits(model, input_ids), logits(reference, input_ids)) < 1e-5
+
+
 @pytest.mark.parametrize("damage", ["truncated", "zeroed-header", "random-bytes", "empty"])
 def test_corrupt_weights_file(tiny_llama, saved, tmp_path, damage):
     broken = copy_of(saved, tmp_path)
