@@ -39,6 +39,7 @@ def run(cfg) -> dict:
     adapter_config = adapter_config_from(cfg.adapter)
     srlora_enabled = bool(cfg.srlora.enabled)
     srlora_config = srlora_config_from(cfg) if srlora_enabled else None
+    resume_from = checkpoint.find_checkpoint(output_dir, train.resume)  # a broken checkpoint fails here, early
 
     seed_everything(train.seed)
     rank, world_size, device = setup_distributed(cfg)
@@ -65,8 +66,7 @@ def run(cfg) -> dict:
         srlora = SRLoRA(model, srlora_config, total_steps=total_steps)
     engine = engines.build_engine(model, cfg, total_steps, world_size)
 
-    # Resume (or start fresh), then the RNG and data position are exactly where the checkpoint left them.
-    resume_from = checkpoint.find_checkpoint(output_dir, train.resume)
+    # Resume (or start fresh): engine, adapter, SRLoRA, RNG and data position exactly as the checkpoint left them.
     state = TrainerState(world_size=world_size)
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, engine, model, srlora)
