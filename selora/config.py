@@ -43,7 +43,9 @@ class LoRAConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
+        # One name given as a string means that one module, not its letters.
+        names = (self.target_modules,) if isinstance(self.target_modules, str) else self.target_modules
+        self.target_modules = tuple(names)
         if not isinstance(self.r, int) or self.r < 1:
             raise ConfigValueError(f"r={self.r!r}: the rank must be a positive integer, e.g. r=8")
         if self.alpha <= 0:
