@@ -1,0 +1,243 @@
+"""Instruction-tuning data: alpaca and chat records from local JSON/JSONL, validated, tokenized with the prompt
+masked out of the loss, optionally packed, split into train/eval.
+
+Every record is checked before anything is tokenized, and a bad one is reported as ``file line N: field ...``
+with the fix, so a malformed dataset fails in seconds, not mid-training.
+
+Formats (auto-detected per record):
+  alpaca  {"instruction": str, "input": str (optional), "output": str, ...}
+  chat    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
+
+# The Stanford-alpaca prompt, the layout the LLM-Adapters data (and most alpaca-style sets) were built for.
+PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
+                     "context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A data file or record the pipeline cannot use; the message names the file, line and field."""
+
+
+def resolve_path(path: str) -> Path:
+    """A data path as given (relative to the working directory) or relative to the repository root."""
+    for candidate in (Path(path), ROOT / path):
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"data file {path!r} not found (looked in {Path.cwd()} and {ROOT}); "
+                    "fix data.train_files / data.eval_files")
+
+
+def format_prompt(record: dict) -> str:
+    """The alpaca prompt of a record, without its answer (also used to prompt generation at eval time)."""
+    template = PROMPT_WITH_INPUT if record.get("input") else PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+# ----- reading and validation ------------------------------------------------------------------------------------
+def _raw_records(path: Path) -> list[tuple[str, object]]:
+    """(location, parsed JSON value) for each record of a .jsonl (one per line) or .json (a list) file."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        out = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"{path} line {number}", json.loads(line)))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno}); "
+                                "each line of a .jsonl file must be one JSON object") from None
+        return out
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); a .json data file holds "
+                        "one list of records (use .jsonl for one record per line)") from None
+    if not isinstance(value, list):
+        raise DataError(f"{path}: a .json data file must hold a list of records, found {type(value).__name__}")
+    return [(f"{path} record {index}", record) for index, record in enumerate(value)]
+
+
+def _check_alpaca(where: str, record: dict) -> dict:
+    for field, required in (("instruction", True), ("output", True), ("input", False)):
+        if field not in record:
+            if required:
+                raise DataError(f"{where}: field {field!r} is missing; each alpaca record needs "
+                                "'instruction' and 'output' (and an optional 'input')")
+            continue
+        if not isinstance(record[field], str):
+            raise DataError(f"{where}: field {field!r} must be a string, found {type(record[field]).__name__}")
+    if not record["output"].strip():
+        raise DataError(f"{where}: field 'output' is empty; there is nothing to learn from this record")
+    return {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]}
+
+
+def _check_chat(where: str, record: dict) -> dict:
+    messages = record["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise DataError(f"{where}: field 'messages[{index}]' needs 'role' and 'content'")
+        if message["role"] not in ROLES:
+            raise DataError(f"{where}: field 'messages[{index}].role' is {message['role']!r}; use one of {ROLES}")
+        if not isinstance(message["content"], str):
+            raise DataError(f"{where}: field 'messages[{index}].content' must be a string")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: field 'messages' has no assistant turn; there is nothing to learn from it")
+    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+
+
+def load_records(path: str, format: str = "auto") -> datasets.Dataset:
+    """Validated records of one file as a `datasets.Dataset` (alpaca columns, or ``messages`` for chat),
+    plus a ``source`` column ("file line N") used in later error messages."""
+    if format not in ("auto", "alpaca", "chat"):
+        raise DataError(f"data.format={format!r}: choose auto, alpaca or chat")
+    resolved = resolve_path(path)
+    rows, kinds = [], set()
+    for where, record in _raw_records(resolved):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: a record must be a JSON object, found {type(record).__name__}")
+        kind = format if format != "auto" else ("chat" if "messages" in record else "alpaca")
+        if kind == "chat" and "messages" not in record:
+            raise DataError(f"{where}: field 'messages' is missing (data.format=chat)")
+        checked = _check_chat(where, record) if kind == "chat" else _check_alpaca(where, record)
+        rows.append({**checked, "source": where})
+        kinds.add(kind)
+    if not rows:
+        raise DataError(f"{resolved} holds no records; point data.train_files at a non-empty file")
+    if len(kinds) > 1:
+        raise DataError(f"{resolved} mixes alpaca and chat records; keep one format per file")
+    return datasets.Dataset.from_list(rows)
+
+
+# ----- tokenization ------------------------------------------------------------------------------------------------
+def _segments(record: dict, tokenizer) -> list[tuple[str, bool]]:
+    """(text, is_learned) pieces of a record, in order; learned pieces are the answer / assistant turns."""
+    if "messages" not in record or record["messages"] is None:
+        return [(format_prompt(record), False), (record["output"], True)]
+    messages = record["messages"]
+    if getattr(tokenizer, "chat_template", None):
+        render = lambda m, gen: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+    else:  # a plain fallback layout for tokenizers without a chat template
+        def render(m, gen):
+            text = "".join(f"<|{x['role']}|>\n{x['content']}\n" for x in m)
+            return text + ("<|assistant|>\n" if gen else "")
+    pieces, done = [], ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = render(messages[:index], True)
+            pieces.append((prompt[len(done):], False))
+            full = render(messages[:index + 1], False)
+            pieces.append((full[len(prompt):], True))
+            done = full
+    return pieces
+
+
+def tokenize_records(ds: datasets.Dataset, tokenizer, max_length: int, mask_prompt: bool = True) -> datasets.Dataset:
+    """input_ids / labels / attention_mask per record; prompt tokens get label -100 (when ``mask_prompt``);
+    the answer ends with EOS. A record whose prompt alone fills ``max_length`` is an error, reported up front."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = tokenizer.eos_token_id
+
+    def encode(record: dict) -> dict:
+        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
+        first_learned = None
+        for text, learned in _segments(record, tokenizer):
+            piece = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if learned else [])
+            if learned and first_learned is None:
+                first_learned = len(ids)
+            ids += piece
+            labels += piece if (learned or not mask_prompt) else [IGNORE_INDEX] * len(piece)
+        if first_learned is None or first_learned >= max_length:
+            raise DataError(f"{record['source']}: the prompt takes {first_learned} tokens but data.max_length="
+                            f"{max_length} leaves no room for the answer; raise data.max_length or shorten the record")
+        ids, labels = ids[:max_length], labels[:max_length]
+        return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+
+    return ds.map(encode, remove_columns=ds.column_names)
+
+
+def pack_sequences(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
+    """Greedy packing: consecutive examples are concatenated into rows of at most ``max_length`` tokens (an
+    example never straddles two rows). Attention is not blocked between the packed examples (the usual
+    simple packing); each keeps its own labels, so no token learns to predict across a boundary it did not see."""
+    rows, current = [], {"input_ids": [], "labels": [], "attention_mask": []}
+    for example in ds:
+        if current["input_ids"] and len(current["input_ids"]) + len(example["input_ids"]) > max_length:
+            rows.append(current)
+            current = {"input_ids": [], "labels": [], "attention_mask": []}
+        for key in current:
+            current[key] = current[key] + list(example[key])
+    if current["input_ids"]:
+        rows.append(current)
+    return datasets.Dataset.from_list(rows)
+
+
+def train_eval_split(ds: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Deterministic split; eval gets at least one record."""
+    if not 0.0 < eval_fraction < 1.0:
+        raise DataError(f"data.eval_fraction={eval_fraction}: must be in (0, 1), or give data.eval_files")
+    if len(ds) < 2:
+        raise DataError(f"only {len(ds)} record(s): too few to split off an eval set; give data.eval_files")
+    parts = ds.train_test_split(test_size=max(1, round(eval_fraction * len(ds))), seed=seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def _load_tokenized(files, data_cfg, tokenizer) -> datasets.Dataset | None:
+    parts = [tokenize_records(load_records(f, data_cfg.format), tokenizer, int(data_cfg.max_length),
+                              bool(data_cfg.mask_prompt)) for f in files]
+    return datasets.concatenate_datasets(parts) if parts else None
+
+
+def _limit(ds: datasets.Dataset, limit, seed: int) -> datasets.Dataset:
+    return ds.shuffle(seed=seed).select(range(min(int(limit), len(ds)))) if limit else ds
+
+
+def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, eval) tokenized datasets as ``data_cfg`` (the recipe's ``data`` section) describes."""
+    if not data_cfg.train_files:
+        raise DataError("data.train_files is empty; name at least one alpaca or chat JSON/JSONL file")
+    for path in list(data_cfg.train_files) + list(data_cfg.eval_files or []):
+        resolve_path(path)  # every missing path is reported before any tokenizing
+    train = _load_tokenized(list(data_cfg.train_files), data_cfg, tokenizer)
+    if data_cfg.eval_files:
+        evaluation = _load_tokenized(list(data_cfg.eval_files), data_cfg, tokenizer)
+    elif data_cfg.eval_fraction:
+        train, evaluation = train_eval_split(train, float(data_cfg.eval_fraction), seed)
+    else:
+        evaluation = None
+    train = _limit(train, data_cfg.max_train_records, seed)
+    if evaluation is not None:
+        evaluation = _limit(evaluation, data_cfg.max_eval_records, seed)
+    if data_cfg.packing:
+        train = pack_sequences(train, int(data_cfg.max_length))
+    if len(train) == 0:
+        raise DataError("the training set is empty after filtering; check data.max_train_records")
+    return train, evaluation
+
+
+def make_collate_fn(pad_token_id: int):
+    """Right-pads a list of examples to the longest; labels are padded with -100."""
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(e["input_ids"]) for e in examples)
+
+        def pad(key: str, value: int) -> torch.Tensor:
+            return torch.tensor([list(e[key]) + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
+        return {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX),
+                "attention_mask": pad("attention_mask", 0)}
+    return collate
