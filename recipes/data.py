@@ -210,6 +210,7 @@ def _limit(ds: datasets.Dataset, limit, seed: int) -> datasets.Dataset:
 
 def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """(train, eval) tokenized datasets as ``data_cfg`` (the recipe's ``data`` section) describes."""
+    datasets.disable_progress_bars()  # small local files: the bars only clutter the log
     if not data_cfg.train_files:
         raise DataError("data.train_files is empty; name at least one alpaca or chat JSON/JSONL file")
     for path in list(data_cfg.train_files) + list(data_cfg.eval_files or []):

@@ -1,0 +1,154 @@
+"""Base model and tokenizer: a local HF checkpoint (LLaMA-family) in bf16/fp32 or bitsandbytes 4-bit/8-bit, or,
+with no path, a small LLaMA built from a preset in configs/models/ with seeded random weights."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from selora import quant
+
+ROOT = Path(__file__).resolve().parents[1]
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+DEFAULT_TOKENIZER = ROOT / "configs" / "tokenizer"
+
+
+class ModelLoadError(ValueError):
+    """The model or tokenizer cannot be loaded as configured; the message names the path/key and the fix."""
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ModelLoadError(f"model.dtype={name!r}: choose auto, float32, bfloat16 or float16")
+    return dtypes[name]
+
+
+def check_quantization_backend(quantization: str, device: torch.device) -> None:
+    """Fail before any loading if a 4-bit/8-bit recipe cannot run here."""
+    if quantization in (None, "none"):
+        return
+    if quantization not in ("4bit", "8bit"):
+        raise ModelLoadError(f"model.quantization={quantization!r}: choose none, 4bit or 8bit")
+    problem = quant.quantization_available(quantization, device)
+    if problem:
+        raise ModelLoadError(f"model.quantization={quantization} cannot run on this machine: {problem}; "
+                             "use a recipe without quantization (e.g. llama_selora instead of qlora_selora)")
+
+
+def preset_config(name: str) -> dict:
+    path = ROOT / "configs" / "models" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (ROOT / "configs" / "models").glob("*.yaml"))
+        raise ModelLoadError(f"model.preset={name!r} does not exist; known presets: {known}")
+    return OmegaConf.to_container(OmegaConf.load(path))
+
+
+def _checkpoint_type(path: Path) -> str:
+    if not path.is_dir():
+        raise ModelLoadError(f"model.path={str(path)!r} is not a directory; point it at a local Hugging Face "
+                             "checkpoint (the folder holding config.json and the weights)")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"model.path={str(path)!r} has no config.json; it is not a Hugging Face checkpoint")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise ModelLoadError(f"model.path={str(path)!r} is a {model_type!r} model; selora recipes support "
+                             f"{SUPPORTED_TYPES}")
+    return model_type
+
+
+def _bnb_config(model_cfg, dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+    if model_cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if model_cfg.bnb_4bit_compute_dtype == "auto" else resolve_dtype(model_cfg.bnb_4bit_compute_dtype, torch.device("cpu"))
+    # quant_storage = compute dtype lets DeepSpeed ZeRO-3 treat the packed weights like any other tensor
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
+                              bnb_4bit_use_double_quant=True)
+
+
+def quantize_linears(model: nn.Module, quantization: str, compute_dtype: torch.dtype, quant_type: str = "nf4") -> nn.Module:
+    """Swap every nn.Linear except lm_head for its bitsandbytes 4-bit/8-bit version (same weights), in place."""
+    import bitsandbytes as bnb
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if not isinstance(child, nn.Linear) or name == "lm_head":
+                continue
+            device = child.weight.device
+            if quantization == "4bit":
+                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                          compute_dtype=compute_dtype, quant_type=quant_type)
+                layer.weight = bnb.nn.Params4bit(child.weight.data.float().cpu(), requires_grad=False, quant_type=quant_type)
+            else:
+                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
+                                            has_fp16_weights=False)
+                layer.weight = bnb.nn.Int8Params(child.weight.data.float().cpu(), requires_grad=False, has_fp16_weights=False)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(module, name, layer.to(device))
+    return model
+
+
+def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.Module, dict]:
+    """(model, info). ``init_context`` (e.g. DeepSpeed ZeRO-3's) wraps construction so weights are born sharded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    init_context = init_context if init_context is not None else contextlib.nullcontext()
+    quantization = model_cfg.quantization or "none"
+    check_quantization_backend(quantization, device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    if model_cfg.path:
+        path = Path(model_cfg.path)
+        _checkpoint_type(path)
+        kwargs = {"dtype": dtype, "local_files_only": True}
+        if quantization != "none":
+            kwargs["quantization_config"] = _bnb_config(model_cfg, dtype)
+            kwargs["device_map"] = {"": device}
+        with init_context:
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        name = str(path)
+    else:
+        config = AutoConfig.for_model(**preset_config(model_cfg.preset))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(model_cfg.seed))
+            with init_context:
+                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model.to(dtype)
+        if quantization != "none":
+            model = quantize_linears(model, quantization, dtype, model_cfg.bnb_4bit_quant_type)
+        name = None
+    if not any(hasattr(p, "ds_id") for p in model.parameters()) and quantization == "none":
+        model = model.to(device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    info = {"name_or_path": name, "dtype": str(dtype), "quantization": quantization,
+            "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+    return model, info
+
+
+def load_tokenizer(tokenizer_cfg, model_cfg):
+    """tokenizer.path, else the checkpoint's own tokenizer (model.path), else configs/tokenizer."""
+    from transformers import AutoTokenizer
+    path = tokenizer_cfg.path or (model_cfg.path if model_cfg.path and _has_tokenizer(Path(model_cfg.path)) else None)
+    path = Path(path) if path else DEFAULT_TOKENIZER
+    if not path.is_dir():
+        raise ModelLoadError(f"tokenizer.path={str(path)!r} is not a directory holding a tokenizer; fix tokenizer.path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {error}") from None
+    if tokenizer.pad_token_id is None:  # LLaMA tokenizers ship without one; padding is masked anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _has_tokenizer(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json"))
