@@ -224,7 +224,10 @@ class DataOrder:
         """Endless (epoch, position after this batch, batch) from ``(epoch, start)`` on."""
         while True:
             batches = self.batches(epoch)
-            loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate)
+            # A private generator: creating the iterator must not draw from the global RNG, or a resumed run's
+            # dropout stream would be one draw off the uninterrupted one's.
+            loader = DataLoader(dataset, batch_sampler=batches[start:], collate_fn=collate,
+                                generator=torch.Generator().manual_seed(self.seed + epoch))
             for position, batch in enumerate(loader, start + 1):
                 yield (epoch, position, batch) if position < len(batches) else (epoch + 1, 0, batch)
             epoch, start = epoch + 1, 0

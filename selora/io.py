@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import LoRAConfig
-from .distributed import full_value, gathered, world
+from .distributed import full_value, gathered, set_full_value, world
 from .inject import adapter_layers, apply, find_targets
 from .layers import AdapterLinear
 from .spectral import invalidate_decoded_factors
@@ -191,19 +191,24 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
 
 
 def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict, name: str) -> None:
-    own = {f"lora_A.{k}": v for k, v in layer.lora_A.state_dict().items()}
-    own.update({f"lora_B.{k}": v for k, v in layer.lora_B.state_dict().items()})
+    # The tensors themselves (not state_dict() copies): under ZeRO-3 only they know their full shape.
+    own = {f"{prefix}.{key}": tensor for prefix, factor in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B))
+           for key, tensor in [*factor.named_parameters(), *factor.named_buffers()]}
     if layer.magnitude is not None:
         own["magnitude"] = layer.magnitude
     for key, target in own.items():
         if key not in state:
             raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{key}; the file is incomplete")
-        if tuple(state[key].shape) != tuple(getattr(target, "ds_shape", target.shape)):
+        shape = tuple(getattr(target, "ds_shape", target.shape))
+        if tuple(state[key].shape) != shape:
             raise AdapterFileError(f"{name}.{key} has shape {tuple(state[key].shape)} in the file but "
-                                   f"{tuple(target.shape)} in the model")
-    with gathered(list(layer.parameters()), modifier_rank=0):
-        for key, target in own.items():
-            target.data.copy_(state[key].to(target.device, target.dtype))
+                                   f"{shape} in the model")
+    for key, target in own.items():
+        value = state[key].to(target.device)
+        if isinstance(target, torch.nn.Parameter):
+            set_full_value(target, value)  # ZeRO shard and optimizer master copy too, when there are any
+        else:
+            target.copy_(value.to(target.dtype))
     invalidate_decoded_factors()
     layer.residual_A = state["residual_A"].to(layer.residual_A)
     layer.residual_B = state["residual_B"].to(layer.residual_B)
