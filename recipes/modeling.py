@@ -116,9 +116,12 @@ def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.M
         name = str(path)
     else:
         config = AutoConfig.for_model(**preset_config(model_cfg.preset))
+        # Quantizing needs whole weights: a quantized preset is built unsharded (it is small by nature) and
+        # deepspeed.initialize partitions what it can afterwards.
+        build_context = init_context if quantization == "none" else contextlib.nullcontext()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(model_cfg.seed))
-            with init_context:
+            with build_context:
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model = model.to(dtype)
         if quantization != "none":
