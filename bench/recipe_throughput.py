@@ -30,7 +30,7 @@ QLORA = ["--recipe", "qlora_selora_srlora", "deepspeed.config=zero3", TORCH_ADAM
 
 
 def launch(gpus: int, args: list[str], output_dir: Path) -> float:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     command = ["deepspeed", "--num_gpus", str(gpus), "launch/train.py", *args, f"train.output_dir={output_dir}"]
     start = time.time()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

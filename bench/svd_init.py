@@ -5,8 +5,9 @@ DeepSpeed ZeRO-3 when launched on several GPUs.
     python bench/svd_init.py --out docs/benchmarks                       # 1 GPU
     deepspeed --num_gpus 2 bench/svd_init.py --out docs/benchmarks       # 2 GPUs, ZeRO-3 partitioned weights
 
-Randomized SVD is timed on all 224 matrices. Full SVD is timed on one matrix of each shape and extrapolated to
-224 (it takes minutes per GPU), and the randomized directions are checked against the full ones.
+Randomized SVD is timed on all 224 matrices through the scheduler. Full SVD goes through the scheduler for the
+first --full-layers layers (7 matrices each; all 224 take minutes per GPU) and is also timed on one matrix of
+each shape and extrapolated to 224; the randomized directions are checked against the full ones.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--full-layers", type=int, default=4, help="layers whose full SVDs go through the scheduler")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     distributed = "WORLD_SIZE" in os.environ
@@ -60,12 +62,15 @@ def main() -> None:
     selora.apply(model, selora.LoRAConfig(r=args.rank, target_modules=("re:proj\\.\\d+",)), initialize=False)
     layers = selora.adapter_layers(model)
     results = {"device": torch.cuda.get_device_name(), "gpus": world_size, "matrices": len(layers)}
-    for method in ("randomized",):
+    subsets = {"randomized": list(layers), "full": list(layers)[: args.full_layers * len(SHAPES)]}
+    results["full_scheduled_matrices"] = len(subsets["full"])
+    for method, names in subsets.items():
+        chosen = {n: layers[n] for n in names}
         torch.cuda.synchronize()
         if distributed:
             torch.distributed.barrier()
         start = time.perf_counter()
-        directions, stats = sharded_principal_directions(layers, {n: args.rank for n in layers}, method=method)
+        directions, stats = sharded_principal_directions(chosen, {n: args.rank for n in chosen}, method=method)
         torch.cuda.synchronize()
         if distributed:
             torch.distributed.barrier()
