@@ -63,6 +63,7 @@ def main() -> None:
         print(rows[-1], flush=True)
     for row in rows:
         row["efficiency"] = row["tokens_per_s"] / (row["gpus"] * rows[0]["tokens_per_s"])
+    (out / "zero3_recipe.json").write_text(json.dumps({"throughput": rows}, indent=2))  # kept if what follows fails
     qlora_dir = work / "qlora"
     launch(2, QLORA, qlora_dir)
     gpu_losses = [m["loss"] for m in metrics(qlora_dir) if "loss" in m]

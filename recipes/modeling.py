@@ -124,8 +124,8 @@ def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.M
             with build_context:
                 model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model = model.to(dtype)
-        if quantization != "none":
-            model = quantize_linears(model, quantization, dtype, model_cfg.bnb_4bit_quant_type)
+        if quantization != "none":  # on the target device first: bitsandbytes quantizes where the weight lives
+            model = quantize_linears(model.to(device), quantization, dtype, model_cfg.bnb_4bit_quant_type)
         name = None
     if not any(hasattr(p, "ds_id") for p in model.parameters()) and quantization == "none":
         model = model.to(device)
