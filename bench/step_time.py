@@ -37,15 +37,8 @@ def build_model(layers: int, quant: str):
     with torch.device("cuda"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
     if quant == "4bit":
-        import bitsandbytes as bnb
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and name != "lm_head":
-                    layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                              compute_dtype=torch.bfloat16, quant_type="nf4")
-                    layer.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                    setattr(module, name, layer.cuda())
-                    del child
+        from recipes.modeling import quantize_linears
+        quantize_linears(model, "4bit", torch.bfloat16, "nf4")
         torch.cuda.empty_cache()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

@@ -24,22 +24,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def quantize_projections(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """Replace every nn.Linear but lm_head by its bitsandbytes nf4 ("4bit") or int8 ("8bit") version, on the CPU."""
-    import bitsandbytes as bnb
+    from recipes.modeling import quantize_linears
 
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if not isinstance(child, torch.nn.Linear) or name == "lm_head":
-                continue
-            weight = child.weight.data.clone()
-            if kind == "4bit":
-                layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                          compute_dtype=torch.float32, quant_type="nf4")
-                layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
-            else:
-                layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=False, has_fp16_weights=False)
-                layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            setattr(module, name, layer.to("cpu"))  # .to quantizes
-    return model
+    return quantize_linears(model, kind, torch.float32, "nf4")
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from selora.config import ConfigValueError, SRLoRAConfig
 from selora.srlora import SRLoRA
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import quantize_projections
+
 bnb = pytest.importorskip("bitsandbytes")
 
 TINY = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -23,15 +25,7 @@ NF4_REQUANTIZE_JUMP_BOUND = 0.2
 def tiny_llama(quantized: bool = False) -> nn.Module:
     torch.manual_seed(0)
     model = LlamaForCausalLM(TINY)
-    if quantized:
-        for module in list(model.modules()):
-            for child_name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and child_name != "lm_head":
-                    layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
-                                              compute_dtype=torch.float32, quant_type="nf4")
-                    layer.weight = bnb.nn.Params4bit(child.weight.data.clone(), requires_grad=False, quant_type="nf4")
-                    setattr(module, child_name, layer.to("cpu"))
-    return model
+    return quantize_projections(model, "4bit") if quantized else model
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
