@@ -40,7 +40,7 @@ METHODS = {
     "LoRA r8": method("llama_lora", 8, "lora"), "LoRA r16": method("llama_lora", 16, "lora"),
     "LoRA r32": method("llama_lora", 32, "lora"),
     **{f"SeLoRA r{r} {int(p * 100)}%": method("llama_selora", r, "selora", adapter__spectral_ratio=p)
-       for r in (8, 16, 32) for p in (0.25, 0.5, 1.0)},
+       for r, p in ((16, 0.25), (16, 0.5), (16, 1.0), (8, 0.5), (32, 0.5))},
     "SRLoRA r16": method("llama_srlora", 16, "srlora"),
     "SeLoRA+SRLoRA r16 50%": method("llama_selora_srlora", 16, "srlora"),
     "SeLoRA+DoRA r16 50%": method("llama_selora", 16, "selora", adapter__use_dora="true"),
@@ -130,15 +130,24 @@ def accuracy(out: Path, spec: dict, base: Path) -> tuple[dict, int]:
 
 
 # ----- the grid -------------------------------------------------------------------------------------------------
-def run_grid(base: Path, out_docs: Path, work: Path, budget_s: float) -> None:
+def run_grid(base: Path, out_docs: Path, work: Path, budget_s: float, chosen_lr: dict | None = None,
+             test_records: int | None = None) -> None:
     start = time.time()
     out_docs.mkdir(parents=True, exist_ok=True)
     results_path = out_docs / "quality.json"
     results = {"lr": {}, "runs": []}
     heldout = [str(DATA / "heldout.jsonl")]
     test = [str(DATA / f"test_{t}.jsonl") for t in TASKS]
+    if test_records:  # evaluate on the first N records of each test file
+        for task in TASKS:
+            lines = (DATA / f"test_{task}.jsonl").read_text().splitlines()[:test_records]
+            (DATA / f"test_{task}.jsonl").write_text("\n".join(lines) + "\n")
+    if chosen_lr:  # learning rates chosen by an earlier held-out sweep (same data, same base recipe)
+        results["lr"] = {family: {"chosen": lr, "from": "earlier sweep"} for family, lr in chosen_lr.items()}
     # 1. learning rate per family, on held-out training data
     for family, name in (("lora", "LoRA r16"), ("selora", "SeLoRA r16 50%"), ("srlora", "SRLoRA r16")):
+        if family in results["lr"]:
+            continue
         losses = {}
         for lr in LEARNING_RATES:
             out = train_run(name, METHODS[name], base, 0, lr, heldout, work)
@@ -219,11 +228,14 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "docs"))
     parser.add_argument("--work", default="/tmp/selora_quality")
     parser.add_argument("--budget-seconds", type=float, default=480)
+    parser.add_argument("--lr", default=None, help="reuse chosen learning rates, e.g. lora=3e-3,selora=3e-3,srlora=1e-3")
+    parser.add_argument("--test-records", type=int, default=None)
     args = parser.parse_args()
     if args.command == "prepare":
         prepare(Path(args.source))
     elif args.command == "run":
-        run_grid(Path(args.base), Path(args.out), Path(args.work), args.budget_seconds)
+        chosen = {k: float(v) for k, v in (item.split("=") for item in args.lr.split(","))} if args.lr else None
+        run_grid(Path(args.base), Path(args.out), Path(args.work), args.budget_seconds, chosen, args.test_records)
     else:
         report(json.loads((Path(args.out) / "quality.json").read_text()), Path(args.base), Path(args.out))
 
