@@ -37,7 +37,8 @@ class DenseFactor(nn.Module):
             values = torch.rand(rows, length, generator=generator) * 2 * bound - bound
             self.weight.data.copy_(values)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The rows; ``dtype`` is a hint (the caller casts), used by SpectralFactor's cache."""
         # A view, not the leaf itself: per-call gradient hooks (SRLoRA scoring) then live on this call's tensor
         # instead of piling up on the parameter.
         return self.weight.view_as(self.weight)
@@ -71,13 +72,18 @@ class SpectralFactor(nn.Module):
             values = torch.rand(rows, count, generator=generator) * 2 * bound - bound
             self.coefficients.data.copy_(values)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Decoded rows (float32). With the decode cache on, rows are decoded once per optimizer step and kept
+        in ``dtype`` (the compute dtype, e.g. bf16): half the memory, and no cast per forward."""
         key = spectral.cache_key(self.coefficients)
         if key is None:
             return spectral.SpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis)
+        key = (*key, dtype)
         if getattr(self, "_cached_key", None) != key:
+            self._cached_dense = None  # free the old rows before decoding the new ones
             with torch.no_grad():
-                self._cached_dense = spectral.decode(self.coefficients, self.locations, self.length, self.basis)
+                dense = spectral.decode(self.coefficients, self.locations, self.length, self.basis)
+                self._cached_dense = dense.to(dtype) if dtype is not None else dense
             self._cached_key = key
         return spectral.CachedSpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis,
                                                    self._cached_dense)
@@ -207,7 +213,7 @@ class AdapterLinear(nn.Module):
             result = result + F.linear(F.linear(x, self.residual_A.to(x.dtype)), self.residual_B.to(x.dtype))
         if self.merged:
             return result
-        A_rows, Bt_rows = self.lora_A(), self.lora_B()
+        A_rows, Bt_rows = self.lora_A(x.dtype), self.lora_B(x.dtype)
         self._track(A_rows, Bt_rows)
         A, B = A_rows.to(x.dtype), Bt_rows.to(x.dtype).T
         update = F.linear(F.linear(self.dropout(x), A), B) * self.scaling

@@ -182,13 +182,14 @@ def cache_key(coefficients: torch.Tensor) -> tuple | None:
 
 
 class CachedSpectralDecode(torch.autograd.Function):
-    """Like SpectralDecode, but the forward result is taken from ``holder`` (filled once per cache key)."""
+    """Like SpectralDecode, but the forward result is ``dense``, decoded earlier (once per cache key); the
+    output is a view of it (no copy), and the backward fits the incoming gradient in float32."""
 
     @staticmethod
     def forward(ctx, coefficients, locations, length, basis, dense):
         ctx.save_for_backward(locations)
         ctx.basis = basis
-        return dense.clone()
+        return dense.view_as(dense)
 
     @staticmethod
     def backward(ctx, grad):

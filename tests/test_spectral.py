@@ -159,3 +159,34 @@ def test_decoded_factor_cache_changes_nothing_numerically(input_ids):
     # contiguous copy, and autograd's mm backward picks its BLAS layout from the strides (measured < 1e-6 relative).
     for a, b in zip(uncached, cached):
         assert relative_error(b, a) < 1e-5
+
+
+def test_cache_keeps_rows_in_the_compute_dtype(input_ids):
+    """In a bf16 model the cache holds the decoded rows in bf16 (half the memory, no cast per forward), and the
+    loss and coefficient gradients match the uncached path up to bf16 rounding."""
+    import selora
+    from conftest import build_tiny_llama, relative_error
+
+    def loss_and_grads(cached: bool):
+        selora.cache_decoded_factors(cached)
+        try:
+            model = selora.apply(build_tiny_llama().to(torch.bfloat16), selora.SeLoRAConfig(r=4))
+            layers = selora.adapter_layers(model).values()
+            with torch.no_grad():
+                for layer in layers:
+                    layer.lora_A.param.data = layer.lora_A.param.data.float()
+                    layer.lora_B.param.data = layer.lora_B.param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0)).float()
+            loss = model(input_ids, labels=input_ids).loss
+            loss.backward()
+            first = next(iter(layers))
+            if cached:
+                assert first.lora_A._cached_dense.dtype == torch.bfloat16
+            assert first.lora_A.param.grad.dtype == torch.float32
+            return loss.detach().float(), [layer.lora_B.param.grad.clone() for layer in layers]
+        finally:
+            selora.cache_decoded_factors(False)
+
+    (plain_loss, plain_grads), (cached_loss, cached_grads) = loss_and_grads(False), loss_and_grads(True)
+    assert relative_error(cached_loss, plain_loss) < 1e-2
+    for a, b in zip(plain_grads, cached_grads):
+        assert relative_error(b, a) < 5e-2
