@@ -2,9 +2,13 @@
 SRLoRA (recomposition cost amortised over the run) and SeLoRA at LoRA's parameter count, in one process on
 one GPU, bf16 and 4-bit bases, gradient checkpointing on.
 
-Random weights (nothing can be downloaded). Each configuration is measured with L1 and L2 decoder layers;
-the difference gives the per-layer cost and the intercept the embedding/head cost, from which a 32-layer
-step is extrapolated. Ratios are to PEFT LoRA measured in the same process.
+Random weights (nothing can be downloaded). Every configuration is built twice, with L1 and L2 decoder layers;
+the difference gives the per-layer cost, from which a 32-layer step is extrapolated.
+
+Timing is interleaved, because a lent GPU's speed drifts between minutes: all models of one base type stay
+resident, and each of ``--rounds`` rounds runs ``--steps`` steps of every model in turn (a fresh shuffled order
+per round). A method's ratio to PEFT LoRA is the median over rounds of (its time / PEFT's time in that round).
+Peak memory is measured separately, one model on the GPU at a time.
 
     python bench/step_time.py                       # writes docs/benchmarks/step_time.{md,json}
     python bench/step_time.py --out $OUT --quick    # smaller run
@@ -14,13 +18,13 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import selora  # noqa: E402
@@ -28,6 +32,8 @@ from selora.srlora import SRLoRA  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=4096)
+METHODS = ["peft_lora", "selora_lora", "selora_selora", "selora_selora_cached", "selora_srlora",
+           "selora_selora_matched_cached"]
 
 
 def build_model(layers: int, quant: str):
@@ -47,7 +53,6 @@ def build_model(layers: int, quant: str):
 
 def attach(model, method: str, rank: int, total_steps: int):
     """Returns (model, srlora or None)."""
-    selora.cache_decoded_factors(method.endswith("_cached"))
     if method == "peft_lora":
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(selora.LLAMA_PROJECTIONS))
@@ -56,7 +61,7 @@ def attach(model, method: str, rank: int, total_steps: int):
         return selora.apply(model, selora.LoRAConfig(r=rank, alpha=2 * rank)), None
     if method in ("selora_selora", "selora_selora_cached"):
         return selora.apply(model, selora.SeLoRAConfig(r=rank, alpha=2 * rank, spectral_ratio=0.5)), None
-    if method in ("selora_selora_matched", "selora_selora_matched_cached"):  # r doubled at ratio 0.5: the same trainable count as LoRA at r
+    if method == "selora_selora_matched_cached":  # r doubled at ratio 0.5: the same trainable count as LoRA at r
         return selora.apply(model, selora.SeLoRAConfig(r=2 * rank, alpha=4 * rank, spectral_ratio=0.5)), None
     if method == "selora_srlora":
         selora.apply(model, selora.LoRAConfig(r=rank, alpha=2 * rank))
@@ -65,37 +70,81 @@ def attach(model, method: str, rank: int, total_steps: int):
     raise ValueError(method)
 
 
-def measure(model, rec, batch: int, seq: int, warmup: int, steps: int) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
-    generator = torch.Generator(device="cuda").manual_seed(0)
-    inputs = [torch.randint(0, LLAMA_7B["vocab_size"], (batch, seq), device="cuda", generator=generator)
-              for _ in range(4)]
-    times = []
-    for step in range(1, warmup + steps + 1):
-        if step == warmup + 1:
+class Trainee:
+    """One model + optimizer (+ SRLoRA), stepped a few steps at a time."""
+
+    def __init__(self, quant: str, method: str, layers: int, rank: int, batch: int, seq: int, total_steps: int):
+        self.method = method
+        self.model, self.srlora = attach(build_model(layers, quant), method, rank, total_steps)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-5)
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        self.inputs = [torch.randint(0, LLAMA_7B["vocab_size"], (batch, seq), device="cuda", generator=generator)
+                       for _ in range(4)]
+        self.step_count, self.loss = 0, None
+
+    def run(self, steps: int) -> list[float]:
+        """Seconds per step (host wall time around a synchronized step)."""
+        selora.cache_decoded_factors(self.method.endswith("_cached"))
+        times = []
+        for _ in range(steps):
+            self.step_count += 1
+            ids = self.inputs[self.step_count % len(self.inputs)]
             torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        ids = inputs[step % len(inputs)]
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if rec is not None:
-            rec.step(step, optimizer)
-        torch.cuda.synchronize()
-        if step > warmup:
+            start = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = self.model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.srlora is not None:
+                self.srlora.step(self.step_count, self.optimizer)
+            torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-    return {"step_s_median": statistics.median(times), "step_s_mean": statistics.fmean(times),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-            "trainable": sum(p.numel() for p in params), "final_loss": float(loss)}
+        self.loss = float(loss)
+        return times
+
+
+def free() -> None:
+    gc.collect()  # adapter layers and SRLoRA hold reference cycles
+    torch.cuda.empty_cache()
+
+
+def peak_memory(quant: str, method: str, layers: int, args) -> tuple[float, int]:
+    """Steady-state peak (GiB) over 3 steps after 2 warm-up steps, alone on the GPU; and trainable count."""
+    free()
+    trainee = Trainee(quant, method, layers, args.rank, args.batch, args.seq, 100)
+    trainee.run(2)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    trainee.run(3)
+    result = torch.cuda.max_memory_allocated() / 2 ** 30, sum(p.numel() for p in trainee.params)
+    del trainee
+    free()
+    return result
+
+
+def interleaved_times(quant: str, layer_counts: tuple[int, int], args) -> dict:
+    """{(method, layers): [per-round median step seconds]}, all models resident, rounds interleaved."""
+    total = args.warmup + args.rounds * args.steps
+    trainees = {(m, n): Trainee(quant, m, n, args.rank, args.batch, args.seq, total)
+                for m in args.methods.split(",") for n in layer_counts}
+    for trainee in trainees.values():
+        trainee.run(args.warmup)
+    order, rounds = list(trainees), {key: [] for key in trainees}
+    shuffle = random.Random(0)
+    for _ in range(args.rounds):
+        shuffle.shuffle(order)
+        for key in order:
+            rounds[key].append(statistics.median(trainees[key].run(args.steps)))
+    losses = {key: t.loss for key, t in trainees.items()}
+    del trainees
+    free()
+    return rounds, losses
 
 
 def decode_cost(rank: int, repeats: int = 50) -> dict:
-    """Time to decode (forward + backward) all 14 factors of one LLaMA-7B layer, vs that layer's matmuls."""
+    """Time to decode (forward + backward) all 14 factors of one LLaMA-7B layer, standalone (host-bound)."""
     from selora import spectral
     shapes = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
     factors = []
@@ -124,58 +173,61 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
-    parser.add_argument("--layers", default="2,4")
+    parser.add_argument("--layers", default="2,6")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="steps per model per round")
     parser.add_argument("--quant", default="bf16,4bit")
-    parser.add_argument("--methods", default="peft_lora,selora_lora,selora_selora,selora_selora_cached,selora_srlora,"
-                                             "selora_selora_matched_cached")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     if args.quick:
-        args.layers, args.steps, args.seq = "1,2", 5, 256
+        args.layers, args.rounds, args.seq = "1,2", 2, 256
     l1, l2 = (int(x) for x in args.layers.split(","))
+    methods = args.methods.split(",")
     rows = []
     for quant in args.quant.split(","):
-        for method in args.methods.split(","):
-            by_layers = {}
-            for layers in (l1, l2):
-                model = build_model(layers, quant)
-                model, rec = attach(model, method, args.rank, args.warmup + args.steps)
-                by_layers[layers] = measure(model, rec, args.batch, args.seq, args.warmup, args.steps)
-                del model, rec
-                gc.collect()  # adapter layers and SRLoRA hold reference cycles
-                torch.cuda.empty_cache()
-            a, b = by_layers[l1], by_layers[l2]
-            per_layer = (b["step_s_median"] - a["step_s_median"]) / (l2 - l1)
-            per_layer_mem = (b["peak_gib"] - a["peak_gib"]) / (l2 - l1)
+        memory = {(m, n): peak_memory(quant, m, n, args) for m in methods for n in (l1, l2)}
+        rounds, losses = interleaved_times(quant, (l1, l2), args)
+        peft = {n: rounds[("peft_lora", n)] for n in (l1, l2)}
+        for method in methods:
+            a, b = rounds[(method, l1)], rounds[(method, l2)]
+            per_layer = [(y - x) / (l2 - l1) for x, y in zip(a, b)]
+            peft_layer = [(y - x) / (l2 - l1) for x, y in zip(peft[l1], peft[l2])]
             row = {"quant": quant, "method": method, "layers_measured": [l1, l2],
-                   "step_s": b["step_s_median"], "peak_gib": b["peak_gib"],
-                   "per_layer_s": per_layer, "per_layer_gib": per_layer_mem,
-                   "step_s_32_layers": a["step_s_median"] + (32 - l1) * per_layer,
-                   "trainable_per_layer": (b["trainable"] - a["trainable"]) // (l2 - l1), "raw": by_layers}
+                   "step_s": statistics.median(b), "per_layer_s": statistics.median(per_layer),
+                   "step_s_32_layers": statistics.median(x + (32 - l1) * p for x, p in zip(a, per_layer)),
+                   "step_ratio_vs_peft": statistics.median(y / p for y, p in zip(b, peft[l2])),
+                   "step_ratio_spread": [min(y / p for y, p in zip(b, peft[l2])), max(y / p for y, p in zip(b, peft[l2]))],
+                   "per_layer_ratio_vs_peft": statistics.median(per_layer) / statistics.median(peft_layer),
+                   "peak_gib": memory[(method, l2)][0],
+                   "peak_ratio_vs_peft": memory[(method, l2)][0] / memory[("peft_lora", l2)][0],
+                   "per_layer_gib": (memory[(method, l2)][0] - memory[(method, l1)][0]) / (l2 - l1),
+                   "trainable_per_layer": (memory[(method, l2)][1] - memory[(method, l1)][1]) // (l2 - l1),
+                   "round_medians_s": {str(l1): a, str(l2): b}, "final_loss": losses[(method, l2)]}
             rows.append(row)
-            print(f"{quant:5s} {method:22s} step {row['step_s']*1000:8.1f} ms  per-layer {per_layer*1000:7.2f} ms  "
-                  f"peak {row['peak_gib']:6.2f} GiB", flush=True)
-    for row in rows:
-        base = next(r for r in rows if r["quant"] == row["quant"] and r["method"] == "peft_lora")
-        row["step_ratio_vs_peft"] = row["step_s"] / base["step_s"]
-        row["per_layer_ratio_vs_peft"] = row["per_layer_s"] / base["per_layer_s"]
-        row["peak_ratio_vs_peft"] = row["peak_gib"] / base["peak_gib"]
+            print(f"{quant:5s} {method:30s} step {row['step_s'] * 1000:7.1f} ms  x{row['step_ratio_vs_peft']:.3f} "
+                  f"[{row['step_ratio_spread'][0]:.3f}, {row['step_ratio_spread'][1]:.3f}]  per-layer "
+                  f"{row['per_layer_s'] * 1000:6.2f} ms  peak {row['peak_gib']:6.2f} GiB x{row['peak_ratio_vs_peft']:.3f}",
+                  flush=True)
     decode = decode_cost(args.rank)
     device = torch.cuda.get_device_name()
     header = (f"# Step time and peak memory, LLaMA-7B-shaped layers\n\n{device}, torch {torch.__version__}, "
               f"batch {args.batch} x seq {args.seq}, rank {args.rank}, gradient checkpointing on, bf16 autocast, "
-              f"AdamW; medians of {args.steps} steps after {args.warmup} warm-up; {l1} and {l2} decoder layers "
-              f"measured, 32 extrapolated. Ratios are to PEFT LoRA in the same run.\n\n")
+              f"AdamW. Models with {l1} and {l2} decoder layers, all resident; {args.rounds} interleaved rounds of "
+              f"{args.steps} steps each after {args.warmup} warm-up steps. Step ratio: median over rounds of the "
+              f"ratio to PEFT LoRA in the same round (min-max over rounds in brackets). Peak memory: alone on the GPU, "
+              f"steady state.\n\n")
     table = ["| base | method | trainable / layer | step (ms) | per layer (ms) | 32-layer step (s, extrap.) | "
-             "peak (GiB) | step / PEFT | per-layer / PEFT | peak / PEFT |", "|" + "---|" * 10]
+             "peak (GiB) | step / PEFT [range] | per-layer / PEFT | peak / PEFT |", "|" + "---|" * 10]
     for r in rows:
-        table.append(f"| {r['quant']} | {r['method']} | {r['trainable_per_layer']:,} | {r['step_s']*1000:.1f} | "
-                     f"{r['per_layer_s']*1000:.2f} | {r['step_s_32_layers']:.3f} | {r['peak_gib']:.2f} | "
-                     f"{r['step_ratio_vs_peft']:.3f} | {r['per_layer_ratio_vs_peft']:.3f} | {r['peak_ratio_vs_peft']:.3f} |")
+        table.append(f"| {r['quant']} | {r['method']} | {r['trainable_per_layer']:,} | {r['step_s'] * 1000:.1f} | "
+                     f"{r['per_layer_s'] * 1000:.2f} | {r['step_s_32_layers']:.3f} | {r['peak_gib']:.2f} | "
+                     f"{r['step_ratio_vs_peft']:.3f} [{r['step_ratio_spread'][0]:.3f}-{r['step_ratio_spread'][1]:.3f}] | "
+                     f"{r['per_layer_ratio_vs_peft']:.3f} | {r['peak_ratio_vs_peft']:.3f} |")
     text = header + "\n".join(table) + (f"\n\nSpectral decode, forward + backward of the 14 factors of one layer "
-                                        f"(r={args.rank}, ratio 0.5, DCT): {decode['decode_fwd_bwd_ms_per_layer']:.3f} ms.\n")
+                                        f"(r={args.rank}, ratio 0.5, DCT), standalone: "
+                                        f"{decode['decode_fwd_bwd_ms_per_layer']:.3f} ms.\n")
     print("\n" + text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
