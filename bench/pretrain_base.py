@@ -1,7 +1,7 @@
 """Pre-train the quality study's base: a small LLaMA on real English text (bench/corpus.py), with a byte-level
 BPE tokenizer trained on the same text. Deterministic from --seed (a fixed number of steps, not a time budget).
 
-    python bench/pretrain_base.py --corpus .quality/corpus.txt --out .quality/base --steps 4000
+    python bench/pretrain_base.py --corpus .quality/corpus.txt --out .quality/base --steps 1500
 """
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
-SHAPE = dict(hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,
-             num_key_value_heads=6, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False)
+# 23M parameters (tied embeddings): its bf16 checkpoint (~46 MB) still travels to a GPU machine with the repo.
+SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+             num_key_value_heads=8, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
 def train_tokenizer(text: str, vocab_size: int):
@@ -34,9 +35,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpus", default=".quality/corpus.txt")
     parser.add_argument("--out", default=".quality/base")
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
@@ -46,8 +47,10 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = Path(args.corpus).read_text()
     tokenizer = train_tokenizer(text, args.vocab)
-    ids = torch.tensor([i for paragraph in text.split("\n\n")
-                        for i in [tokenizer.bos_token_id] + tokenizer(paragraph)["input_ids"] + [tokenizer.eos_token_id]])
+    encoded = tokenizer(text.split("\n\n"), add_special_tokens=False)["input_ids"]  # batched: parallel in Rust
+    ids = torch.tensor([i for paragraph in encoded
+                        for i in [tokenizer.bos_token_id] + paragraph + [tokenizer.eos_token_id]])
+    print(f"corpus: {len(ids)} tokens", flush=True)
     held_out = ids[-len(ids) // 50:]  # last 2% of the stream: the pre-training validation loss
     ids = ids[: -len(ids) // 50].to(device)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **SHAPE)).to(device)

@@ -32,8 +32,10 @@ from selora.srlora import SRLoRA  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=4096)
-METHODS = ["peft_lora", "selora_lora", "selora_selora", "selora_selora_cached", "selora_srlora",
-           "selora_selora_matched_cached"]
+# selora_selora decodes all factors of the model in one transform per length per forward (the default);
+# selora_selora_per_factor is the earlier path (each factor decodes itself, once per step through the cache).
+METHODS = ["peft_lora", "selora_lora", "selora_selora", "selora_selora_per_factor", "selora_srlora",
+           "selora_selora_matched"]
 
 
 def build_model(layers: int, quant: str):
@@ -59,9 +61,9 @@ def attach(model, method: str, rank: int, total_steps: int):
         return get_peft_model(model, config), None
     if method == "selora_lora":
         return selora.apply(model, selora.LoRAConfig(r=rank, alpha=2 * rank)), None
-    if method in ("selora_selora", "selora_selora_cached"):
+    if method in ("selora_selora", "selora_selora_per_factor"):
         return selora.apply(model, selora.SeLoRAConfig(r=rank, alpha=2 * rank, spectral_ratio=0.5)), None
-    if method == "selora_selora_matched_cached":  # r doubled at ratio 0.5: the same trainable count as LoRA at r
+    if method == "selora_selora_matched":  # r doubled at ratio 0.5: the same trainable count as LoRA at r
         return selora.apply(model, selora.SeLoRAConfig(r=2 * rank, alpha=4 * rank, spectral_ratio=0.5)), None
     if method == "selora_srlora":
         selora.apply(model, selora.LoRAConfig(r=rank, alpha=2 * rank))
@@ -85,7 +87,9 @@ class Trainee:
 
     def run(self, steps: int) -> list[float]:
         """Seconds per step (host wall time around a synchronized step)."""
-        selora.cache_decoded_factors(self.method.endswith("_cached"))
+        per_factor = self.method.endswith("_per_factor")
+        selora.batch_decode_factors(not per_factor)
+        selora.cache_decoded_factors(per_factor)
         times = []
         for _ in range(steps):
             self.step_count += 1

@@ -12,7 +12,8 @@ from torch import nn
 
 from . import quant
 from .config import LoRAConfig
-from .layers import AdapterLinear
+from .batched_decode import BatchedSpectralDecode
+from .layers import AdapterLinear, SpectralFactor
 from .svd import sharded_principal_directions
 
 
@@ -95,6 +96,9 @@ def apply(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> n
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     model.selora_config = config
+    factors = [f for layer in layers.values() for f in (layer.lora_A, layer.lora_B) if isinstance(f, SpectralFactor)]
+    if factors:
+        model.register_forward_pre_hook(BatchedSpectralDecode(factors))
     on_meta = any(layer.base_layer.weight.device.type == "meta" for layer in layers.values())
     if initialize and not on_meta:
         initialize_adapters(model)

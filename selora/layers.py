@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant, spectral
+from .batched_decode import current_key
 from .config import LoRAConfig, SeLoRAConfig
 from .distributed import (add_low_rank, full_value, gather_to_owner, gathered, reset_optimizer_rows, set_full_value,
                           world)
@@ -65,6 +66,8 @@ class SpectralFactor(nn.Module):
         self.coefficients = nn.Parameter(torch.empty(rows, count, device=device))
         locations = spectral.draw_locations(length, count, rows, shared_locations, basis, generator)
         self.register_buffer("locations", locations.to(device))
+        self.batched_rows: torch.Tensor | None = None  # set by BatchedSpectralDecode before each model forward
+        self.batched_key: tuple | None = None
         if device.type != "meta":
             # Orthonormal bases keep norms: U(-1/sqrt(K), 1/sqrt(K)) gives each decoded row the same expected
             # norm as LoRA's kaiming-uniform row, whatever the spectral ratio.
@@ -75,6 +78,8 @@ class SpectralFactor(nn.Module):
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Decoded rows (float32). With the decode cache on, rows are decoded once per optimizer step and kept
         in ``dtype`` (the compute dtype, e.g. bf16): half the memory, and no cast per forward."""
+        if self.batched_rows is not None and self.batched_key == current_key(self.coefficients):
+            return self.batched_rows.view_as(self.batched_rows)  # decoded with the model's other factors
         key = spectral.cache_key(self.coefficients)
         if key is None:
             return spectral.SpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis)

@@ -126,6 +126,7 @@ def test_decoded_factor_cache_changes_nothing_numerically(input_ids):
 
     def run(cached: bool):
         selora.cache_decoded_factors(cached)
+        selora.batch_decode_factors(False)  # the cache serves factors that decode one by one (ZeRO-3)
         try:
             model = selora.apply(build_tiny_llama(), selora.SeLoRAConfig(r=4, use_dora=True)).train()
             with torch.no_grad():
@@ -151,6 +152,7 @@ def test_decoded_factor_cache_changes_nothing_numerically(input_ids):
             return history + [after]
         finally:
             selora.cache_decoded_factors(False)
+            selora.batch_decode_factors(True)
 
     uncached, cached = run(False), run(True)
     assert len(uncached) == len(cached)
@@ -169,6 +171,7 @@ def test_cache_keeps_rows_in_the_compute_dtype(input_ids):
 
     def loss_and_grads(cached: bool):
         selora.cache_decoded_factors(cached)
+        selora.batch_decode_factors(False)
         try:
             model = selora.apply(build_tiny_llama().to(torch.bfloat16), selora.SeLoRAConfig(r=4))
             layers = selora.adapter_layers(model).values()
@@ -185,8 +188,60 @@ def test_cache_keeps_rows_in_the_compute_dtype(input_ids):
             return loss.detach().float(), [layer.lora_B.param.grad.clone() for layer in layers]
         finally:
             selora.cache_decoded_factors(False)
+            selora.batch_decode_factors(True)
 
     (plain_loss, plain_grads), (cached_loss, cached_grads) = loss_and_grads(False), loss_and_grads(True)
     assert relative_error(cached_loss, plain_loss) < 1e-2
     for a, b in zip(plain_grads, cached_grads):
         assert relative_error(b, a) < 5e-2
+
+
+def test_batched_decode_matches_factor_by_factor_and_decodes_once_per_length(input_ids, monkeypatch):
+    """The model-wide decode (one transform per factor length per forward) computes the same losses and
+    coefficient gradients as decoding factor by factor, with activation checkpointing and gradient accumulation;
+    stores each factor's locations once; and a factor called after an optimizer step decodes afresh."""
+    import selora
+    from conftest import build_tiny_llama, relative_error
+
+    calls = []
+    original = spectral.decode
+    monkeypatch.setattr(spectral, "decode", lambda c, *a: calls.append(c.shape[0]) or original(c, *a))
+
+    def train(batched: bool):
+        selora.batch_decode_factors(batched)
+        try:
+            model = selora.apply(build_tiny_llama(), selora.SeLoRAConfig(r=4, use_dora=True, spectral_ratio=0.5))
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.train()
+            layers = list(selora.adapter_layers(model).values())
+            with torch.no_grad():
+                for layer in layers:
+                    layer.lora_B.param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0))
+            optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+            history = []
+            for _ in range(2):
+                calls.clear()
+                for micro_batch in (input_ids[:1], input_ids[1:]):
+                    loss = model(micro_batch, labels=micro_batch).loss
+                    loss.backward()
+                    history.append(loss.detach())
+                decodes = list(calls)
+                history += [p.grad.clone() for p in optimizer.param_groups[0]["params"]]
+                optimizer.step()
+                optimizer.zero_grad()
+            # after the step the forward-time rows are stale: a direct call must decode the new coefficients
+            A = layers[0].lora_A
+            expected = spectral.decode(A.coefficients.detach(), A.locations, A.length, A.basis)
+            assert relative_error(A().detach(), expected) < 1e-6
+            return history, decodes, layers
+        finally:
+            selora.batch_decode_factors(True)
+
+    (plain, plain_decodes, _), (batched, batched_decodes, layers) = train(False), train(True)
+    for a, b in zip(plain, batched):
+        assert relative_error(b, a) < 1e-5
+    lengths = {f.length for layer in layers for f in (layer.lora_A, layer.lora_B)}
+    assert len(batched_decodes) == 2 * len(lengths)           # one transform per length per micro-batch
+    assert len(plain_decodes) > 4 * len(batched_decodes)     # against one per factor (and per recomputation)
+    group = [f for layer in layers for f in (layer.lora_A, layer.lora_B) if f.length == layers[0].lora_A.length]
+    assert len({f.locations.untyped_storage().data_ptr() for f in group}) == 1  # stored once, as views

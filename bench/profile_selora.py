@@ -1,0 +1,124 @@
+"""Where SeLoRA's extra step time goes, on one GPU: (1) GPU time of each spectral decode / fit of a LLaMA-7B
+layer's factor shapes, timed with CUDA events and as CUDA-graph replays (no launch gaps); (2) torch.profiler
+over training steps of a 2-layer LLaMA-7B-shaped model, selora LoRA vs SeLoRA (cached decode), top ops by
+device time and the host time per step (SeLoRA decoding the whole model at once, and factor by factor).
+
+    python bench/profile_selora.py --out docs/benchmarks      # writes profile_selora.md
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import selora  # noqa: E402
+from selora import spectral  # noqa: E402
+
+FACTOR_LENGTHS = {4096: 11, 11008: 3}  # per LLaMA-7B layer: 11 factors of length 4096, 3 of 11008
+
+
+def event_time_ms(fn, repeats: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_time_ms(fn, repeats: int = 200) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return event_time_ms(graph.replay, repeats)
+
+
+def decode_table(rank: int) -> list[str]:
+    rows = ["| op | length | K | rows | event time (us) | graph replay (us) |", "|---|---|---|---|---|---|"]
+    generator = torch.Generator().manual_seed(0)
+    per_layer = {"event": 0.0, "graph": 0.0}
+    for length, count_per_layer in FACTOR_LENGTHS.items():
+        k = length // 2
+        locations = spectral.draw_locations(length, k, rank, True, "dct", generator).cuda()
+        coefficients = torch.randn(rank, k, device="cuda")
+        grad = torch.randn(rank, length, device="cuda", dtype=torch.bfloat16)
+        ops = {"decode (fp32 rows)": lambda: spectral.decode(coefficients, locations, length, "dct"),
+               "decode + cast to bf16": lambda: spectral.decode(coefficients, locations, length, "dct").to(torch.bfloat16),
+               "fit (bf16 gradient)": lambda: spectral.fit(grad, locations, "dct")}
+        for name, fn in ops.items():
+            event, graph = event_time_ms(fn) * 1000, graph_time_ms(fn) * 1000
+            rows.append(f"| {name} | {length} | {k} | {rank} | {event:.1f} | {graph:.1f} |")
+            if name != "decode (fp32 rows)":
+                per_layer["event"] += event * count_per_layer
+                per_layer["graph"] += graph * count_per_layer
+    rows.append(f"| one layer's 14 decodes + 14 fits | | | | {per_layer['event']:.0f} | {per_layer['graph']:.0f} |")
+    total = 0.0
+    for length, count_per_layer in FACTOR_LENGTHS.items():  # the batched path: all 32 layers' factors at once
+        k, stacked = length // 2, 32 * count_per_layer * rank
+        locations = spectral.draw_locations(length, k, stacked, False, "dct", generator).cuda()
+        coefficients = torch.randn(stacked, k, device="cuda")
+        grad = torch.randn(stacked, length, device="cuda", dtype=torch.bfloat16)
+        for name, fn in (("batched decode, 32 layers", lambda: spectral.decode(coefficients, locations, length, "dct")),
+                         ("batched fit, 32 layers", lambda: spectral.fit(grad, locations, "dct"))):
+            event = event_time_ms(fn, 50) * 1000
+            total += event
+            rows.append(f"| {name} | {length} | {k} | {stacked} | {event:.1f} | |")
+    rows.append(f"| a 32-layer model's decode + fit, batched | | | | {total:.0f} | |")
+    return rows
+
+
+def profile_steps(method: str, rank: int, batch: int, seq: int) -> tuple[list[str], float, float]:
+    from torch.profiler import ProfilerActivity, profile
+    sys.argv = sys.argv[:1]
+    from bench.step_time import Trainee
+    trainee = Trainee("bf16", method, 2, rank, batch, seq, 100)
+    trainee.run(3)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        times = trainee.run(3)
+    averages = prof.key_averages()
+    device_total = sum(e.self_device_time_total for e in averages) / 3 / 1000
+    top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:14]
+    rows = [f"| {e.key[:60]} | {e.count // 3} | {e.self_device_time_total / 3 / 1000:.2f} |" for e in top]
+    del trainee
+    return rows, statistics.median(times) * 1000, device_total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=1024)
+    args = parser.parse_args()
+    lines = [f"# Where SeLoRA's step time goes\n\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
+             f"r={args.rank}, spectral ratio 0.5 (DCT).\n\n## Decode and fit per factor shape\n"]
+    lines += decode_table(args.rank)
+    for method in ("selora_lora", "selora_selora", "selora_selora_per_factor"):
+        rows, wall, device = profile_steps(method, args.rank, args.batch, args.seq)
+        lines += [f"\n## {method}: 2 LLaMA-7B layers, batch {args.batch} x {args.seq}, per step: wall {wall:.1f} ms, "
+                  f"summed device time {device:.1f} ms\n", "| op | calls / step | device ms / step |", "|---|---|---|"]
+        lines += rows
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "profile_selora.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
