@@ -10,7 +10,8 @@ coefficient gradient.
 Rows decoded this way are used only while they are current: keyed by the coefficients' identity and version
 and by the optimizer-step generation (spectral.cache_key's rules), so a factor called after an optimizer step
 or an edit decodes afresh. Under ZeRO-3 (coefficients partitioned, gathered per module by DeepSpeed) the hook
-stands aside and factors decode themselves.
+stands aside and factors decode themselves. Rows are handed out in the dtype each factor's last forward
+computed in (bf16 under autocast), cast once per group: the float32 rows are not kept.
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class BatchedSpectralDecode:
         groups: dict[tuple, list] = {}
         for factor in self.factors:
             c = factor.coefficients
-            groups.setdefault((factor.length, factor.basis, c.device, c.dtype, c.shape[1]), []).append(factor)
+            key = (factor.length, factor.basis, c.device, c.dtype, c.shape[1], factor.compute_dtype)
+            groups.setdefault(key, []).append(factor)
         return groups
 
     def locations_of(self, signature: tuple, group: list) -> torch.Tensor:
@@ -68,8 +70,10 @@ class BatchedSpectralDecode:
         if not _Switch.enabled or not self.factors or any(is_partitioned(f.coefficients) for f in self.factors):
             return
         for signature, group in self.groups().items():
-            length, basis = signature[:2]
+            length, basis, compute_dtype = signature[0], signature[1], signature[-1]
             coefficients = torch.cat([f.coefficients for f in group]) if len(group) > 1 else group[0].coefficients
             dense = spectral.SpectralDecode.apply(coefficients, self.locations_of(signature, group), length, basis)
+            if compute_dtype is not None:  # cast once for the group (the float32 rows are then freed)
+                dense = dense.to(compute_dtype)
             for factor, rows in zip(group, torch.split(dense, [f.coefficients.shape[0] for f in group])):
                 factor.batched_rows, factor.batched_key = rows, current_key(factor.coefficients)

@@ -65,9 +65,11 @@ class SpectralFactor(nn.Module):
         self.length, self.basis = length, basis
         self.coefficients = nn.Parameter(torch.empty(rows, count, device=device))
         locations = spectral.draw_locations(length, count, rows, shared_locations, basis, generator)
-        self.register_buffer("locations", locations.to(device))
+        # Stored as int32 (half of int64's memory; a 7B model holds ~50M locations); converted where indexed.
+        self.register_buffer("locations", locations.to(device, torch.int32))
         self.batched_rows: torch.Tensor | None = None  # set by BatchedSpectralDecode before each model forward
         self.batched_key: tuple | None = None
+        self.compute_dtype: torch.dtype | None = None  # the dtype of the last forward's input
         if device.type != "meta":
             # Orthonormal bases keep norms: U(-1/sqrt(K), 1/sqrt(K)) gives each decoded row the same expected
             # norm as LoRA's kaiming-uniform row, whatever the spectral ratio.
@@ -78,6 +80,7 @@ class SpectralFactor(nn.Module):
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Decoded rows (float32). With the decode cache on, rows are decoded once per optimizer step and kept
         in ``dtype`` (the compute dtype, e.g. bf16): half the memory, and no cast per forward."""
+        self.compute_dtype = dtype  # the batched decode hands out rows already in this dtype
         if self.batched_rows is not None and self.batched_key == current_key(self.coefficients):
             return self.batched_rows.view_as(self.batched_rows)  # decoded with the model's other factors
         key = spectral.cache_key(self.coefficients)

@@ -98,9 +98,9 @@ def _dft_norm(length: int, device: torch.device, dtype: torch.dtype) -> torch.Te
 def decode(coefficients: torch.Tensor, locations: torch.Tensor, length: int, basis: str) -> torch.Tensor:
     """Dense rows from sparse spectra.
 
-    coefficients: (rows, K) float; locations: (rows, K) int64 -> (rows, length) float32 (float64 if given).
+    coefficients: (rows, K) float; locations: (rows, K) integer -> (rows, length) float32 (float64 if given).
     """
-    rows, dtype = coefficients.shape[0], _working_dtype(coefficients)
+    rows, dtype, locations = coefficients.shape[0], _working_dtype(coefficients), locations.long()
     coefficients = coefficients.to(dtype)
     if basis == "dct":
         inverse, _ = _dct_phases(length, coefficients.device, dtype)
@@ -117,7 +117,7 @@ def fit(rows: torch.Tensor, locations: torch.Tensor, basis: str) -> torch.Tensor
 
     rows: (R, length) -> (R, K) float32.
     """
-    length, dtype = rows.shape[-1], _working_dtype(rows)
+    length, dtype, locations = rows.shape[-1], _working_dtype(rows), locations.long()
     if basis == "dct":
         _, forward = _dct_phases(length, rows.device, dtype)
         spectrum = torch.fft.rfft(rows.to(dtype), n=2 * length, dim=-1)

@@ -245,3 +245,30 @@ def test_batched_decode_matches_factor_by_factor_and_decodes_once_per_length(inp
     assert len(plain_decodes) > 4 * len(batched_decodes)     # against one per factor (and per recomputation)
     group = [f for layer in layers for f in (layer.lora_A, layer.lora_B) if f.length == layers[0].lora_A.length]
     assert len({f.locations.untyped_storage().data_ptr() for f in group}) == 1  # stored once, as views
+
+
+def test_batched_rows_come_in_the_compute_dtype_and_locations_as_int32(input_ids):
+    """In a bf16 model the batched decode hands out bf16 rows (cast once per group, no float32 copy kept) and
+    matches factor-by-factor decoding up to bf16 rounding; locations are held as int32."""
+    import selora
+    from conftest import build_tiny_llama, relative_error
+
+    def loss(batched: bool):
+        selora.batch_decode_factors(batched)
+        try:
+            model = selora.apply(build_tiny_llama().to(torch.bfloat16), selora.SeLoRAConfig(r=4))
+            layer = next(iter(selora.adapter_layers(model).values()))
+            assert layer.lora_A.locations.dtype == torch.int32
+            with torch.no_grad():
+                for l in selora.adapter_layers(model).values():
+                    l.lora_A.param.data = l.lora_A.param.data.float()
+                    l.lora_B.param.data = l.lora_B.param.normal_(0, 0.02, generator=torch.Generator().manual_seed(0)).float()
+            model(input_ids)                       # the first forward learns the compute dtype
+            value = model(input_ids, labels=input_ids).loss.float()
+            if batched:
+                assert layer.lora_A.batched_rows.dtype == torch.bfloat16
+            return value
+        finally:
+            selora.batch_decode_factors(True)
+
+    assert relative_error(loss(True), loss(False)) < 1e-2
