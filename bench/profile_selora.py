@@ -83,18 +83,20 @@ def decode_table(rank: int) -> list[str]:
     return rows
 
 
-def profile_steps(method: str, rank: int, batch: int, seq: int) -> tuple[list[str], float, float]:
+def profile_steps(method: str, rank: int, batch: int, seq: int, quant: str = "bf16") -> tuple[list[str], float, float]:
     from torch.profiler import ProfilerActivity, profile
     sys.argv = sys.argv[:1]
     from bench.step_time import Trainee
-    trainee = Trainee("bf16", method, 2, rank, batch, seq, 100)
+    trainee = Trainee(quant, method, 2, rank, batch, seq, 100)
     trainee.run(3)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        times = trainee.run(3)
+        times = trainee.run(5)  # steps 4-8: SRLoRA recomposes once (every 5 steps)
     averages = prof.key_averages()
-    device_total = sum(e.self_device_time_total for e in averages) / 3 / 1000
+    device_total = sum(e.self_device_time_total for e in averages) / 5 / 1000
+    host_top = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:8]
     top = sorted(averages, key=lambda e: e.self_device_time_total, reverse=True)[:14]
-    rows = [f"| {e.key[:60]} | {e.count // 3} | {e.self_device_time_total / 3 / 1000:.2f} |" for e in top]
+    rows = [f"| host: {e.key[:54]} | {e.count // 5} | {e.self_cpu_time_total / 5 / 1000:.2f} (host) |" for e in host_top]
+    rows += [f"| {e.key[:60]} | {e.count // 5} | {e.self_device_time_total / 5 / 1000:.2f} |" for e in top]
     del trainee
     return rows, statistics.median(times) * 1000, device_total
 
@@ -109,9 +111,10 @@ def main() -> None:
     lines = [f"# Where SeLoRA's step time goes\n\n{torch.cuda.get_device_name()}, torch {torch.__version__}, "
              f"r={args.rank}, spectral ratio 0.5 (DCT).\n\n## Decode and fit per factor shape\n"]
     lines += decode_table(args.rank)
-    for method in ("selora_lora", "selora_selora", "selora_selora_per_factor"):
-        rows, wall, device = profile_steps(method, args.rank, args.batch, args.seq)
-        lines += [f"\n## {method}: 2 LLaMA-7B layers, batch {args.batch} x {args.seq}, per step: wall {wall:.1f} ms, "
+    for method, quant in (("selora_lora", "bf16"), ("selora_selora", "bf16"), ("selora_selora_per_factor", "bf16"),
+                          ("selora_lora", "4bit"), ("selora_srlora", "4bit")):
+        rows, wall, device = profile_steps(method, args.rank, args.batch, args.seq, quant)
+        lines += [f"\n## {method}, {quant} base: 2 LLaMA-7B layers, batch {args.batch} x {args.seq}, per step: wall {wall:.1f} ms, "
                   f"summed device time {device:.1f} ms\n", "| op | calls / step | device ms / step |", "|---|---|---|"]
         lines += rows
     text = "\n".join(lines) + "\n"
