@@ -217,19 +217,14 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.merged:  # merge() wrote the adapter and the residual into the base
+        if self.residual_A.shape[0] and not self.merged:
+            result = result + F.linear(F.linear(x, self.residual_A.to(x.dtype)), self.residual_B.to(x.dtype))
+        if self.merged:
             return result
         A_rows, Bt_rows = self.lora_A(x.dtype), self.lora_B(x.dtype)
         self._track(A_rows, Bt_rows)
         A, B = A_rows.to(x.dtype), Bt_rows.to(x.dtype).T
-        hidden = F.linear(self.dropout(x), A)
-        if self.residual_A.shape[0]:
-            # The residual (quantized-base fusions) rides in the adapter's own second matmul: one skinny
-            # (tokens, r + k) product instead of another full-size output and sum.
-            hidden = torch.cat([hidden * self.scaling, F.linear(x, self.residual_A.to(x.dtype))], dim=-1)
-            update = F.linear(hidden, torch.cat([B, self.residual_B.to(x.dtype)], dim=1))
-        else:
-            update = F.linear(hidden, B) * self.scaling
+        update = F.linear(F.linear(self.dropout(x), A), B) * self.scaling
         if not self.use_dora:
             return result + update
         bias = self.base_layer.bias
@@ -278,17 +273,8 @@ class AdapterLinear(nn.Module):
         forward-side residual (into="residual"), and record it."""
         delta_A, delta_B = delta_A.float(), delta_B.float()
         if into == "residual":
-            # Slots that contribute nothing (reserved by reserve_residual, all zeros) are filled first, so the
-            # residual keeps one shape for the whole run; it grows only when they run out.
-            free = ((self.residual_A.abs().sum(1) == 0) | (self.residual_B.abs().sum(0) == 0)).nonzero().flatten()
-            count = delta_A.shape[0]
-            if free.numel() >= count:
-                slots = free[:count]
-                self.residual_A[slots] = delta_A.to(self.residual_A)
-                self.residual_B[:, slots] = delta_B.to(self.residual_B)
-            else:
-                self.residual_A = torch.cat([self.residual_A, delta_A.to(self.residual_A)], dim=0)
-                self.residual_B = torch.cat([self.residual_B, delta_B.to(self.residual_B)], dim=1)
+            self.residual_A = torch.cat([self.residual_A, delta_A.to(self.residual_A)], dim=0)
+            self.residual_B = torch.cat([self.residual_B, delta_B.to(self.residual_B)], dim=1)
             return
         self.base_delta_A = torch.cat([self.base_delta_A, delta_A.to(self.base_delta_A)], dim=0)
         self.base_delta_B = torch.cat([self.base_delta_B, delta_B.to(self.base_delta_B)], dim=1)
@@ -298,14 +284,6 @@ class AdapterLinear(nn.Module):
                          delta_A.to(self.base_layer.weight.device))
         else:
             quant.write_dense_weight(self.base_layer, quant.dense_weight(self.base_layer) + delta_B @ delta_A)
-
-    @torch.no_grad()
-    def reserve_residual(self, rows: int) -> None:
-        """Make room for ``rows`` residual rank (zeros: they change nothing) so fusions never change its shape."""
-        missing = rows - self.residual_A.shape[0]
-        if missing > 0:
-            self.residual_A = torch.cat([self.residual_A, self.residual_A.new_zeros(missing, self.in_features)], dim=0)
-            self.residual_B = torch.cat([self.residual_B, self.residual_B.new_zeros(self.out_features, missing)], dim=1)
 
     @torch.no_grad()
     def replace_pairs(self, pairs: torch.Tensor, directions: PrincipalDirections, into: str = "base",

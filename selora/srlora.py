@@ -62,8 +62,6 @@ class SRLoRA:
             counts[name] = need
             quantized = layer.kind != "linear"
             self.fusion_target[name] = "residual" if quantized and config.quantized_fusion == "residual" else "base"
-            if self.fusion_target[name] == "residual":  # each fusion adds k old + k new directions
-                layer.reserve_residual(2 * k * len(steps))
             if quantized and self.fusion_target[name] == "base" and is_partitioned(layer.base_layer.weight):
                 raise ConfigValueError(
                     f"{name}: cannot re-quantize a {layer.kind} base that ZeRO-3 partitions across ranks; "
