@@ -123,5 +123,50 @@ def main() -> None:
     (Path(args.out) / "profile_selora.md").write_text(text)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "--srlora-breakdown" not in sys.argv:
     main()
+
+
+def srlora_breakdown(quant: str, rank: int, batch: int, seq: int, steps: int = 10) -> list[str]:
+    """Synchronized time of each part of an SRLoRA step (2 layers, recomposing every 5 steps) vs selora LoRA."""
+    import time
+    from bench.step_time import Trainee
+    rows = []
+    for method in ("selora_lora", "selora_srlora"):
+        trainee = Trainee(quant, method, 2, rank, batch, seq, 100)
+        trainee.run(3)
+        parts = {"forward + backward": [], "optimizer": [], "srlora.step: scores": [], "srlora.step: recomposition": []}
+        for _ in range(steps):
+            trainee.step_count += 1
+            ids = trainee.inputs[trainee.step_count % len(trainee.inputs)]
+            marks = [time.perf_counter()]
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = trainee.model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            trainee.optimizer.step()
+            trainee.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+            if trainee.srlora is not None:
+                recomposes = trainee.step_count in trainee.srlora.schedule
+                trainee.srlora.step(trainee.step_count, trainee.optimizer)
+                torch.cuda.synchronize()
+                marks.append(time.perf_counter())
+                parts["srlora.step: recomposition" if recomposes else "srlora.step: scores"].append(marks[3] - marks[2])
+            parts["forward + backward"].append(marks[1] - marks[0])
+            parts["optimizer"].append(marks[2] - marks[1])
+        for part, values in parts.items():
+            if values:
+                rows.append(f"| {quant} | {method} | {part} | {len(values)} | {statistics.median(values) * 1000:.1f} |")
+        del trainee
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__" and "--srlora-breakdown" in sys.argv:
+    table = ["| base | method | part | steps | median ms |", "|---|---|---|---|---|"]
+    for quant in ("bf16", "4bit"):
+        table += srlora_breakdown(quant, 16, 4, 1024)
+    print("\n".join(table))
