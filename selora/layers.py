@@ -163,6 +163,12 @@ class AdapterLinear(nn.Module):
         with gathered(list(self.lora_A.parameters()) + list(self.lora_B.parameters())):
             return self.lora_A().float().clone(), self.lora_B().float().T.clone()
 
+    def pair_rows(self) -> torch.Tensor:
+        """(r, in + out) float32: pair i's row of A beside its row of B^T (gathered under ZeRO-3; every rank must
+        call). What SRLoRA scores against the gradients."""
+        with gathered(list(self.lora_A.parameters()) + list(self.lora_B.parameters())):
+            return torch.cat([self.lora_A().detach().float(), self.lora_B().detach().float()], dim=1)
+
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out, in) float32."""
         A, B = self.factor_matrices()
@@ -217,14 +223,19 @@ class AdapterLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
-        if self.residual_A.shape[0] and not self.merged:
-            result = result + F.linear(F.linear(x, self.residual_A.to(x.dtype)), self.residual_B.to(x.dtype))
-        if self.merged:
+        if self.merged:  # merge() wrote the adapter and any residual into the base
             return result
         A_rows, Bt_rows = self.lora_A(x.dtype), self.lora_B(x.dtype)
         self._track(A_rows, Bt_rows)
         A, B = A_rows.to(x.dtype), Bt_rows.to(x.dtype).T
-        update = F.linear(F.linear(self.dropout(x), A), B) * self.scaling
+        hidden = F.linear(self.dropout(x), A)
+        if self.residual_A.shape[0]:
+            # The residual (exact fusions beside a quantized base) rides in the adapter's own second matmul:
+            # a skinny (tokens, r + k) product, instead of one more full-size (tokens, out) output and sum.
+            hidden = torch.cat([hidden * self.scaling, F.linear(x, self.residual_A.to(x.dtype))], dim=-1)
+            update = F.linear(hidden, torch.cat([B, self.residual_B.to(x.dtype)], dim=1))
+        else:
+            update = F.linear(hidden, B) * self.scaling
         if not self.use_dora:
             return result + update
         bias = self.base_layer.bias

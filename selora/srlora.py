@@ -70,6 +70,10 @@ class SRLoRA:
             layer.track_pair_gradients = True
         self.directions, self.svd_stats = sharded_principal_directions(self.layers, counts, method=config.svd,
                                                                        seed=adapter_config.seed)
+        self.layer_list = list(self.layers.values())
+        self.shape_groups: dict[tuple[int, int], list[int]] = {}
+        for index, layer in enumerate(self.layer_list):
+            self.shape_groups.setdefault((layer.in_features, layer.out_features), []).append(index)
         device = next(iter(self.layers.values())).base_delta_A.device
         self.importance = torch.zeros(len(self.layers), self.r, device=device)
         self.uncertainty = torch.zeros(len(self.layers), self.r, device=device)
@@ -84,24 +88,29 @@ class SRLoRA:
 
     @torch.no_grad()
     def _sensitivity(self) -> torch.Tensor:
-        """(layers, r) mean |theta * grad| per pair, from the gradients summed since the last step."""
-        grads = []
-        for layer in self.layers.values():
-            grad_A = layer.grad_A if layer.grad_A is not None else torch.zeros(self.r, layer.in_features)
-            grad_Bt = layer.grad_Bt if layer.grad_Bt is not None else torch.zeros(self.r, layer.out_features)
-            grads += [grad_A.reshape(-1).to(self.importance.device), grad_Bt.reshape(-1).to(self.importance.device)]
-        flat = all_reduce_sum(torch.cat(grads)) / world()[1]
-        rows, offset = [], 0
-        for layer in self.layers.values():
-            A, B = layer.factor_matrices()
-            size_A, size_B = A.numel(), B.numel()
-            grad_A = flat[offset:offset + size_A].view_as(A)
-            grad_Bt = flat[offset + size_A:offset + size_A + size_B].view(self.r, layer.out_features)
-            offset += size_A + size_B
-            pair = (A * grad_A).abs().sum(1) + (B.T * grad_Bt).abs().sum(1)
-            rows.append(pair / (layer.in_features + layer.out_features))
-            layer.grad_A = layer.grad_Bt = None
-        return torch.stack(rows)
+        """(layers, r) mean |theta * grad| per pair, from the gradients summed since the last step.
+
+        Layers of one shape are scored together: their pair rows (row i of A beside row i of B^T) and gradients
+        are stacked, reduced across ranks and scored in a few tensor operations per shape, not per layer (a
+        LLaMA-7B has 224 adapted projections in 3 shapes; per-layer operations cost ~0.3 ms of host time each)."""
+        device, world_size = self.importance.device, world()[1]
+        sensitivity = torch.empty(len(self.layers), self.r, device=device)
+        for (n_in, n_out), indices in self.shape_groups.items():
+            members = [self.layer_list[i] for i in indices]
+            grads = torch.stack([torch.cat([self._summed(layer.grad_A, n_in), self._summed(layer.grad_Bt, n_out)], 1)
+                                 for layer in members])
+            grads = all_reduce_sum(grads) / world_size
+            theta = torch.stack([layer.pair_rows().to(device) for layer in members])
+            sensitivity[indices] = (theta * grads).abs().sum(2) / (n_in + n_out)
+            for layer in members:
+                layer.grad_A = layer.grad_Bt = None
+        return sensitivity
+
+    def _summed(self, grad: torch.Tensor | None, length: int) -> torch.Tensor:
+        """A layer's summed (r, length) gradient, zeros where none arrived (every rank must still contribute)."""
+        if grad is None:
+            return torch.zeros(self.r, length, device=self.importance.device)
+        return grad.to(self.importance.device, torch.float32)
 
     @torch.no_grad()
     def update_scores(self) -> None:
