@@ -8,7 +8,7 @@ rows. In backward the views' gradients meet in one node, and one batched fit tur
 coefficient gradient.
 
 Rows decoded this way are used only while they are current: keyed by the coefficients' identity and version
-and by the optimizer-step generation (spectral.cache_key's rules), so a factor called after an optimizer step
+and by the optimizer-step generation (spectral.coefficients_state, as the cache uses), so a factor called after an optimizer step
 or an edit decodes afresh. Under ZeRO-3 (coefficients partitioned, gathered per module by DeepSpeed) the hook
 stands aside and factors decode themselves. Rows are handed out in the dtype each factor's last forward
 computed in (bf16 under autocast), cast once per group: the float32 rows are not kept.
@@ -28,10 +28,6 @@ class _Switch:
 def batch_decode_factors(enabled: bool = True) -> None:
     """Turn the model-wide batched decode on (default) or off (factors then decode one by one)."""
     _Switch.enabled = enabled
-
-
-def current_key(coefficients: torch.Tensor) -> tuple:
-    return (spectral._DecodeCache.generation, coefficients.data_ptr(), coefficients._version)
 
 
 class BatchedSpectralDecode:
@@ -76,4 +72,4 @@ class BatchedSpectralDecode:
             if compute_dtype is not None:  # cast once for the group (the float32 rows are then freed)
                 dense = dense.to(compute_dtype)
             for factor, rows in zip(group, torch.split(dense, [f.coefficients.shape[0] for f in group])):
-                factor.batched_rows, factor.batched_key = rows, current_key(factor.coefficients)
+                factor.batched_rows, factor.batched_key = rows, spectral.coefficients_state(factor.coefficients)

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quant, spectral
-from .batched_decode import current_key
 from .config import LoRAConfig, SeLoRAConfig
 from .distributed import (add_low_rank, full_value, gather_to_owner, gathered, reset_optimizer_rows, set_full_value,
                           world)
@@ -78,10 +77,11 @@ class SpectralFactor(nn.Module):
             self.coefficients.data.copy_(values)
 
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Decoded rows (float32). With the decode cache on, rows are decoded once per optimizer step and kept
-        in ``dtype`` (the compute dtype, e.g. bf16): half the memory, and no cast per forward."""
+        """Decoded rows: those the model-wide batched decode handed out for this forward (in ``dtype``, the
+        compute dtype) while current; else, with the decode cache on, rows decoded once per optimizer step and
+        kept in ``dtype``; else float32 rows decoded now."""
         self.compute_dtype = dtype  # the batched decode hands out rows already in this dtype
-        if self.batched_rows is not None and self.batched_key == current_key(self.coefficients):
+        if self.batched_rows is not None and self.batched_key == spectral.coefficients_state(self.coefficients):
             return self.batched_rows.view_as(self.batched_rows)  # decoded with the model's other factors
         key = spectral.cache_key(self.coefficients)
         if key is None:

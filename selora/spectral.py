@@ -175,10 +175,16 @@ def invalidate_decoded_factors() -> None:
     _bump_generation()
 
 
+def coefficients_state(coefficients: torch.Tensor) -> tuple:
+    """What decoded rows depend on: the optimizer-step generation and the coefficients' storage and version.
+    Rows decoded under an equal state are current (the cache and the model-wide batched decode both use it)."""
+    return (_DecodeCache.generation, coefficients.data_ptr(), coefficients._version)
+
+
 def cache_key(coefficients: torch.Tensor) -> tuple | None:
     if not _DecodeCache.enabled:
         return None
-    return (_DecodeCache.generation, coefficients.data_ptr(), coefficients._version, coefficients.dtype)
+    return (*coefficients_state(coefficients), coefficients.dtype)
 
 
 class CachedSpectralDecode(torch.autograd.Function):
