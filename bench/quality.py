@@ -279,9 +279,7 @@ def report(out_docs: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = json.loads((out_docs / "quality" / "grid.json").read_text())["runs"]
-    by_method: dict[str, list[dict]] = {}
-    for name in METHODS:
-        by_method.update({name: [r for r in runs if r["method"] == name]} if any(r["method"] == name for r in runs) else {})
+    by_method = {name: found for name in METHODS if (found := [r for r in runs if r["method"] == name])}
     head = ["method", "base", "trainable", "seeds", "lr"] + [f"{t} loss" for t in TASKS] + [f"{t} acc" for t in TASKS] + ["mean acc"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, items in by_method.items():
