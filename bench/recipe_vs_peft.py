@@ -155,6 +155,8 @@ def recipe_overrides(args, engine: str, method: str) -> list[str]:
     ]
     if engine != "plain":
         overrides += [f"deepspeed.config={engine}", TORCH_ADAM]
+    if args.breakdown:
+        overrides.append("train.time_breakdown=true")
     if method == "srlora":  # one recomposition inside the timed steps; its cost is amortised over the interval
         first = args.warmup + args.steps // 2
         overrides += [f"srlora.start_step={first}", f"srlora.interval={args.srlora_interval}",
@@ -203,13 +205,20 @@ def profile_row(args, row, out: Path) -> None:
     from launch.config import resolve
     from recipes import finetune
     row_name, engine, method, recipe, extra, _core = row
+    args = argparse.Namespace(**{**vars(args), "breakdown": True})  # the profiled run also logs its phases
     with tempfile.TemporaryDirectory() as work:
         cfg = resolve(recipe, [*recipe_overrides(args, engine, method), *extra, f"train.output_dir={work}/run"])
         profiler = cProfile.Profile()
         profiler.enable()
         finetune.run(cfg)
         profiler.disable()
+        from recipes.metrics import read_metrics
+        phases = [line["time_breakdown"] for line in read_metrics(Path(work) / "run" / "metrics.jsonl")
+                  if "time_breakdown" in line and line["step"] > args.warmup]
     text = io.StringIO()
+    if phases:
+        text.write("seconds per step by phase (median): " + ", ".join(
+            f"{key} {statistics.median(p[key] for p in phases) * 1e3:.1f} ms" for key in phases[0]) + "\n")
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
     (out / "recipe_vs_peft_profile.txt").write_text(f"{row_name}, {args.shape} {args.batch}x{args.seq}\n{text.getvalue()}")
     print(text.getvalue()[:6000])
@@ -246,6 +255,8 @@ def main() -> None:
     parser.add_argument("--rows", default="all", help="all | core | comma-separated row names")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset (or --shape), few steps")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="log seconds per phase in every recipe row (synchronises the GPU between phases)")
     parser.add_argument("--profile", default=None, metavar="ROW",
                         help="also run this recipe row in-process under cProfile and print where host time goes")
     args = parser.parse_args()
