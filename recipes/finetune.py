@@ -27,7 +27,7 @@ from recipes import checkpoint, engine as engines
 from recipes.checkpoint import TrainerState
 from recipes.data import build_datasets, make_collate_fn
 from recipes.metrics import MetricsLogger
-from recipes.modeling import load_model, load_tokenizer
+from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
 from recipes.validate import check_srlora_schedule, validate
 from selora.distributed import world
 
@@ -45,6 +45,8 @@ def run(cfg) -> dict:
     seed_everything(train.seed)
     rank, world_size, device = setup_distributed(cfg)
     engines.check_world_size(cfg, world_size)
+    check_quantization_backend(cfg.model.quantization, device)  # a 4/8-bit recipe this machine cannot run
+    resolve_dtype(cfg.model.dtype, device)
     say = print if rank == 0 else (lambda *args, **kwargs: None)
 
     # Data before the model: bad data fails in seconds, not after loading billions of weights.
