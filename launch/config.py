@@ -65,6 +65,8 @@ def _schema_type(hint):
         return Optional[inner] if type(None) in args else inner
     if origin in (tuple, list):
         return List[_schema_type(args[0]) if args else Any]
+    if origin is dict or hint is dict:
+        return Dict[str, Any]
     return hint if hint in (int, float, bool, str) else Any
 
 
@@ -80,8 +82,9 @@ def section_from(name: str, library_classes: tuple[type, ...], extra: list[tuple
                 continue
             seen.add(f.name)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            if isinstance(default, (tuple, list)):
-                fields.append((f.name, _schema_type(hints[f.name]), field(default_factory=lambda d=default: list(d))))
+            if isinstance(default, (tuple, list, dict)):  # mutable in the schema: one copy per config
+                copy = (lambda d=default: dict(d)) if isinstance(default, dict) else (lambda d=default: list(d))
+                fields.append((f.name, _schema_type(hints[f.name]), field(default_factory=copy)))
             else:
                 fields.append((f.name, _schema_type(hints[f.name]), field(default=default)))
     return dataclasses.make_dataclass(name, fields)
