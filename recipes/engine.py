@@ -173,7 +173,7 @@ class DeepSpeedEngine:
         return self.module.state_dict()
 
 
-def _resolve_config_path(name: str) -> Path:
+def resolve_config_path(name: str) -> Path:
     path = Path(name)
     if path.suffix == ".json" or path.exists():
         if not path.is_file():
@@ -208,7 +208,7 @@ def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | 
     e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}.
     """
     train = cfg.train
-    config = json.loads(_resolve_config_path(str(cfg.deepspeed.config)).read_text())
+    config = json.loads(resolve_config_path(str(cfg.deepspeed.config)).read_text())
     overrides = OmegaConf.select(cfg, "deepspeed.overrides", default=None)
     if overrides is not None:
         _merge(config, OmegaConf.to_container(overrides, resolve=True))
@@ -314,12 +314,17 @@ def _zero3_init(config: dict):
     del hf_config
 
 
+def check_world_size(cfg, world_size: int) -> None:
+    """Several processes need DeepSpeed (launch/train.py picks ZeRO-2 for them when none is set)."""
+    if world_size > 1 and not uses_deepspeed(cfg):
+        raise EngineConfigError(f"{world_size} processes but deepspeed.config is null: data-parallel training "
+                                "needs DeepSpeed; set deepspeed.config=zero2 (or zero3)")
+
+
 def build_engine(model: torch.nn.Module, cfg, steps: int, world_size: int = 1):
     """The engine for ``model`` (adapters applied) training ``steps`` optimizer steps."""
+    check_world_size(cfg, world_size)
     if not uses_deepspeed(cfg):
-        if world_size > 1:
-            raise EngineConfigError(f"{world_size} processes but deepspeed.config is null: data-parallel training "
-                                    "needs DeepSpeed; set deepspeed.config=zero2 (or zero3)")
         return PlainEngine(model, cfg, steps)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
     return DeepSpeedEngine(model, deepspeed_config(cfg, steps, world_size, hidden))

@@ -1,6 +1,7 @@
 """Instruction fine-tuning with SeLoRA / LoRA adapters (and optionally SRLoRA), plain PyTorch or DeepSpeed.
 
-Read `run` top to bottom: configs are checked, data is built, the model is loaded and given adapters, the
+Read `run` top to bottom: the config and the output directory are checked (recipes/validate.py,
+recipes/checkpoint.py), data is built, the model is loaded and given adapters, the
 engine is built, a checkpoint is resumed if there is one, the loop runs, the adapter is exported.
 
     python launch/train.py --recipe llama_selora train.max_steps=100
@@ -26,7 +27,8 @@ from recipes import checkpoint, engine as engines
 from recipes.checkpoint import TrainerState
 from recipes.data import build_datasets, make_collate_fn
 from recipes.metrics import MetricsLogger
-from recipes.modeling import load_model, load_tokenizer
+from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
+from recipes.validate import check_srlora_schedule, validate
 from selora.distributed import world
 
 
@@ -35,14 +37,16 @@ def run(cfg) -> dict:
     train = cfg.train
     output_dir = Path(train.output_dir)
 
-    # Cheap checks first: a bad adapter/SRLoRA value fails before any data or weights are touched.
-    adapter_config = adapter_config_from(cfg.adapter)
-    srlora_enabled = bool(cfg.srlora.enabled)
-    srlora_config = srlora_config_from(cfg) if srlora_enabled else None
-    resume_from = checkpoint.find_checkpoint(output_dir, train.resume)  # a broken checkpoint fails here, early
+    # Every check that needs no data or weights first: a bad value fails in a second, before anything is read,
+    # loaded or written.
+    adapter_config, srlora_config = validate(cfg)
+    resume_from = checkpoint.plan_resume(cfg, total_steps=int(train.max_steps) or None)
 
     seed_everything(train.seed)
     rank, world_size, device = setup_distributed(cfg)
+    engines.check_world_size(cfg, world_size)
+    check_quantization_backend(cfg.model.quantization, device)  # a 4/8-bit recipe this machine cannot run
+    resolve_dtype(cfg.model.dtype, device)
     say = print if rank == 0 else (lambda *args, **kwargs: None)
 
     # Data before the model: bad data fails in seconds, not after loading billions of weights.
@@ -53,6 +57,10 @@ def run(cfg) -> dict:
     total_steps = total_optimizer_steps(train, order.batches_per_epoch)
     say(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
         f"{total_steps} optimizer steps")
+    if not train.max_steps:  # an epochs-based run knows its length only now, still before the model loads
+        if srlora_config is not None:
+            check_srlora_schedule(srlora_config, adapter_config, total_steps)
+        checkpoint.check_steps_left(resume_from, None, total_steps)
 
     # Model, adapters, SRLoRA, engine.
     init_context = engines.zero3_init_context(cfg, total_steps, world_size)
@@ -62,7 +70,7 @@ def run(cfg) -> dict:
     selora.cache_decoded_factors(True)
     say(selora.parameter_table(model))
     srlora = None
-    if srlora_enabled:
+    if srlora_config is not None:
         from selora.srlora import SRLoRA
 
         srlora = SRLoRA(model, srlora_config, total_steps=total_steps)
@@ -73,7 +81,10 @@ def run(cfg) -> dict:
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, engine, model, srlora)
         say(f"resumed from {resume_from} at step {state.step}")
+    elif train.overwrite:  # the user asked to replace a previous run: only now, when training really starts
+        checkpoint.clear_previous_run(output_dir)
     metrics = MetricsLogger(output_dir, rank, bool(train.tensorboard), resume_step=state.step)
+    settings = checkpoint.run_settings(cfg)
 
     # The loop: micro-batches in a seeded order; an optimizer step every gradient_accumulation_steps of them.
     progress = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
@@ -83,7 +94,6 @@ def run(cfg) -> dict:
     batches = order.micro_batches(train_ds, collate, state.epoch, state.batch_in_epoch)
     while state.step < total_steps:
         state.epoch, state.batch_in_epoch, batch = next(batches)
-        state.micro_batches += 1
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = engine(**batch).loss  # the model's mean token loss (labels of -100 are ignored)
         engine.backward(loss)
@@ -114,7 +124,7 @@ def run(cfg) -> dict:
         if line:
             metrics.log(step, **line)
         if train.save_every and (step % train.save_every == 0 or step == total_steps):
-            checkpoint.save_checkpoint(output_dir, engine, model, srlora, state)
+            checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
     progress.close()
     metrics.close()
 
@@ -128,34 +138,10 @@ def run(cfg) -> dict:
 
 
 # ----- configs ------------------------------------------------------------------------------------------------
-def adapter_config_from(adapter) -> selora.LoRAConfig:
-    """cfg.adapter -> selora.LoRAConfig / SeLoRAConfig (validated on construction)."""
-    common = dict(r=int(adapter.r), alpha=float(adapter.alpha), dropout=float(adapter.dropout),
-                  target_modules=tuple(adapter.target_modules), use_rslora=bool(adapter.use_rslora),
-                  use_dora=bool(adapter.use_dora), init=str(adapter.init), seed=int(adapter.seed))
-    if adapter.method == "lora":
-        return selora.LoRAConfig(**common)
-    if adapter.method == "selora":
-        return selora.SeLoRAConfig(**common, spectral_ratio=float(adapter.spectral_ratio),
-                                   n_coefficients=None if adapter.n_coefficients is None else int(adapter.n_coefficients),
-                                   basis=str(adapter.basis), shared_locations=bool(adapter.shared_locations))
-    raise selora.ConfigValueError(f"adapter.method={adapter.method!r}: choose 'lora' or 'selora'")
-
-
-def srlora_config_from(cfg) -> selora.SRLoRAConfig:
-    s = cfg.srlora
-    return selora.SRLoRAConfig(start_step=int(s.start_step), end_step=int(s.end_step), interval=int(s.interval),
-                               pairs_per_recomposition=int(s.pairs_per_recomposition), ema_beta=float(s.ema_beta),
-                               uncertainty_beta=float(s.uncertainty_beta), scope=str(s.scope), svd=str(s.svd),
-                               quantized_fusion=str(s.quantized_fusion), warmup_steps=int(cfg.train.warmup_steps))
-
-
 def total_optimizer_steps(train, batches_per_epoch: int) -> int:
     """train.max_steps when set (> 0), else train.epochs over the data."""
     if train.max_steps is not None and int(train.max_steps) > 0:
         return int(train.max_steps)
-    if not train.epochs or train.epochs <= 0:
-        raise ValueError(f"train.max_steps={train.max_steps} and train.epochs={train.epochs}: set one of them > 0")
     return max(1, math.ceil(train.epochs * batches_per_epoch / int(train.gradient_accumulation_steps)))
 
 
