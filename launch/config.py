@@ -120,6 +120,7 @@ class TrainSection:
     export_peft: bool = True
     save_merged: bool = False
     tensorboard: bool = True
+    time_breakdown: bool = False
 
 
 @dataclass
