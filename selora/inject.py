@@ -140,12 +140,7 @@ def count_parameters(model: nn.Module) -> dict:
     counted as 2 parameters per byte, whatever dtype stores the bytes (uint8, or bf16 as transformers loads
     checkpoints), so totals stay comparable with the unquantized model.
     """
-    def numel(param: torch.Tensor) -> int:
-        stored = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
-        if quant.bnb is not None and isinstance(param, quant.bnb.nn.Params4bit):
-            return stored * param.element_size() * 2
-        return stored
-
+    numel = quant.parameter_count
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     per_type: dict[str, int] = {}

@@ -1,6 +1,6 @@
 """bitsandbytes in one place: what kind of base a layer has, its weight as a dense float matrix, how to write a
-new dense weight back (re-quantizing 4-bit / 8-bit bases with their own settings), and keeping 4-bit weights in
-the one layout selora reads (`keep_4bit_layout`).
+new dense weight back (re-quantizing 4-bit / 8-bit bases with their own settings), keeping 4-bit weights in the
+one layout selora reads (`keep_4bit_layout`), and how many weights a packed parameter holds (`parameter_count`).
 
 Every caller that must *see* or *change* a base weight (merge, PiSSA init, SRLoRA fusion, DoRA norms) goes
 through `dense_weight` and `write_dense_weight`; nothing else in selora touches bitsandbytes internals.
@@ -114,6 +114,16 @@ def write_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:
                                      requires_grad=False, has_fp16_weights=False).to(device)
     layer.state.CB = None
     layer.state.SCB = None
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """How many weights ``param`` stands for: its elements (the whole parameter under ZeRO-3), except that 4-bit
+    packed storage holds two weights per byte whatever dtype stores the bytes (uint8, or bf16 as transformers
+    loads 4-bit checkpoints)."""
+    stored = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+    if bnb is not None and isinstance(param, bnb.nn.Params4bit):
+        return stored * param.element_size() * 2
+    return stored
 
 
 def quantization_available(kind: str, device: torch.device) -> str | None:
