@@ -124,3 +124,16 @@ def test_quantized_llama_trains_the_same_with_evaluations_between_steps():
         return curve
 
     assert losses(evaluate=True) == losses(evaluate=False)
+
+
+def test_qlora_recipe_evaluates_after_every_step(tmp_path):
+    """The issue's reproduction: qlora_selora on the tiny preset (intermediate_size 344) with an evaluation after
+    every step crashed at its first evaluation on an AVX512-BF16 CPU."""
+    from launch.config import resolve
+    from recipes import finetune
+    cfg = resolve("qlora_selora", ["model.preset=tiny_llama", "train.max_steps=2", "train.eval_every=1",
+                                   "data.max_train_records=16", "data.max_eval_records=4", "train.micro_batch_size=4",
+                                   "train.gradient_accumulation_steps=1", "train.tensorboard=false",
+                                   f"train.output_dir={tmp_path}"])
+    result = finetune.run(cfg)
+    assert result["eval_loss"] is not None and result["eval_loss"] == result["eval_loss"]  # ran, and not NaN
