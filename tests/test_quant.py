@@ -13,36 +13,40 @@ from conftest import build_tiny_llama, quantize_projections
 bnb = pytest.importorskip("bitsandbytes")
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
 def linear_4bit(in_features: int, out_features: int, seed: int = 0, nested: bool = True,
-                storage: torch.dtype = torch.uint8) -> nn.Module:
-    """A bnb nf4 Linear4bit (with bias) holding a seeded random weight, quantized on the CPU."""
+                storage: torch.dtype = torch.uint8, device: str = "cpu") -> nn.Module:
+    """A bnb nf4 Linear4bit (with bias) holding a seeded random weight, quantized on ``device``."""
     generator = torch.Generator().manual_seed(seed)
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=True, compute_dtype=torch.float32, quant_type="nf4",
                               compress_statistics=nested, quant_storage=storage)
     layer.weight = bnb.nn.Params4bit(torch.randn(out_features, in_features, generator=generator), requires_grad=False,
                                      quant_type="nf4", compress_statistics=nested, quant_storage=storage, module=layer)
     layer.bias = nn.Parameter(torch.randn(out_features, generator=generator), requires_grad=False)
-    return layer.to("cpu")
+    return layer.to(device)
 
 
-def adapted_stack(widths: tuple[int, ...], use_dora: bool) -> nn.Module:
+def adapted_stack(widths: tuple[int, ...], use_dora: bool, device: str = "cpu") -> nn.Module:
     """Linear4bit layers of the given widths, every one wrapped by selora, with non-zero B (the adapter counts)."""
-    model = nn.Sequential(*[linear_4bit(a, b, seed=i) for i, (a, b) in enumerate(zip(widths, widths[1:]))])
+    model = nn.Sequential(*[linear_4bit(a, b, seed=i, device=device) for i, (a, b) in enumerate(zip(widths, widths[1:]))])
     selora.apply(model, selora.LoRAConfig(r=4, use_dora=use_dora, target_modules=tuple(str(i) for i in range(len(model)))))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in selora.adapter_layers(model).values():
-            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=generator) * 0.1)
+            layer.lora_B.param.copy_(torch.randn(layer.lora_B.param.shape, generator=generator).to(device) * 0.1)
     return model
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("widths", [(64, 128, 64), (72, 100, 36)], ids=["64-wide", "odd-widths"])
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
-def test_4bit_adapter_outputs_survive_an_eval_forward(widths, use_dora):
+def test_4bit_adapter_outputs_survive_an_eval_forward(widths, use_dora, device):
     """Train-mode output, then an eval-mode no-grad forward (where bitsandbytes >= 0.49 on an AVX512-BF16 CPU
     rewrites the weight, computes in bf16, and crashes on widths like 100), then train mode again: all equal."""
-    model = adapted_stack(widths, use_dora)
-    x = torch.randn(5, widths[0], generator=torch.Generator().manual_seed(2))
+    model = adapted_stack(widths, use_dora, device)
+    x = torch.randn(5, widths[0], generator=torch.Generator().manual_seed(2)).to(device)
     dense = {name: quant.dense_weight(layer.base_layer) for name, layer in selora.adapter_layers(model).items()}
     before = model.train()(x.clone().requires_grad_())
     with torch.no_grad():
@@ -54,7 +58,7 @@ def test_4bit_adapter_outputs_survive_an_eval_forward(widths, use_dora):
     for name, layer in selora.adapter_layers(model).items():
         assert not quant._cpu_packed(layer.base_layer.weight), name
         assert torch.equal(quant.dense_weight(layer.base_layer), dense[name]), name
-        assert layer.lora_A.weight.grad is not None and layer.lora_A.weight.grad.abs().sum() > 0, name
+        assert layer.lora_A.param.grad is not None and layer.lora_A.param.grad.abs().sum() > 0, name
 
 
 @pytest.mark.parametrize("nested", [True, False], ids=["nested-absmax", "plain-absmax"])
