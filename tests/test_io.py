@@ -16,7 +16,7 @@ from conftest import assert_unchanged, model_snapshot, quantize_projections, rel
 CONFIGS = {
     "lora": selora.LoRAConfig(r=4),
     "selora": selora.SeLoRAConfig(r=4),
-    "selora-dft": selora.SeLoRAConfig(r=4, basis="dft", shared_locations=False),
+    "selora-dft": selora.SeLoRAConfig(r=4, basis="dft_rows", shared_locations=False),
     "selora-dora": selora.SeLoRAConfig(r=4, use_dora=True),
     "selora-pissa": selora.SeLoRAConfig(r=4, init="pissa"),
     "selora-dora-pissa": selora.SeLoRAConfig(r=4, use_dora=True, init="pissa"),

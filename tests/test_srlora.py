@@ -65,8 +65,8 @@ def setup(config, quantized=False, srlora=None, steps=6, lr=1e-2):
 
 ADAPTERS = {
     "lora": selora.LoRAConfig(r=4),
-    "selora_dct": selora.SeLoRAConfig(r=4),
-    "selora_dft_dora_pissa": selora.SeLoRAConfig(r=4, basis="dft", spectral_ratio=0.3, use_dora=True, init="pissa"),
+    "selora_haar": selora.SeLoRAConfig(r=4),
+    "selora_fft2_dora_pissa": selora.SeLoRAConfig(r=4, basis="fft2", spectral_ratio=0.3, use_dora=True, init="pissa"),
 }
 
 
