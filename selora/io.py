@@ -36,6 +36,10 @@ FORMAT = "selora-adapter"
 VERSION = 2
 
 
+# The low-rank records of what selora wrote into (or beside) the base; see AdapterLinear.
+RECORDS = ("base_delta_A", "base_delta_B", "base_delta_chunks", "residual_A", "residual_B")
+
+
 class AdapterFileError(ValueError):
     """An adapter directory is missing, incomplete, corrupt, or does not fit the model."""
 
@@ -72,8 +76,9 @@ def _layer_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
         state.update({f"lora_B.{k}": v.detach().cpu().clone() for k, v in layer.lora_B.state_dict().items()})
         if layer.magnitude is not None:
             state["magnitude"] = layer.magnitude.detach().cpu().clone()
-    for key in ("base_delta_A", "base_delta_B", "base_delta_chunks", "residual_A", "residual_B"):
-        state[key] = getattr(layer, key).detach().cpu().clone()
+    for key in RECORDS:  # empty records are left out (absent = empty): their headers would be most of a small file
+        if getattr(layer, key).numel():
+            state[key] = getattr(layer, key).detach().cpu().clone()
     return state
 
 
@@ -179,9 +184,11 @@ def _check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) 
             raise AdapterFileError(
                 f"adapter layer {name!r} expects in={info['in_features']}, out={info['out_features']} but the model's "
                 f"module has in={shape[0]}, out={shape[1]}; load it on the model it was trained for")
-        for key in ("base_delta_A", "base_delta_B", "residual_A", "residual_B"):
-            if f"{name}.{key}" not in tensors:
-                raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{key}; the file is incomplete")
+        for pair in (("base_delta_A", "base_delta_B"), ("residual_A", "residual_B")):
+            present = [f"{name}.{key}" in tensors for key in pair]
+            if any(present) and not all(present):
+                missing = pair[present.index(False)]
+                raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{missing}; the file is incomplete")
 
 
 @torch.no_grad()
@@ -296,6 +303,9 @@ def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict
             set_full_value(target, value)  # ZeRO shard and optimizer master copy too, when there are any
         else:
             target.copy_(value.to(target.dtype))
+    empty = {"base_delta_A": layer.base_delta_A[:0], "base_delta_B": layer.base_delta_B[:, :0],
+             "residual_A": layer.residual_A[:0], "residual_B": layer.residual_B[:, :0]}
+    state = {**{k: v.cpu() for k, v in empty.items()}, **state}
     layer.residual_A = state["residual_A"].to(layer.residual_A)
     layer.residual_B = state["residual_B"].to(layer.residual_B)
     _rebase(layer, state["base_delta_A"], state["base_delta_B"], state.get("base_delta_chunks"))
