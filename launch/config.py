@@ -102,6 +102,7 @@ class TrainSection:
     export_peft: bool = True
     save_merged: bool = False
     tensorboard: bool = True
+    sample_prompts: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -96,7 +96,10 @@ def _check_alpaca(where: str, record: dict) -> dict:
             raise DataError(f"{where}: field {field!r} must be a string, found {type(record[field]).__name__}")
     if not record["output"].strip():
         raise DataError(f"{where}: field 'output' is empty; there is nothing to learn from this record")
-    return {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]}
+    # The gold ``answer`` (LLM-Adapters' label or number) is kept for evaluation; training ignores it.
+    answer = record.get("answer")
+    return {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"],
+            "answer": "" if answer is None else str(answer)}
 
 
 def _check_chat(where: str, record: dict) -> dict:
