@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     path: Optional[str] = None
-    preset: str = "tiny_llama"
+    preset: str = "smollm2_135m_instruct"
     dtype: str = "auto"
     quantization: str = "none"
     bnb_4bit_quant_type: str = "nf4"
@@ -121,6 +121,7 @@ class TrainSection:
     save_merged: bool = False
     tensorboard: bool = True
     time_breakdown: bool = False
+    sample_prompts: List[str] = field(default_factory=list)
 
 
 @dataclass
