@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 @dataclass
 class ModelSection:
     path: Optional[str] = None
-    preset: str = "tiny_llama"
+    preset: str = "smollm2_135m_instruct"
     dtype: str = "auto"
     quantization: str = "none"
     bnb_4bit_quant_type: str = "nf4"
@@ -102,6 +102,7 @@ class TrainSection:
     export_peft: bool = True
     save_merged: bool = False
     tensorboard: bool = True
+    sample_prompts: List[str] = field(default_factory=list)
 
 
 @dataclass

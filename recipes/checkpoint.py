@@ -254,13 +254,16 @@ def merged_state_dict(state: dict[str, torch.Tensor], adapter_names: list[str]) 
 
 
 def export_final(output_dir: str | Path, engine, model: torch.nn.Module, srlora, *, export_peft: bool,
-                 save_merged: bool, base_model_name_or_path: str | None, tokenizer=None) -> dict[str, Path]:
+                 save_merged: bool, base_model_name_or_path: str | None, tokenizer=None,
+                 base_model: dict | None = None) -> dict[str, Path]:
     """Write output_dir/adapter (selora), peft_adapter (PEFT LoRA) and merged (save_pretrained of base +
-    adapter); returns {kind: path}. Every rank must call it; merging changes ``model``, so call it last."""
+    adapter); returns {kind: path}. Every rank must call it; merging changes ``model``, so call it last.
+    ``base_model`` ({"path"} or {"preset", "seed"}) is recorded in the selora adapter for launch/evaluate.py."""
     output_dir = Path(output_dir)
     rank = world()[0]
     paths = {"adapter": selora.save_adapter(model, output_dir / "adapter",
-                                            extra_state=srlora.state_dict() if srlora else None)}
+                                            extra_state=srlora.state_dict() if srlora else None,
+                                            extra_meta={"base_model": base_model} if base_model else None)}
     if export_peft:
         paths["peft_adapter"] = selora.export_lora(model, output_dir / "peft_adapter",
                                                    base_model_name_or_path=base_model_name_or_path)

@@ -7,6 +7,16 @@ with the fix, so a malformed dataset fails in seconds, not mid-training.
 Formats (auto-detected per record):
   alpaca  {"instruction": str, "input": str (optional), "output": str, ...}
   chat    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+
+Special tokens are the tokenizer's and its template's, never doubled: BOS is prepended only when the tokenizer
+itself adds one (LLaMA-2/3 do; Qwen2 and SmolLM2 do not) and the text does not already start with it (chat
+templates that write it); EOS is appended to an answer unless its rendered turn already holds it (ChatML's
+``<|im_end|>``, LLaMA-2's ``</s>``).
+
+Alpaca records are rendered with the Stanford-alpaca prompt as plain text for every tokenizer, instruct models
+included (not wrapped in the chat template): it is the prompt the LLM-Adapters data and the LoRA-variant papers
+use, so losses and accuracies compare with theirs. To train an instruct model through its chat template, give
+chat records (``messages``).
 """
 from __future__ import annotations
 
@@ -50,6 +60,9 @@ def format_prompt(record: dict) -> str:
 # ----- reading and validation ------------------------------------------------------------------------------------
 def _raw_records(path: Path) -> list[tuple[str, object]]:
     """(location, parsed JSON value) for each record of a .jsonl (one per line) or .json (a list) file."""
+    if path.suffix not in (".json", ".jsonl"):
+        raise DataError(f"{path}: not JSON/JSONL ({path.suffix or 'no extension'}); data files are .json (one list "
+                        "of records) or .jsonl (one record per line); convert it, e.g. with pandas' to_json")
     text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
         out = []
@@ -83,7 +96,10 @@ def _check_alpaca(where: str, record: dict) -> dict:
             raise DataError(f"{where}: field {field!r} must be a string, found {type(record[field]).__name__}")
     if not record["output"].strip():
         raise DataError(f"{where}: field 'output' is empty; there is nothing to learn from this record")
-    return {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"]}
+    # The gold ``answer`` (LLM-Adapters' label or number) is kept for evaluation; training ignores it.
+    answer = record.get("answer")
+    return {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"],
+            "answer": "" if answer is None else str(answer)}
 
 
 def _check_chat(where: str, record: dict) -> dict:
@@ -141,28 +157,57 @@ def _segments(record: dict, tokenizer) -> list[tuple[str, bool]]:
     for index, message in enumerate(messages):
         if message["role"] == "assistant":
             prompt = render(messages[:index], True)
-            pieces.append((prompt[len(done):], False))
             full = render(messages[:index + 1], False)
-            pieces.append((full[len(prompt):], True))
+            if not (prompt.startswith(done) and full.startswith(prompt)):
+                raise DataError(f"{record.get('source', 'a chat record')}: the tokenizer's chat template renders "
+                                "earlier turns differently once a later turn is added, so the answer cannot be "
+                                "masked; use a template that only appends (or data.format=alpaca)")
+            pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
     return pieces
 
 
-def tokenize_records(ds: datasets.Dataset, tokenizer, max_length: int, mask_prompt: bool = True) -> datasets.Dataset:
-    """input_ids / labels / attention_mask per record; prompt tokens get label -100 (when ``mask_prompt``);
-    the answer ends with EOS. A record whose prompt alone fills ``max_length`` is an error, reported up front."""
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    eos = tokenizer.eos_token_id
+def _adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself starts a text with BOS (its own convention, e.g. LLaMA's add_bos_token)."""
+    if tokenizer.bos_token_id is None:
+        return False
+    ids = tokenizer("a")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
+
+def encode_record(record: dict, tokenizer, mask_prompt: bool = True) -> tuple[list[int], list[int], int | None]:
+    """(input_ids, labels, index of the first learned token) of one record, untruncated. Prompt tokens get label
+    -100 when ``mask_prompt``; each answer ends with EOS exactly once. The one place a record becomes tokens: the
+    recipe's training data, and evaluation's prompts and scored answers (recipes/inference.py)."""
+    pieces = _segments(record, tokenizer)
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    starts_with_bos = bool(bos) and pieces[0][0].startswith(bos)
+    ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) and not starts_with_bos else []
+    labels = [IGNORE_INDEX] * len(ids)
+    first_learned = None
+    for text, learned in pieces:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if learned and not (eos and eos in text):
+            piece = piece + [tokenizer.eos_token_id]
+        if learned and first_learned is None:
+            first_learned = len(ids)
+        ids += piece
+        labels += piece if (learned or not mask_prompt) else [IGNORE_INDEX] * len(piece)
+    return ids, labels, first_learned
+
+
+def encode_prompt(record: dict, tokenizer) -> list[int]:
+    """Token ids of a record's prompt, exactly as training sees them before the first answer token (what a
+    model is given to generate the answer)."""
+    ids, _, first_learned = encode_record(record, tokenizer)
+    return ids[:first_learned]
+
+
+def tokenize_records(ds: datasets.Dataset, tokenizer, max_length: int, mask_prompt: bool = True) -> datasets.Dataset:
+    """input_ids / labels / attention_mask per record (see `encode_record`), cut to ``max_length``. A record
+    whose prompt alone fills ``max_length`` is an error, reported up front."""
     def encode(record: dict) -> dict:
-        ids, labels = list(bos), [IGNORE_INDEX] * len(bos)
-        first_learned = None
-        for text, learned in _segments(record, tokenizer):
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if learned else [])
-            if learned and first_learned is None:
-                first_learned = len(ids)
-            ids += piece
-            labels += piece if (learned or not mask_prompt) else [IGNORE_INDEX] * len(piece)
+        ids, labels, first_learned = encode_record(record, tokenizer, mask_prompt)
         if first_learned is None or first_learned >= max_length:
             raise DataError(f"{record['source']}: the prompt takes {first_learned} tokens but data.max_length="
                             f"{max_length} leaves no room for the answer; raise data.max_length or shorten the record")

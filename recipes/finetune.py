@@ -25,6 +25,7 @@ import selora
 from recipes import checkpoint, engine as engines
 from recipes.checkpoint import TrainerState
 from recipes.data import build_datasets, make_collate_fn
+from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger
 from recipes.modeling import load_model, load_tokenizer
 from selora.distributed import world
@@ -75,6 +76,12 @@ def run(cfg) -> dict:
         say(f"resumed from {resume_from} at step {state.step}")
     metrics = MetricsLogger(output_dir, rank, bool(train.tensorboard), resume_step=state.step)
 
+    # What the base model answers to train.sample_prompts (the adapter starts as a no-op), shown again at the end.
+    sample_prompts = list(train.sample_prompts or [])
+    base_answers = None
+    if sample_prompts and state.step == 0:
+        base_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
+
     # The loop: micro-batches in a seeded order; an optimizer step every gradient_accumulation_steps of them.
     progress = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window = LogWindow(device)
@@ -117,11 +124,15 @@ def run(cfg) -> dict:
             checkpoint.save_checkpoint(output_dir, engine, model, srlora, state)
     progress.close()
     metrics.close()
+    if sample_prompts:
+        tuned_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
+        say(format_comparison(sample_prompts, base_answers, tuned_answers))
 
     # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
     outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),
                                       save_merged=bool(train.save_merged),
-                                      base_model_name_or_path=base_model_name(cfg, model_info), tokenizer=tokenizer)
+                                      base_model_name_or_path=base_model_name(cfg, model_info), tokenizer=tokenizer,
+                                      base_model=base_model_record(cfg.model))
     for kind, path in outputs.items():
         say(f"{kind} saved to {path}")
     return {"step": state.step, **last, "outputs": outputs}

