@@ -71,7 +71,7 @@ class Settings:
 
 SMOKE = dict(steps=12, micro_batch=2, max_length=320, warmup=2, train_choice=4, heldout_math=4, test_math=3,
              test_choice=3, max_new_tokens=8, eval_batch=8, model_preset="tiny_llama", seeds=(0, 1),
-             sweep_stride=2)
+             sweep_stride=3)
 
 
 # ----- the methods -----------------------------------------------------------------------------------------------
@@ -387,6 +387,12 @@ def read_results(paths: list[Path]) -> list[dict]:
     return list(found.values())
 
 
+def pending_jobs(jobs: list[dict], records: list[dict]) -> list[dict]:
+    """The jobs without a finished run among ``records`` (what a resumed call still has to do), in plan order."""
+    done = {r["id"] for r in records}
+    return [j for j in jobs if j["id"] not in done]
+
+
 def validate(jobs: list[dict], s: Settings) -> None:
     """Resolve every run's config before any GPU time is spent: a bad key or value fails here, in one line."""
     from launch.config import ConfigError, resolve
@@ -418,7 +424,7 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
     records = read_results([*earlier, results_path])
     if earlier:  # carry earlier calls' runs into this call's file, so one file holds the whole study
         results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    pending = [j for j in jobs if j["id"] not in {r["id"] for r in records}]
+    pending = pending_jobs(jobs, records)
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; {len(pending)} to go, {parallel} at a time, "
           f"budget {budget_s:.0f} s", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
@@ -720,7 +726,7 @@ def report(results: list[Path], docs: Path, steps: int, write_doc: bool = True) 
 
 
 # ----- smoke (CPU, tiny model) -----------------------------------------------------------------------------------
-def smoke(work: Path, source: Path) -> None:
+def smoke(work: Path, source: Path, only: list[str] | None = None) -> None:
     """The whole pipeline on CPU with the tiny random model and a handful of records: prepare, sweep, grid (one
     method of each kind), the base model, the report into a scratch docs folder. Under 2 minutes."""
     started = time.time()
@@ -728,9 +734,11 @@ def smoke(work: Path, source: Path) -> None:
         shutil.rmtree(work)
     s = Settings(**SMOKE, data=str(work / "data"))
     print(prepare(source, work / "data", s)["math"])
-    keep = ["LoRA r16", "SeLoRA_W r16 50%", "SeDoRA_W r16 50%", "SRLoRA r16 (paper)", "SRLoRA r16 (defaults)",
-            "SeLoRA_W+SRLoRA r16 50%"]
+    keep = only or ["LoRA r16", "SeLoRA_W r16 50%", "SeDoRA_W r16 50%", "SRLoRA r16 (paper)", "SRLoRA r16 (defaults)",
+                    "SeLoRA_W+SRLoRA r16 50%"]
     jobs = plan(methods(s.steps), s.seeds, only=keep, stride=s.sweep_stride)
+    families = {methods(s.steps)[name].family for name in keep}
+    jobs = [j for j in jobs if j["kind"] != "sweep" or j["family"] in families]
     jobs = [j for j in jobs if not (j["kind"] == "test" and j["seed"] != s.seeds[0] and j["method"] != "LoRA r16")]
     validate(jobs, s)
     records = run_all(s, work / "study", None, 3, 600, jobs, [])
@@ -746,31 +754,37 @@ def smoke(work: Path, source: Path) -> None:
 
 # ----- model ------------------------------------------------------------------------------------------------------
 def convert_model(gguf: Path, out: Path) -> None:
-    """De-quantize the GGUF once into a plain HF folder (float32 safetensors, tokenizer, chat template): each run
-    then loads in well under a second instead of de-quantizing (~20 s of CPU per process)."""
+    """De-quantize the GGUF once into a plain HF folder (float32 safetensors, tokenizer, chat template), through the
+    recipes' own loaders: each run then loads in well under a second instead of de-quantizing (~20 s of CPU per
+    process). Checks that the folder tokenizes a record and computes logits exactly as the GGUF does."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from launch.config import resolve
+    from recipes.data import encode_record
+    from recipes.modeling import load_model, load_tokenizer
     started = time.time()
     if not gguf.is_file():
         raise SystemExit(f"error: {gguf} not found; on the GPU machine run `bash bench/gpu_model_parts.sh receive` first")
-    kwargs = dict(gguf_file=gguf.name, quantization_config=GgufConfig(dequantize=True))
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+    def load(path: Path):
+        cfg = resolve("llama_lora", [f"model.path={path}", "model.dtype=float32"])
+        return load_model(cfg.model, torch.device("cpu"))[0], load_tokenizer(cfg.tokenizer, cfg.model)
+
+    model, tokenizer = load(gguf)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    reloaded = AutoTokenizer.from_pretrained(out)
-    text = "<|im_start|>user\nTom has 3 apples and buys 4 more. The answer is 7.<|im_end|>\n"
-    if reloaded(text)["input_ids"] != tokenizer(text)["input_ids"]:
-        raise SystemExit("error: the saved tokenizer encodes differently from the GGUF's; use the .gguf path itself")
-    ids = torch.tensor([tokenizer(text)["input_ids"]])
-    again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    again, tokenizer_again = load(out)
+    record = {"instruction": "Tom has 3 apples and buys 4 more. How many does he have?", "input": "",
+              "output": "3 + 4 = 7. The answer is 7."}
+    ids = encode_record(record, tokenizer)[0]
+    if encode_record(record, tokenizer_again)[0] != ids:
+        raise SystemExit("error: the saved tokenizer encodes a record differently from the GGUF's; use the .gguf path")
     with torch.no_grad():
-        drift = (model(ids).logits - again(ids).logits).abs().max().item()
+        drift = (model(torch.tensor([ids])).logits - again(torch.tensor([ids])).logits).abs().max().item()
     if drift > 1e-4:
-        raise SystemExit(f"error: the saved model's logits differ from the GGUF's by {drift}")
-    print(f"{gguf} -> {out} ({sum(p.numel() for p in model.parameters()):,} parameters, logits equal, "
-          f"{time.time() - started:.0f} s)")
+        raise SystemExit(f"error: the saved model's logits differ from the GGUF's by {drift}; use the .gguf path")
+    print(f"{gguf} -> {out}: {sum(p.numel() for p in model.parameters()):,} parameters, same tokens and logits, "
+          f"{time.time() - started:.0f} s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -786,7 +800,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hard-seconds", type=float, default=None, help="run: stop runs still going (default budget + 60)")
     parser.add_argument("--steps", type=int, default=Settings.steps)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--only", default=None, help="run: comma-separated method names (the sweep always runs)")
+    parser.add_argument("--only", default=None, help="run, smoke: comma-separated method names (the sweep always runs)")
     parser.add_argument("--results", action="append", default=[], help="results.jsonl of earlier calls (repeatable)")
     parser.add_argument("--docs", default=str(ROOT / "docs"))
     parser.add_argument("--no-doc", action="store_true", help="report: do not rewrite docs/quality.md")
@@ -796,7 +810,8 @@ def main(argv: list[str] | None = None) -> None:
         manifest = prepare(Path(args.source) if args.source else find_source(), Path(args.data), Settings())
         print(json.dumps(manifest, indent=1))
     elif args.command == "smoke":
-        smoke(Path(args.work), Path(args.source) if args.source else find_source())
+        smoke(Path(args.work), Path(args.source) if args.source else find_source(),
+              args.only.split(",") if args.only else None)
     elif args.command == "convert-model":
         convert_model(Path(args.gguf), Path(args.out))
     elif args.command == "one":
