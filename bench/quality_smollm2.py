@@ -556,7 +556,7 @@ def tables(records: list[dict], steps: int) -> str:
     groups = by_method(records, steps)
     lines = ["| method | trainable | seeds | lr | " + " | ".join(f"{t} acc" for t in MATH_SETS)
              + " | math acc (mean) | " + " | ".join(f"{t} loss" for t in MATH_SETS) + " | **math loss (mean)** |",
-             "|" + "---|" * (5 + 2 * len(MATH_SETS) + 2)]
+             "|" + "---|" * (4 + 2 * len(MATH_SETS) + 2)]
     for name, items in groups.items():
         cells = [name, f"{items[0]['trainable']:,}" if items[0].get("trainable") is not None else "?", str(len(items)),
                  "-" if items[0]["lr"] is None else f"{items[0]['lr']:g}"]
@@ -741,7 +741,7 @@ def smoke(work: Path, source: Path, only: list[str] | None = None) -> None:
     jobs = [j for j in jobs if j["kind"] != "sweep" or j["family"] in families]
     jobs = [j for j in jobs if not (j["kind"] == "test" and j["seed"] != s.seeds[0] and j["method"] != "LoRA r16")]
     validate(jobs, s)
-    records = run_all(s, work / "study", None, 3, 600, jobs, [])
+    records = run_all(s, work / "study", None, 3, 3600, jobs, [])
     docs = work / "docs"
     docs.mkdir()
     shutil.copy(ROOT / "docs" / "quality.md", docs / "quality.md")
