@@ -16,7 +16,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import selora  # noqa: E402
-from selora import spectral  # noqa: E402
+from selora.decode import IndexSet  # noqa: E402
+
+BASIS = "dct_rows"  # the row-wise DCT this profile was first written for; bench/bases_speed.py covers all bases
 
 FACTOR_LENGTHS = {4096: 11, 11008: 3}  # per LLaMA-7B layer: 11 factors of length 4096, 3 of 11008
 
@@ -55,12 +57,13 @@ def decode_table(rank: int) -> list[str]:
     per_layer = {"event": 0.0, "graph": 0.0}
     for length, count_per_layer in FACTOR_LENGTHS.items():
         k = length // 2
-        locations = spectral.draw_locations(length, k, rank, True, "dct", generator).cuda()
-        coefficients = torch.randn(rank, k, device="cuda")
+        basis = selora.bases.get(BASIS)
+        locations = IndexSet.draw(BASIS, rank, length, k * rank, seed=0).on(torch.device("cuda"))
+        coefficients = torch.randn(rank * k, device="cuda")
         grad = torch.randn(rank, length, device="cuda", dtype=torch.bfloat16)
-        ops = {"decode (fp32 rows)": lambda: spectral.decode(coefficients, locations, length, "dct"),
-               "decode + cast to bf16": lambda: spectral.decode(coefficients, locations, length, "dct").to(torch.bfloat16),
-               "fit (bf16 gradient)": lambda: spectral.fit(grad, locations, "dct")}
+        ops = {"decode (fp32 rows)": lambda: basis.decode(coefficients, locations, rank, length),
+               "decode + cast to bf16": lambda: basis.decode(coefficients, locations, rank, length).to(torch.bfloat16),
+               "fit (bf16 gradient)": lambda: basis.adjoint(grad, locations)}
         for name, fn in ops.items():
             event, graph = event_time_ms(fn) * 1000, graph_time_ms(fn) * 1000
             rows.append(f"| {name} | {length} | {k} | {rank} | {event:.1f} | {graph:.1f} |")
@@ -70,12 +73,13 @@ def decode_table(rank: int) -> list[str]:
     rows.append(f"| one layer's 14 decodes + 14 fits | | | | {per_layer['event']:.0f} | {per_layer['graph']:.0f} |")
     total = 0.0
     for length, count_per_layer in FACTOR_LENGTHS.items():  # the batched path: all 32 layers' factors at once
-        k, stacked = length // 2, 32 * count_per_layer * rank
-        locations = spectral.draw_locations(length, k, stacked, False, "dct", generator).cuda()
-        coefficients = torch.randn(stacked, k, device="cuda")
-        grad = torch.randn(stacked, length, device="cuda", dtype=torch.bfloat16)
-        for name, fn in (("batched decode, 32 layers", lambda: spectral.decode(coefficients, locations, length, "dct")),
-                         ("batched fit, 32 layers", lambda: spectral.fit(grad, locations, "dct"))):
+        k, stacked = length // 2, 32 * count_per_layer
+        basis = selora.bases.get(BASIS)
+        locations = IndexSet.draw(BASIS, rank, length, k * rank, seed=0).on(torch.device("cuda"))
+        coefficients = torch.randn(stacked, rank * k, device="cuda")
+        grad = torch.randn(stacked, rank, length, device="cuda", dtype=torch.bfloat16)
+        for name, fn in (("batched decode, 32 layers", lambda: basis.decode(coefficients, locations, rank, length)),
+                         ("batched fit, 32 layers", lambda: basis.adjoint(grad, locations))):
             event = event_time_ms(fn, 50) * 1000
             total += event
             rows.append(f"| {name} | {length} | {k} | {stacked} | {event:.1f} | |")

@@ -32,8 +32,9 @@ from selora.srlora import SRLoRA  # noqa: E402
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
                 vocab_size=32000, max_position_embeddings=4096)
-# selora_selora decodes all factors of the model in one transform per length per forward (the default);
-# selora_selora_per_factor is the earlier path (each factor decodes itself, once per step through the cache).
+# selora_selora decodes all factors of the model in one transform per factor shape per forward (the default);
+# selora_selora_per_factor makes each factor decode itself. selora_<basis> (e.g. selora_haar, selora_fft2) is
+# SeLoRA at ratio 0.5 with that basis of the selora.bases registry.
 METHODS = ["peft_lora", "selora_lora", "selora_selora", "selora_selora_per_factor", "selora_srlora",
            "selora_selora_matched"]
 
@@ -65,6 +66,9 @@ def attach(model, method: str, rank: int, total_steps: int):
         return selora.apply(model, selora.SeLoRAConfig(r=rank, alpha=2 * rank, spectral_ratio=0.5)), None
     if method == "selora_selora_matched":  # r doubled at ratio 0.5: the same trainable count as LoRA at r
         return selora.apply(model, selora.SeLoRAConfig(r=2 * rank, alpha=4 * rank, spectral_ratio=0.5)), None
+    if method.startswith("selora_") and method[len("selora_"):] in selora.bases.names():
+        config = selora.SeLoRAConfig(r=rank, alpha=2 * rank, spectral_ratio=0.5, basis=method[len("selora_"):])
+        return selora.apply(model, config), None
     if method == "selora_srlora":
         selora.apply(model, selora.LoRAConfig(r=rank, alpha=2 * rank))
         srlora = selora.SRLoRAConfig(start_step=5, end_step=total_steps, interval=5, svd="randomized")
@@ -87,9 +91,9 @@ class Trainee:
 
     def run(self, steps: int) -> list[float]:
         """Seconds per step (host wall time around a synchronized step)."""
-        per_factor = self.method.endswith("_per_factor")
-        selora.batch_decode_factors(not per_factor)
-        selora.cache_decoded_factors(per_factor)
+        decoder = getattr(self.model, "selora_decoder", None)
+        if decoder is not None:
+            decoder.batched = not self.method.endswith("_per_factor")
         times = []
         for _ in range(steps):
             self.step_count += 1
@@ -147,19 +151,20 @@ def interleaved_times(quant: str, layer_counts: tuple[int, int], args) -> dict:
     return rounds, losses
 
 
-def decode_cost(rank: int, repeats: int = 50) -> dict:
+def decode_cost(rank: int, repeats: int = 50, basis: str = "haar") -> dict:
     """Time to decode (forward + backward) all 14 factors of one LLaMA-7B layer, standalone (host-bound)."""
-    from selora import spectral
+    from selora.decode import IndexSet, SpectralDecode
     shapes = [(4096, 4096)] * 4 + [(4096, 11008)] * 2 + [(11008, 4096)]
     factors = []
     for in_f, out_f in shapes:
         for length in (in_f, out_f):
-            count = round(0.5 * length)
-            loc = spectral.draw_locations(length, count, rank, True, "dct", torch.Generator().manual_seed(0)).cuda()
-            factors.append((torch.randn(rank, count, device="cuda", requires_grad=True), loc, length))
+            index_set = IndexSet.draw(basis, rank, length, selora.bases.get(basis).count(rank, length, 0.5), seed=0)
+            entries = torch.randn(index_set.count, device="cuda", requires_grad=True)
+            factors.append((entries, index_set.on(torch.device("cuda")), length))
 
     def run():
-        total = sum(spectral.SpectralDecode.apply(c, loc, n, "dct").sum() for c, loc, n in factors)
+        decoder = selora.bases.get(basis)
+        total = sum(SpectralDecode.apply(c, idx, decoder, rank, n).sum() for c, idx, n in factors)
         total.backward()
     for _ in range(5):
         run()
@@ -168,7 +173,7 @@ def decode_cost(rank: int, repeats: int = 50) -> dict:
     for _ in range(repeats):
         run()
     torch.cuda.synchronize()
-    return {"decode_fwd_bwd_ms_per_layer": 1000 * (time.perf_counter() - start) / repeats}
+    return {"decode_fwd_bwd_ms_per_layer": 1000 * (time.perf_counter() - start) / repeats, "basis": basis}
 
 
 def main() -> None:
@@ -232,7 +237,7 @@ def main() -> None:
                      f"{r['step_ratio_vs_peft']:.3f} [{r['step_ratio_spread'][0]:.3f}-{r['step_ratio_spread'][1]:.3f}] | "
                      f"{r['per_layer_ratio_vs_peft']:.3f} | {r['peak_ratio_vs_peft']:.3f} |")
     text = header + "\n".join(table) + (f"\n\nSpectral decode, forward + backward of the 14 factors of one layer "
-                                        f"(r={args.rank}, ratio 0.5, DCT), standalone: "
+                                        f"(r={args.rank}, ratio 0.5, {decode['basis']}), standalone: "
                                         f"{decode['decode_fwd_bwd_ms_per_layer']:.3f} ms.\n")
     print("\n" + text)
     out = Path(args.out)

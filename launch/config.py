@@ -63,7 +63,7 @@ class AdapterSection:
     init: str = "default"
     spectral_ratio: float = 0.5
     n_coefficients: Optional[int] = None
-    basis: str = "dct"
+    basis: str = "haar"
     shared_locations: bool = True
     seed: int = 0
 

@@ -59,8 +59,6 @@ def run(cfg) -> dict:
     init_context = engines.zero3_init_context(cfg, total_steps, world_size)
     model, model_info = load_model(cfg.model, device, init_context=init_context)
     selora.apply(model, adapter_config)
-    # Decode SeLoRA factors once per optimizer step, not per micro-batch and checkpoint recomputation.
-    selora.cache_decoded_factors(True)
     say(selora.parameter_table(model))
     srlora = None
     if srlora_enabled:

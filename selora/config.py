@@ -10,9 +10,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from . import bases
+
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INIT_CHOICES = ("default", "pissa")
-BASIS_CHOICES = ("dct", "dft")
 
 
 class ConfigValueError(ValueError):
@@ -84,37 +85,45 @@ class LoRAConfig:
 
 @dataclass
 class SeLoRAConfig(LoRAConfig):
-    """SeLoRA: each LoRA factor is decoded from a few trainable spectral coefficients.
+    """SeLoRA (arXiv 2506.16787): each LoRA factor is the inverse spectral transform of a sparse spectral matrix.
 
-    Row i of A (length ``in``) and column i of B (length ``out``) are each the inverse transform of a sparse
-    spectrum whose non-zeros sit at fixed frequency locations drawn from ``seed``. The trainable count per
-    row is ``round(spectral_ratio * length)`` (or ``n_coefficients`` when given), so the adapter has about
-    ``spectral_ratio`` times LoRA's parameters while the decoded factors stay dense.
+    A (r x in) and B (out x r; stored as B^T, r x out) are each decoded as a whole matrix, A = T(F_A), from a
+    spectral matrix F of the factor's own shape whose only non-zero entries are ``count`` learnable ones at a
+    fixed index set. The index set is drawn once per factor shape from ``seed`` and shared by every factor of
+    that shape (the paper's global shared index set). count = floor(spectral_ratio * r * length) (spectral_ratio
+    is the paper's 1 - eta), or ``n_coefficients * r`` when given, so the adapter has about ``spectral_ratio``
+    times LoRA's parameters while the decoded factors stay dense.
 
-    basis: "dct" (orthonormal DCT-II; complete, so ratio 1.0 is exactly LoRA reparameterised) or "dft"
-    (real part of the inverse DFT, FourierFT-style; only ``length // 2 + 1`` distinct real frequencies
-    exist per row, which caps the coefficient count).
-    shared_locations: True -> all rows of a factor share one set of locations; False -> each row (pair)
-    draws its own.
+    basis: a name from ``selora.bases`` (the registry lists them): "haar" (default; the paper's SeLoRA_W), "db4",
+    "bior2.2", "coif1" (other wavelets), "fft2" (SeLoRA_F), or this project's row-wise "dct_rows" / "dft_rows"
+    ("dct" / "dft", their names before selora 0.2, are accepted).
+    n_coefficients: learnable entries per factor row (count = n_coefficients * r), instead of spectral_ratio.
+    shared_locations: row-wise bases only: True -> every row uses the same K columns; False -> each row its own.
     """
 
     method: ClassVar[str] = "selora"
 
     spectral_ratio: float = 0.5
     n_coefficients: int | None = None
-    basis: str = "dct"
+    basis: str = bases.DEFAULT
     shared_locations: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not (0.0 < self.spectral_ratio <= 1.0):
             raise ConfigValueError(
-                f"spectral_ratio={self.spectral_ratio!r}: must be in (0, 1], the fraction of each factor row "
-                "that is trainable (0.5 halves LoRA's parameter count)")
+                f"spectral_ratio={self.spectral_ratio!r}: must be in (0, 1], the fraction of each factor's "
+                "spectral entries that is trainable (0.5 halves LoRA's parameter count)")
         if self.n_coefficients is not None and (not isinstance(self.n_coefficients, int) or self.n_coefficients < 1):
             raise ConfigValueError(f"n_coefficients={self.n_coefficients!r}: must be a positive integer or None")
-        if self.basis not in BASIS_CHOICES:
-            raise ConfigValueError(f"basis={self.basis!r}: choose one of {BASIS_CHOICES}")
+        try:
+            self.basis = bases.canonical(self.basis)
+        except KeyError as error:
+            raise ConfigValueError(error.args[0]) from None
+        if not self.shared_locations and not bases.get(self.basis).row_wise:
+            raise ConfigValueError(
+                f"shared_locations=False applies to the row-wise bases only (dct_rows, dft_rows); basis "
+                f"{self.basis!r} uses one index set per factor shape: set shared_locations=True")
 
 
 @dataclass

@@ -129,9 +129,6 @@ def set_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
 
         safe_set_full_fp32_param(param, value.float())
-    from .spectral import invalidate_decoded_factors
-
-    invalidate_decoded_factors()
 
 
 @torch.no_grad()

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import quant
 from .config import LoRAConfig
-from .batched_decode import BatchedSpectralDecode
+from .decode import ModelDecoder
 from .layers import AdapterLinear, SpectralFactor
 from .svd import sharded_principal_directions
 
@@ -90,7 +90,9 @@ def apply(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> n
     and when the caller (e.g. the ZeRO-3 sharded initialiser) runs it itself.
     """
     targets = find_targets(model, config)
-    layers = {name: AdapterLinear(base, config, layer_generator(config.seed, name)) for name, base in targets.items()}
+    index_sets: dict = {}  # one shared index set per SeLoRA factor shape (the paper's Omega)
+    layers = {name: AdapterLinear(base, config, layer_generator(config.seed, name), index_sets)
+              for name, base in targets.items()}
     for param in model.parameters():
         param.requires_grad_(False)
     for name, layer in layers.items():
@@ -98,7 +100,7 @@ def apply(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> n
     model.selora_config = config
     factors = [f for layer in layers.values() for f in (layer.lora_A, layer.lora_B) if isinstance(f, SpectralFactor)]
     if factors:
-        model.register_forward_pre_hook(BatchedSpectralDecode(factors))
+        ModelDecoder(factors).attach(model)
     on_meta = any(layer.base_layer.weight.device.type == "meta" for layer in layers.values())
     if initialize and not on_meta:
         initialize_adapters(model)

@@ -2,7 +2,8 @@
 
 selora format, one directory:
   adapter_config.json        {"format": "selora-adapter", "version": 1, "adapter": <config>, "layers": {...}}
-  adapter_model.safetensors  per layer: trainable tensors, spectral locations, the base-delta record
+  adapter_model.safetensors  per layer: trainable tensors and the base-delta record; once per SeLoRA factor
+                             shape: its shared index set, as a packed bit mask ("index_sets.<basis>.<rows>x<length>")
   extra_state.safetensors    optional caller state (e.g. SRLoRA scores), saved beside the adapter
 Directories are written to a temporary sibling and renamed into place, so a crash mid-save never leaves a
 half-written adapter where a good one was. Under ZeRO-3 every rank must call save/export (gathering is
@@ -24,13 +25,19 @@ from torch import nn
 from .config import LoRAConfig
 from .distributed import full_value, gathered, set_full_value, world
 from .inject import adapter_layers, apply, find_targets
-from .layers import AdapterLinear
-from .spectral import invalidate_decoded_factors
+from .decode import IndexSet
+from .layers import AdapterLinear, SpectralFactor
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "extra_state.safetensors"
 FORMAT = "selora-adapter"
+# 2: SeLoRA entries are 1-D with one index set per factor shape (selora 0.2); 1: per-row coefficients and locations.
+VERSION = 2
+
+
+# The low-rank records of what selora wrote into (or beside) the base; see AdapterLinear.
+RECORDS = ("base_delta_A", "base_delta_B", "base_delta_chunks", "residual_A", "residual_B")
 
 
 class AdapterFileError(ValueError):
@@ -69,8 +76,9 @@ def _layer_state(layer: AdapterLinear) -> dict[str, torch.Tensor]:
         state.update({f"lora_B.{k}": v.detach().cpu().clone() for k, v in layer.lora_B.state_dict().items()})
         if layer.magnitude is not None:
             state["magnitude"] = layer.magnitude.detach().cpu().clone()
-    for key in ("base_delta_A", "base_delta_B", "base_delta_chunks", "residual_A", "residual_B"):
-        state[key] = getattr(layer, key).detach().cpu().clone()
+    for key in RECORDS:  # empty records are left out (absent = empty): their headers would be most of a small file
+        if getattr(layer, key).numel():
+            state[key] = getattr(layer, key).detach().cpu().clone()
     return state
 
 
@@ -82,9 +90,33 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _layer_meta(model: nn.Module) -> dict:
-    return {name: {"in_features": l.in_features, "out_features": l.out_features, "base": l.kind}
-            for name, l in adapter_layers(model).items()}
+def _layer_meta(model: nn.Module, index_keys: dict[int, str]) -> dict:
+    meta = {}
+    for name, layer in adapter_layers(model).items():
+        meta[name] = {"in_features": layer.in_features, "out_features": layer.out_features, "base": layer.kind}
+        for side, factor in (("A", layer.lora_A), ("B", layer.lora_B)):
+            if isinstance(factor, SpectralFactor):
+                meta[name][f"index_set_{side}"] = index_keys[id(factor.index_set)]
+    return meta
+
+
+def index_set_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[int, str], dict]:
+    """Every distinct index set of the model's SeLoRA factors once (normally one per factor shape), as packed
+    bit masks: (tensors by key, key by id(IndexSet), meta by key)."""
+    tensors, keys, meta = {}, {}, {}
+    for layer in adapter_layers(model).values():
+        for factor in (layer.lora_A, layer.lora_B):
+            if not isinstance(factor, SpectralFactor) or id(factor.index_set) in keys:
+                continue
+            index_set = factor.index_set
+            key = base = f"index_sets.{index_set.basis}.{index_set.rows}x{index_set.length}"
+            number = 1
+            while key in tensors:  # a shape with more than one set (loaded from a selora < 0.2 file)
+                key, number = f"{base}.{number}", number + 1
+            tensors[key], keys[id(index_set)] = index_set.mask(), key
+            meta[key] = {"basis": index_set.basis, "rows": index_set.rows, "length": index_set.length,
+                         "count": index_set.count, "sha256": index_set.digest()}
+    return tensors, keys, meta
 
 
 def save_adapter(model: nn.Module, directory: str | Path, extra_state: dict[str, torch.Tensor] | None = None,
@@ -94,9 +126,11 @@ def save_adapter(model: nn.Module, directory: str | Path, extra_state: dict[str,
     if not layers:
         raise AdapterFileError("this model has no selora adapters to save; call selora.apply(model, config) first")
     tensors = {k: v.contiguous() for k, v in adapter_state_dict(model).items()}
+    masks, index_keys, index_meta = index_set_tensors(model)
+    tensors.update(masks)
     extra = {k: v.detach().cpu().contiguous() for k, v in (extra_state or {}).items()}
-    meta = {"format": FORMAT, "version": 1, "adapter": model.selora_config.to_dict(), "layers": _layer_meta(model),
-            "extra": extra_meta or {}}
+    meta = {"format": FORMAT, "version": VERSION, "adapter": model.selora_config.to_dict(),
+            "layers": _layer_meta(model, index_keys), "index_sets": index_meta, "extra": extra_meta or {}}
     if world()[0] != 0:
         return Path(directory)
 
@@ -150,9 +184,11 @@ def _check_fits(model: nn.Module, meta: dict, tensors: dict[str, torch.Tensor]) 
             raise AdapterFileError(
                 f"adapter layer {name!r} expects in={info['in_features']}, out={info['out_features']} but the model's "
                 f"module has in={shape[0]}, out={shape[1]}; load it on the model it was trained for")
-        for key in ("base_delta_A", "base_delta_B", "residual_A", "residual_B"):
-            if f"{name}.{key}" not in tensors:
-                raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{key}; the file is incomplete")
+        for pair in (("base_delta_A", "base_delta_B"), ("residual_A", "residual_B")):
+            present = [f"{name}.{key}" in tensors for key in pair]
+            if any(present) and not all(present):
+                missing = pair[present.index(False)]
+                raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {name}.{missing}; the file is incomplete")
 
 
 @torch.no_grad()
@@ -163,6 +199,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
     or a model already given the same config by `selora.apply`. Nothing is changed unless everything fits.
     """
     meta, tensors, extra = read_adapter(directory)
+    if meta.get("version", 1) == 1:
+        meta, tensors = _upgrade_version_1(meta, tensors)
     config = LoRAConfig.from_dict(meta["adapter"])
     _check_fits(model, meta, tensors)
     layers = adapter_layers(model)
@@ -184,10 +222,66 @@ def load_adapter(model: nn.Module, directory: str | Path) -> dict[str, torch.Ten
     if not layers:
         apply(model, config)
         layers = adapter_layers(model)
+    index_sets = _read_index_sets(meta, tensors, layers)
     for name, layer in layers.items():
         _load_layer(layer, {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")},
                     meta["layers"][name], name)
+        for side, factor in (("A", layer.lora_A), ("B", layer.lora_B)):
+            if isinstance(factor, SpectralFactor):
+                factor.index_set = index_sets[meta["layers"][name][f"index_set_{side}"]]
     return extra
+
+
+def _read_index_sets(meta: dict, tensors: dict[str, torch.Tensor], layers: dict[str, AdapterLinear]) -> dict:
+    """IndexSet by file key. A set equal to the one the model drew from its seed stays the model's own object
+    (so batching and memory are unchanged); a different one (a file from another seed rule) is used as stored."""
+    drawn = {}
+    for layer in layers.values():
+        for factor in (layer.lora_A, layer.lora_B):
+            if isinstance(factor, SpectralFactor):
+                drawn.setdefault(factor.index_set.digest(), factor.index_set)
+    sets = {}
+    for key, info in meta.get("index_sets", {}).items():
+        if key not in tensors:
+            raise AdapterFileError(f"{WEIGHTS_FILE} lacks tensor {key} (a SeLoRA index set); the file is incomplete")
+        loaded = IndexSet.from_mask(info["basis"], info["rows"], info["length"], tensors[key])
+        if loaded.count != info["count"] or loaded.digest() != info["sha256"]:
+            raise AdapterFileError(f"{key} in {WEIGHTS_FILE} does not match its recorded count/hash; the file is corrupt")
+        sets[key] = drawn.get(loaded.digest(), loaded)
+    return sets
+
+
+def _upgrade_version_1(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """An adapter saved by selora < 0.2 (per-row coefficients (r, K) and locations (r, K) per factor) in
+    today's layout: flat entries and one index set per distinct set of locations."""
+    from .bases import get
+
+    adapter = dict(meta["adapter"])
+    if adapter.get("method") != "selora":
+        return {**meta, "version": VERSION}, tensors
+    basis_name = {"dct": "dct_rows", "dft": "dft_rows"}.get(adapter.get("basis", "dct"), adapter.get("basis"))
+    basis = get(basis_name)
+    tensors, layers, index_meta, by_digest = dict(tensors), {}, {}, {}
+    for name, info in meta["layers"].items():
+        info = dict(info)
+        for side, length in (("A", info["in_features"]), ("B", info["out_features"])):
+            coefficients = tensors.pop(f"{name}.lora_{side}.coefficients", None)
+            locations = tensors.pop(f"{name}.lora_{side}.locations", None)
+            if coefficients is None or locations is None:
+                raise AdapterFileError(f"{WEIGHTS_FILE} lacks {name}.lora_{side}.coefficients/locations; "
+                                       "the file is incomplete")
+            rows, n_cols = coefficients.shape[0], basis.spectral_shape(coefficients.shape[0], length)[1]
+            flat = (locations.long() + n_cols * torch.arange(rows).unsqueeze(1)).reshape(-1)
+            order = flat.argsort()
+            index_set = IndexSet(basis_name, rows, length, flat[order])
+            key = by_digest.setdefault(index_set.digest(), f"index_sets.{basis_name}.{rows}x{length}.{len(by_digest)}")
+            tensors[key] = index_set.mask()
+            index_meta[key] = {"basis": basis_name, "rows": rows, "length": length, "count": index_set.count,
+                               "sha256": index_set.digest()}
+            tensors[f"{name}.lora_{side}.coefficients"] = coefficients.reshape(-1)[order].contiguous()
+            info[f"index_set_{side}"] = key
+        layers[name] = info
+    return {**meta, "version": VERSION, "layers": layers, "index_sets": index_meta}, tensors
 
 
 def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict, name: str) -> None:
@@ -209,7 +303,9 @@ def _load_layer(layer: AdapterLinear, state: dict[str, torch.Tensor], info: dict
             set_full_value(target, value)  # ZeRO shard and optimizer master copy too, when there are any
         else:
             target.copy_(value.to(target.dtype))
-    invalidate_decoded_factors()
+    empty = {"base_delta_A": layer.base_delta_A[:0], "base_delta_B": layer.base_delta_B[:, :0],
+             "residual_A": layer.residual_A[:0], "residual_B": layer.residual_B[:, :0]}
+    state = {**{k: v.cpu() for k, v in empty.items()}, **state}
     layer.residual_A = state["residual_A"].to(layer.residual_A)
     layer.residual_B = state["residual_B"].to(layer.residual_B)
     _rebase(layer, state["base_delta_A"], state["base_delta_B"], state.get("base_delta_chunks"))

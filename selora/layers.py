@@ -3,7 +3,7 @@
 
 A factor is a small module whose ``forward()`` returns its dense rows. Row i of A (r, in) and row i of
 B^T (r, out) make LoRA pair i. `DenseFactor` trains the rows directly (LoRA); `SpectralFactor` decodes
-them from sparse spectral coefficients (SeLoRA). Everything else — rsLoRA scaling, DoRA's magnitude,
+the whole (r, length) factor from a sparse spectral matrix (SeLoRA, selora/bases/). Everything else — rsLoRA scaling, DoRA's magnitude,
 PiSSA init, SRLoRA recomposition — is written once against that interface, so every combination works.
 
 Changes selora writes into the frozen base (PiSSA residual, SRLoRA fusion) are recorded exactly as a
@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import quant, spectral
+from . import bases, quant
 from .config import LoRAConfig, SeLoRAConfig
 from .distributed import (add_low_rank, full_value, gather_to_owner, gathered, reset_optimizer_rows, set_full_value,
                           world)
+from .decode import IndexSet, SpectralDecode
 from .svd import PrincipalDirections
 
 
@@ -38,7 +39,7 @@ class DenseFactor(nn.Module):
             self.weight.data.copy_(values)
 
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The rows; ``dtype`` is a hint (the caller casts), used by SpectralFactor's cache."""
+        """The rows; ``dtype`` is a hint (the caller casts)."""
         # A view, not the leaf itself: per-call gradient hooks (SRLoRA scoring) then live on this call's tensor
         # instead of piling up on the parameter.
         return self.weight.view_as(self.weight)
@@ -47,76 +48,80 @@ class DenseFactor(nn.Module):
     def param(self) -> nn.Parameter:
         return self.weight
 
-    def fit_values(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Parameter rows whose decoding is closest to ``target`` (len(rows), length): the rows themselves."""
-        return target.float()
+    def decode_value(self, value: torch.Tensor) -> torch.Tensor:
+        """The (rows, length) float32 factor a parameter value stands for: the value itself."""
+        return value.float()
 
-    def decode_values(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return values.float()
+    def fit_value(self, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """The parameter value whose factor is closest to ``target`` (rows, length): the target itself."""
+        return target.float()
 
 
 class SpectralFactor(nn.Module):
-    """SeLoRA factor: rows are the inverse transform of ``coefficients`` (rows, K) placed at ``locations``."""
+    """SeLoRA factor: the (rows, length) factor is ``basis``'s inverse 2-D transform of a sparse spectral matrix
+    whose ``count`` learnable entries (``coefficients``, 1-D) sit at the shared ``index_set`` of this shape."""
 
-    def __init__(self, rows: int, length: int, count: int, basis: str, shared_locations: bool, zero: bool,
+    def __init__(self, rows: int, length: int, basis: str, index_set: IndexSet, zero: bool,
                  generator: torch.Generator, device: torch.device):
         super().__init__()
-        self.length, self.basis = length, basis
-        self.coefficients = nn.Parameter(torch.empty(rows, count, device=device))
-        locations = spectral.draw_locations(length, count, rows, shared_locations, basis, generator)
-        # Stored as int32 (half of int64's memory; a 7B model holds ~50M locations); converted where indexed.
-        self.register_buffer("locations", locations.to(device, torch.int32))
-        self.batched_rows: torch.Tensor | None = None  # set by BatchedSpectralDecode before each model forward
-        self.batched_key: tuple | None = None
+        self.rows, self.length, self.basis_name = rows, length, basis
+        self.basis = bases.get(basis)
+        self.index_set = index_set
+        self.coefficients = nn.Parameter(torch.empty(index_set.count, device=device))
+        self.decoded: torch.Tensor | None = None  # set by the model's decoder for one top-level forward only
         self.compute_dtype: torch.dtype | None = None  # the dtype of the last forward's input
         if device.type != "meta":
-            # Orthonormal bases keep norms: U(-1/sqrt(K), 1/sqrt(K)) gives each decoded row the same expected
-            # norm as LoRA's kaiming-uniform row, whatever the spectral ratio.
-            bound = 0.0 if zero else 1.0 / math.sqrt(count)
-            values = torch.rand(rows, count, generator=generator) * 2 * bound - bound
+            # Kaiming-uniform on the spectral matrix (LoRA's bound for this fan-in), then calibrated so the
+            # decoded factor has LoRA's variance 1 / (3 * length) whatever the ratio and basis: the expected
+            # squared norm of the decoded factor is var(entry) * (sum of squared column norms at the index set).
+            bound = 0.0 if zero else 1.0 / math.sqrt(length)
+            if not zero:
+                bound *= math.sqrt(rows * length / self.basis.column_energy(rows, length, index_set.indices))
+            values = torch.rand(index_set.count, generator=generator) * 2 * bound - bound
             self.coefficients.data.copy_(values)
 
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Decoded rows: those the model-wide batched decode handed out for this forward (in ``dtype``, the
-        compute dtype) while current; else, with the decode cache on, rows decoded once per optimizer step and
-        kept in ``dtype``; else float32 rows decoded now."""
-        self.compute_dtype = dtype  # the batched decode hands out rows already in this dtype
-        if self.batched_rows is not None and self.batched_key == spectral.coefficients_state(self.coefficients):
-            return self.batched_rows.view_as(self.batched_rows)  # decoded with the model's other factors
-        key = spectral.cache_key(self.coefficients)
-        if key is None:
-            return spectral.SpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis)
-        key = (*key, dtype)
-        if getattr(self, "_cached_key", None) != key:
-            self._cached_dense = None  # free the old rows before decoding the new ones
-            with torch.no_grad():
-                dense = spectral.decode(self.coefficients, self.locations, self.length, self.basis)
-                self._cached_dense = dense.to(dtype) if dtype is not None else dense
-            self._cached_key = key
-        return spectral.CachedSpectralDecode.apply(self.coefficients, self.locations, self.length, self.basis,
-                                                   self._cached_dense)
+        """The decoded (rows, length) factor: the rows the model's decoder handed out for the running top-level
+        forward (already in ``dtype``), or else decoded now (float32)."""
+        self.compute_dtype = dtype
+        if self.decoded is not None:
+            return self.decoded.view_as(self.decoded)
+        indices = self.index_set.on(self.coefficients.device)
+        return SpectralDecode.apply(self.coefficients, indices, self.basis, self.rows, self.length)
 
     @property
     def param(self) -> nn.Parameter:
         return self.coefficients
 
-    def fit_values(self, target: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Least-squares coefficients for ``target`` rows: the projection onto each row's basis vectors.
+    def decode_value(self, value: torch.Tensor) -> torch.Tensor:
+        return self.basis.decode(value, self.index_set.on(value.device), self.rows, self.length).float()
 
-        This is what re-initialising a spectral pair means: the pair keeps its frequency locations and its
-        coefficients are re-fitted to the target direction (not re-drawn)."""
-        return spectral.fit(target, self.locations[rows], self.basis).float()
+    def fit_value(self, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+        """Least-squares entries for a (rows, length) target: the whole factor is re-fitted (in a 2-D basis the
+        rows are not independent in the spectrum). From ``start`` the fit solves for the change only, so entries
+        whose basis functions miss every changed row keep their exact values (orthonormal bases)."""
+        indices = self.index_set.on(target.device)
+        if start is None:
+            return self.basis.fit(target, indices).float()
+        change = self.basis.fit(target.float() - self.decode_value(start), indices)
+        return start.float() + change.float()
 
-    def decode_values(self, values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return spectral.decode(values, self.locations[rows], self.length, self.basis).float()
+    def extra_repr(self) -> str:
+        return f"basis={self.basis_name}, rows={self.rows}, length={self.length}, entries={self.index_set.count}"
 
 
-def make_factor(config: LoRAConfig, length: int, zero: bool, generator: torch.Generator,
-                device: torch.device) -> nn.Module:
-    if isinstance(config, SeLoRAConfig):
-        count = spectral.coefficient_count(length, config.spectral_ratio, config.n_coefficients, config.basis)
-        return SpectralFactor(config.r, length, count, config.basis, config.shared_locations, zero, generator, device)
-    return DenseFactor(config.r, length, zero, generator, device)
+def make_factor(config: LoRAConfig, length: int, zero: bool, generator: torch.Generator, device: torch.device,
+                index_sets: dict | None = None) -> nn.Module:
+    """A factor of ``config.r`` rows of ``length``; SeLoRA factors of one shape share one IndexSet from
+    ``index_sets`` (keyed by shape; filled on first use)."""
+    if not isinstance(config, SeLoRAConfig):
+        return DenseFactor(config.r, length, zero, generator, device)
+    index_sets = {} if index_sets is None else index_sets
+    key = (config.basis, config.r, length)
+    if key not in index_sets:
+        count = bases.get(config.basis).count(config.r, length, config.spectral_ratio, config.n_coefficients)
+        index_sets[key] = IndexSet.draw(config.basis, config.r, length, count, config.seed, config.shared_locations)
+    return SpectralFactor(config.r, length, config.basis, index_sets[key], zero, generator, device)
 
 
 class AdapterLinear(nn.Module):
@@ -126,7 +131,8 @@ class AdapterLinear(nn.Module):
     whatever the base stores (fp32, bf16, 4-bit, 8-bit).
     """
 
-    def __init__(self, base_layer: nn.Module, config: LoRAConfig, generator: torch.Generator):
+    def __init__(self, base_layer: nn.Module, config: LoRAConfig, generator: torch.Generator,
+                 index_sets: dict | None = None):
         super().__init__()
         self.kind = quant.base_kind(base_layer)
         self.base_layer = base_layer
@@ -137,8 +143,8 @@ class AdapterLinear(nn.Module):
         device = base_layer.weight.device
         adapter_device = torch.device("meta") if device.type == "meta" else device
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.lora_A = make_factor(config, self.in_features, zero=False, generator=generator, device=adapter_device)
-        self.lora_B = make_factor(config, self.out_features, zero=True, generator=generator, device=adapter_device)
+        self.lora_A = make_factor(config, self.in_features, False, generator, adapter_device, index_sets)
+        self.lora_B = make_factor(config, self.out_features, True, generator, adapter_device, index_sets)
         self.magnitude = nn.Parameter(torch.ones(self.out_features, device=adapter_device)) if self.use_dora else None
         # Low-rank records relative to the pretrained base W0, in (out, k) @ (k, in) form:
         #   base_delta: written into the base weight (PiSSA residual, SRLoRA fusion on float bases)
@@ -302,25 +308,33 @@ class AdapterLinear(nn.Module):
         """Fuse pairs ``pairs`` into the base and re-initialise them along ``directions`` (one per pair), so
         that the layer computes exactly the same function before and after (up to rounding / quantization).
 
-        New pair j: A row sqrt(S_j / scaling) V_j, B column sqrt(S_j / scaling) U_j (PiSSA-style), fitted to
-        the factor's parametrisation (spectral pairs keep their locations and re-fit their coefficients).
-        The base absorbs old minus new: W_base += scaling * (B_old A_old - B_new A_new).
-        Optimizer moments of the replaced rows are zeroed; other rows are untouched.
+        Target for new pair j: A row sqrt(S_j / scaling) V_j, B column sqrt(S_j / scaling) U_j (PiSSA-style),
+        the other rows as they are. Each factor is then re-fitted to its target as a whole (a dense factor takes
+        it exactly; a spectral one by least squares, which moves every row whose basis functions the replaced
+        rows share), and the base absorbs exactly the old product minus the new one, over the rows that changed:
+        W_base += scaling * (B_old A_old - B_new A_new).
+        Optimizer moments of every parameter row (dense) or entry (spectral) whose value changed are zeroed:
+        they were estimated for a value the parameter no longer has; the rest keep theirs.
         """
         pairs = pairs.to(torch.long).cpu()
         values_A, values_Bt = full_value(self.lora_A.param), full_value(self.lora_B.param)
-        old_A = self.lora_A.decode_values(values_A[pairs], pairs)
-        old_Bt = self.lora_B.decode_values(values_Bt[pairs], pairs)
-        root = (directions.S.float() / self.scaling).sqrt().unsqueeze(1).to(values_A.device)
-        values_A[pairs] = self.lora_A.fit_values(root * directions.V.float().T.to(values_A.device), pairs)
-        values_Bt[pairs] = self.lora_B.fit_values(root * directions.U.float().T.to(values_A.device), pairs)
-        new_A = self.lora_A.decode_values(values_A[pairs], pairs)
-        new_Bt = self.lora_B.decode_values(values_Bt[pairs], pairs)
-        self.record_base_change(self.scaling * torch.cat([old_Bt, -new_Bt]).T, torch.cat([old_A, new_A]), into)
-        set_full_value(self.lora_A.param, values_A)
-        set_full_value(self.lora_B.param, values_Bt)
-        reset_optimizer_rows(optimizer, self.lora_A.param, pairs)
-        reset_optimizer_rows(optimizer, self.lora_B.param, pairs)
+        old_A, old_Bt = self.lora_A.decode_value(values_A), self.lora_B.decode_value(values_Bt)
+        root = (directions.S.float() / self.scaling).sqrt().unsqueeze(1).to(old_A.device)
+        target_A, target_Bt = old_A.clone(), old_Bt.clone()
+        target_A[pairs] = root * directions.V.float().T.to(old_A.device)
+        target_Bt[pairs] = root * directions.U.float().T.to(old_A.device)
+        new_values_A = self.lora_A.fit_value(target_A, start=values_A)
+        new_values_Bt = self.lora_B.fit_value(target_Bt, start=values_Bt)
+        new_A, new_Bt = self.lora_A.decode_value(new_values_A), self.lora_B.decode_value(new_values_Bt)
+        # Rows where neither factor changed cancel exactly in old - new: leave them out of the record.
+        changed = ((old_A != new_A).any(1) | (old_Bt != new_Bt).any(1)).nonzero().squeeze(1)
+        self.record_base_change(self.scaling * torch.cat([old_Bt[changed], -new_Bt[changed]]).T,
+                                torch.cat([old_A[changed], new_A[changed]]), into)
+        set_full_value(self.lora_A.param, new_values_A)
+        set_full_value(self.lora_B.param, new_values_Bt)
+        for param, old, new in ((self.lora_A.param, values_A, new_values_A), (self.lora_B.param, values_Bt, new_values_Bt)):
+            moved = (old != new).reshape(old.shape[0], -1).any(1).nonzero().squeeze(1).cpu()
+            reset_optimizer_rows(optimizer, param, moved)
 
     @torch.no_grad()
     def initialize_from_principal_directions(self, directions: PrincipalDirections) -> None:

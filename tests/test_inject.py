@@ -3,12 +3,13 @@ parameter counts against the closed-form formula (LLaMA-7B on the meta device), 
 the model untouched."""
 import time
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import selora
-from selora import spectral
 from selora.config import ConfigValueError
 from selora.inject import TargetModuleError
 
@@ -26,9 +27,9 @@ def logits(model, ids):
 # ----- trainable parameters and gradients ---------------------------------------------------------------------
 @pytest.mark.parametrize("config", [
     selora.SeLoRAConfig(r=4),
-    selora.SeLoRAConfig(r=4, basis="dft", use_dora=True),
+    selora.SeLoRAConfig(r=4, basis="fft2", use_dora=True),
     selora.LoRAConfig(r=4, use_dora=True),
-], ids=["selora", "selora-dft-dora", "lora-dora"])
+], ids=["selora", "selora-fft2-dora", "lora-dora"])
 def test_only_adapter_parameters_train_and_all_receive_gradients(tiny_llama, input_ids, config):
     model = selora.apply(tiny_llama(), config)
     layers = selora.adapter_layers(model)
@@ -57,13 +58,13 @@ def test_only_adapter_parameters_train_and_all_receive_gradients(tiny_llama, inp
 # ----- zero change at init ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("config", [
     selora.LoRAConfig(r=4),
-    selora.SeLoRAConfig(r=4, basis="dct"),
-    selora.SeLoRAConfig(r=4, basis="dft"),
+    selora.SeLoRAConfig(r=4, basis="haar"),
+    selora.SeLoRAConfig(r=4, basis="dct_rows"),
     selora.SeLoRAConfig(r=4, use_dora=True),
     selora.LoRAConfig(r=4, use_dora=True),
     selora.SeLoRAConfig(r=4, use_rslora=True),
     selora.LoRAConfig(r=4, use_rslora=True),
-], ids=["lora", "selora-dct", "selora-dft", "selora-dora", "lora-dora", "selora-rslora", "lora-rslora"])
+], ids=["lora", "selora-haar", "selora-dct_rows", "selora-dora", "lora-dora", "selora-rslora", "lora-rslora"])
 def test_default_init_leaves_logits_bit_identical(tiny_llama, input_ids, config):
     reference = logits(tiny_llama(), input_ids)
     model = selora.apply(tiny_llama(), config)
@@ -72,10 +73,10 @@ def test_default_init_leaves_logits_bit_identical(tiny_llama, input_ids, config)
 
 @pytest.mark.parametrize("config", [
     selora.LoRAConfig(r=4, init="pissa"),
-    selora.SeLoRAConfig(r=4, basis="dct", init="pissa"),
-    selora.SeLoRAConfig(r=4, basis="dft", init="pissa"),
+    selora.SeLoRAConfig(r=4, basis="haar", init="pissa"),
+    selora.SeLoRAConfig(r=4, basis="bior2.2", init="pissa"),
     selora.SeLoRAConfig(r=4, init="pissa", use_dora=True, use_rslora=True),
-], ids=["lora", "selora-dct", "selora-dft", "selora-dora-rslora"])
+], ids=["lora", "selora-haar", "selora-bior2.2", "selora-dora-rslora"])
 def test_pissa_init_keeps_function_and_weights(tiny_llama, input_ids, config):
     original = tiny_llama()
     reference = logits(original, input_ids)
@@ -95,18 +96,21 @@ def test_rslora_scaling(tiny_llama):
     assert all(layer.scaling == 4.0 for layer in selora.adapter_layers(stable).values())
 
 
-def test_locations_are_seeded_per_layer(tiny_llama):
-    def locations(seed):
-        model = selora.apply(tiny_llama(), selora.SeLoRAConfig(r=4, seed=seed, shared_locations=False))
-        return {n: (l.lora_A.locations.clone(), l.lora_B.locations.clone())
-                for n, l in selora.adapter_layers(model).items()}
+def test_index_sets_are_one_per_factor_shape_and_seeded(tiny_llama):
+    """The paper's global shared index set: every factor of a shape holds the same IndexSet object (drawn from the
+    seed and the shape alone); another seed draws another set."""
+    def index_sets(seed):
+        model = selora.apply(tiny_llama(), selora.SeLoRAConfig(r=4, seed=seed))
+        return [f.index_set for l in selora.adapter_layers(model).values() for f in (l.lora_A, l.lora_B)]
 
-    first, again, other = locations(0), locations(0), locations(1)
-    for name in first:
-        assert all(torch.equal(a, b) for a, b in zip(first[name], again[name]))
-        assert not torch.equal(first[name][0], other[name][0])
-    q0, q1 = first["model.layers.0.self_attn.q_proj"][0], first["model.layers.1.self_attn.q_proj"][0]
-    assert not torch.equal(q0, q1)  # same shape, different layer -> different draw
+    first, again, other = index_sets(0), index_sets(0), index_sets(1)
+    by_shape = {}
+    for index_set in first:
+        by_shape.setdefault((index_set.rows, index_set.length), set()).add(id(index_set))
+    assert all(len(ids) == 1 for ids in by_shape.values()) and len(by_shape) >= 3
+    for a, b, c in zip(first, again, other):
+        assert torch.equal(a.indices, b.indices)
+        assert not torch.equal(a.indices, c.indices)
 
 
 # ----- parameter counts -----------------------------------------------------------------------------------------
@@ -123,6 +127,13 @@ def lora_formula(r, modules, layers=32):
 
 
 def selora_formula(r, ratio, modules, layers=32):
+    """2-D bases: floor(ratio * r * length) entries per factor."""
+    return layers * sum(math.floor(ratio * r * n_in) + math.floor(ratio * r * n_out) for n_in, n_out in
+                        (LLAMA_7B_SHAPES[m] for m in modules))
+
+
+def selora_rows_formula(r, ratio, modules, layers=32):
+    """Row-wise bases: round(ratio * length) entries per row."""
     return r * layers * sum(round(ratio * n_in) + round(ratio * n_out) for n_in, n_out in
                             (LLAMA_7B_SHAPES[m] for m in modules))
 
@@ -135,8 +146,8 @@ def meta_llama_7b():
 @pytest.mark.parametrize("config, expected", [
     (selora.LoRAConfig(r=8), 8 * 32 * (4 * (4096 + 4096) + 3 * (4096 + 11008))),
     (selora.SeLoRAConfig(r=8, spectral_ratio=0.3), selora_formula(8, 0.3, ATTENTION + MLP)),
-    (selora.SeLoRAConfig(r=16, spectral_ratio=0.1, basis="dft", shared_locations=False),
-     selora_formula(16, 0.1, ATTENTION + MLP)),
+    (selora.SeLoRAConfig(r=16, spectral_ratio=0.1, basis="dft_rows", shared_locations=False),
+     selora_rows_formula(16, 0.1, ATTENTION + MLP)),
     (selora.LoRAConfig(r=8, use_dora=True), lora_formula(8, ATTENTION + MLP) + 32 * (4 * 4096 + 2 * 11008 + 4096)),
 ], ids=["lora-r8", "selora-r8-0.3", "selora-dft-r16-0.1", "lora-dora-r8"])
 def test_count_parameters_llama_7b_on_meta(config, expected):
@@ -213,11 +224,11 @@ def test_spectral_ratio_out_of_range(tiny_llama, ratio):
 def test_dft_ratio_too_large(tiny_llama):
     model = tiny_llama()
     before = model_snapshot(model)
-    # hidden 64 -> the dft basis has 64 // 2 + 1 = 33 real frequencies; ratio 0.9 asks for 58
-    with pytest.raises(ValueError, match=r"58 spectral coefficients .* length 64.* 'dft' has only 33"):
+    # hidden 64 -> the dft_rows basis has 64 // 2 + 1 = 33 real frequencies; ratio 0.9 asks for 58
+    with pytest.raises(ValueError, match=r"58 spectral coefficients .* length 64.* 'dft_rows' has only 33"):
         selora.apply(model, selora.SeLoRAConfig(basis="dft", spectral_ratio=0.9))
     assert_unchanged(model, before)
-    assert spectral.coefficient_count(64, 0.5, None, "dft") == 32  # 0.5 fits: the usual setting works
+    assert selora.bases.get("dft_rows").count(4, 64, 0.5) == 4 * 32  # 0.5 fits: the usual setting works
     selora.apply(model, selora.SeLoRAConfig(basis="dft", spectral_ratio=0.5))
 
 

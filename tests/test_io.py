@@ -16,9 +16,11 @@ from conftest import assert_unchanged, model_snapshot, quantize_projections, rel
 CONFIGS = {
     "lora": selora.LoRAConfig(r=4),
     "selora": selora.SeLoRAConfig(r=4),
-    "selora-dft": selora.SeLoRAConfig(r=4, basis="dft", shared_locations=False),
+    "selora-dft": selora.SeLoRAConfig(r=4, basis="dft_rows", shared_locations=False),
     "selora-dora": selora.SeLoRAConfig(r=4, use_dora=True),
     "selora-pissa": selora.SeLoRAConfig(r=4, init="pissa"),
+    "selora-fft2": selora.SeLoRAConfig(r=4, basis="fft2"),
+    "selora-bior-dora-pissa": selora.SeLoRAConfig(r=4, basis="bior2.2", use_dora=True, init="pissa"),
     "selora-dora-pissa": selora.SeLoRAConfig(r=4, use_dora=True, init="pissa"),
 }
 
@@ -40,7 +42,7 @@ def trained(model, config, seed=0):
 
 
 @pytest.mark.parametrize("onto", ["base-model", "applied-model"])
-@pytest.mark.parametrize("name", ["lora", "selora", "selora-dft", "selora-dora-pissa"])
+@pytest.mark.parametrize("name", ["lora", "selora", "selora-dft", "selora-dora-pissa", "selora-fft2"])
 def test_save_load_is_bit_exact(tiny_llama, input_ids, tmp_path, name, onto):
     config = CONFIGS[name]
     model = trained(tiny_llama(), config)
@@ -76,7 +78,8 @@ def test_save_load_is_bit_exact_on_quantized_bases(tiny_llama, input_ids, tmp_pa
         assert torch.equal(layer.base_delta_chunks, selora.adapter_layers(model)[layer_name].base_delta_chunks)
 
 
-@pytest.mark.parametrize("name", ["lora", "selora", "selora-dft", "selora-dora", "selora-pissa", "selora-dora-pissa"])
+@pytest.mark.parametrize("name", ["lora", "selora", "selora-dft", "selora-dora", "selora-pissa", "selora-dora-pissa",
+                                  "selora-bior-dora-pissa"])
 def test_export_lora_loads_in_peft(tiny_llama, input_ids, tmp_path, name):
     model = trained(tiny_llama(), CONFIGS[name])
     expected = logits(model, input_ids)
@@ -185,3 +188,31 @@ def test_save_without_adapters_is_refused(tiny_llama, tmp_path):
     with pytest.raises(AdapterFileError, match="call selora.apply"):
         selora.save_adapter(tiny_llama(), tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+# ----- compact SeLoRA files ---------------------------------------------------------------------------------
+def test_selora_file_is_compact(tiny_llama, tmp_path):
+    """At spectral_ratio 0.5 the adapter file is at most 0.55 x LoRA's: each factor stores only its entries, and the
+    shared index set is stored once per factor shape, as a bit mask (not once per entry)."""
+    sizes = {}
+    for name, config in (("lora", selora.LoRAConfig(r=8)), ("selora", selora.SeLoRAConfig(r=8, spectral_ratio=0.5))):
+        model = selora.apply(tiny_llama(), config)
+        sizes[name] = (selora.save_adapter(model, tmp_path / name) / "adapter_model.safetensors").stat().st_size
+    assert sizes["selora"] <= 0.55 * sizes["lora"], sizes
+    meta = json.loads((tmp_path / "selora" / "adapter_config.json").read_text())
+    shapes = {(f.index_set.rows, f.index_set.length) for layer in selora.adapter_layers(model).values()
+              for f in (layer.lora_A, layer.lora_B)}
+    assert len(meta["index_sets"]) == len(shapes) == 3  # (8, 64), (8, 160), (8, 32) on the tiny model
+
+
+@pytest.mark.parametrize("basis", ["dct", "dft"])
+def test_adapters_saved_before_the_2d_bases_still_load(tiny_llama, input_ids, basis):
+    """tests/data/adapter_v1_*: written by selora before 0.2 (per-row coefficients and locations, basis "dct" /
+    "dft", per-layer locations) with the logits it computed; they load as dct_rows / dft_rows and compute the same."""
+    from pathlib import Path
+
+    directory = Path(__file__).parent / "data" / f"adapter_v1_{basis}"
+    model = tiny_llama()
+    extra = selora.load_adapter(model, directory)
+    assert model.selora_config.basis == f"{basis}_rows"
+    torch.testing.assert_close(logits(model, input_ids), extra["expected_logits"], rtol=1e-5, atol=1e-5)

@@ -65,8 +65,8 @@ def setup(config, quantized=False, srlora=None, steps=6, lr=1e-2):
 
 ADAPTERS = {
     "lora": selora.LoRAConfig(r=4),
-    "selora_dct": selora.SeLoRAConfig(r=4),
-    "selora_dft_dora_pissa": selora.SeLoRAConfig(r=4, basis="dft", spectral_ratio=0.3, use_dora=True, init="pissa"),
+    "selora_haar": selora.SeLoRAConfig(r=4),
+    "selora_fft2_dora_pissa": selora.SeLoRAConfig(r=4, basis="fft2", spectral_ratio=0.3, use_dora=True, init="pissa"),
 }
 
 
@@ -246,3 +246,48 @@ def test_sensitivity_matches_the_formula_over_accumulated_micro_batches(config):
     expected = ((A * grads_A).abs().sum(1) + (B.T * grads_Bt).abs().sum(1)) / (12 + 10)
     rec.update_scores()
     assert torch.allclose(rec.importance[0], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("basis", ["haar", "db4", "fft2", "bior2.2"])
+def test_whole_factor_refit_on_2d_bases(basis):
+    """A recomposition on a 2-D factor re-fits the factor as a whole: the entries are the least-squares fit of
+    (old factor with the replaced rows set to the new directions); the base absorbs exactly old - new product
+    (function unchanged < 1e-5, fp32); optimizer moments are zeroed exactly on the entries that moved, and for an
+    orthonormal local wavelet (haar) the entries whose basis functions miss the replaced rows neither move nor
+    lose their moments."""
+    model, rec, optimizer, ids = setup(selora.SeLoRAConfig(r=8, basis=basis))
+    train_steps(model, rec, optimizer, ids, 1)  # one step: Adam moments exist
+    name = "model.layers.0.mlp.up_proj"
+    layer = rec.layers[name]
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        before_out = layer(x)
+    old_A = layer.lora_A.coefficients.detach().clone()
+    old_moments = optimizer.state[layer.lora_A.coefficients]["exp_avg"].clone()
+    old_factor = layer.lora_A().detach().clone()
+    pairs = torch.tensor([2])
+    d = rec.directions[name]
+    directions = type(d)(d.U[:, 1:2], d.S[1:2], d.V[:, 1:2])
+    width_before = layer.base_delta_A.shape[0]
+    layer.replace_pairs(pairs, directions, optimizer=optimizer)
+    with torch.no_grad():
+        after_out = layer(x)
+    assert relative(after_out, before_out) < 1e-5
+
+    target = old_factor.clone()
+    target[2] = (d.S[1] / layer.scaling).sqrt() * d.V[:, 1]
+    factor = layer.lora_A
+    refit = factor.basis.fit(target.double(), factor.index_set.indices)
+    # the least-squares fit of the whole target (fft2's solution is unique only up to conjugate pairs: compare factors)
+    refit_factor = factor.basis.decode(refit, factor.index_set.indices, factor.rows, factor.length)
+    assert relative(factor().detach(), refit_factor) < 1e-5
+    if basis != "fft2":
+        assert relative(factor.coefficients.detach(), refit) < 1e-5
+    moved = factor.coefficients.detach() != old_A
+    moments = optimizer.state[factor.coefficients]["exp_avg"]
+    assert torch.all(moments[moved] == 0) and torch.equal(moments[~moved], old_moments[~moved])
+    changed_rows = (layer.lora_A().detach() != old_factor).any(1)
+    assert layer.base_delta_A.shape[0] - width_before <= 2 * layer.r
+    if basis == "haar":  # local: only rows 2 and 3 (one Haar pair along the rank axis) can change
+        assert changed_rows.nonzero().squeeze(1).tolist() == [2, 3]
+        assert 0 < moved.sum() < moved.numel() // 2
