@@ -145,7 +145,7 @@ def answer_losses(model: nn.Module, examples: list[tuple[list[int], list[int]]],
         targets = labels[:, 1:]
         nll = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
         counts = (targets != IGNORE_INDEX).sum(dim=1)
-        out += [(float(s), int(c)) for s, c in zip(nll.sum(dim=1).double().tolist(), counts.tolist())]
+        out += [(float(s), int(c)) for s, c in zip(nll.double().sum(dim=1).tolist(), counts.tolist())]
         if progress is not None:
             progress.update(len(batch))
     return out

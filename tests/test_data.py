@@ -113,3 +113,74 @@ def test_build_datasets_from_config(tmp_path, tokenizer):
     cfg.train_files = [cfg.train_files[0], "missing.jsonl"]
     with pytest.raises(DataError, match="missing.jsonl"):
         data.build_datasets(cfg, tokenizer, seed=0)
+
+
+# ----- special tokens with real chat-template styles: never doubled ------------------------------------------------
+LLAMA2_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
+    "'<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% else %}{% set loop_messages = messages %}"
+    "{% set system_message = '' %}{% endif %}{% for message in loop_messages %}{% if loop.index0 == 0 %}"
+    "{% set content = system_message + message['content'] %}{% else %}{% set content = message['content'] %}"
+    "{% endif %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}"
+    "{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
+CHATML_TEMPLATE = (  # Qwen2 and SmolLM2: a default system turn, <|im_start|>role ... <|im_end|>
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+STYLES = {  # bos, eos, whether the tokenizer itself prepends BOS, template, extra special tokens
+    "llama2": ("<s>", "</s>", True, LLAMA2_TEMPLATE, []),
+    "llama3": ("<|begin_of_text|>", "<|eot_id|>", True, LLAMA3_TEMPLATE, ["<|start_header_id|>", "<|end_header_id|>"]),
+    "qwen2": (None, "<|im_end|>", False, CHATML_TEMPLATE, ["<|im_start|>", "<|endoftext|>"]),
+    "smollm2": ("<|im_start|>", "<|im_end|>", False, CHATML_TEMPLATE, []),
+}
+
+
+def style_tokenizer(style):
+    """A word-level tokenizer with the special tokens, BOS convention and chat template of a model family
+    (ordinary words are all [UNK]: only the special tokens matter here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    bos, eos, adds_bos, template, extra = STYLES[style]
+    specials = ["[UNK]"] + [t for t in (bos, eos) if t] + extra
+    backend = Tokenizer(models.WordLevel({s: i for i, s in enumerate(specials)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens(specials)
+    if adds_bos:
+        backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token="[UNK]",
+                                   pad_token=eos, chat_template=template)
+
+
+@pytest.mark.parametrize("style", sorted(STYLES))
+def test_special_tokens_are_never_doubled(tmp_path, style):
+    tokenizer = style_tokenizer(style)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there?"},
+                         {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
+                         {"role": "assistant", "content": "Bye now."}]}
+    for record in (chat, ALPACA[1]):
+        ds = data.tokenize_records(data.load_records(write_jsonl(tmp_path / f"{style}.jsonl", [record])), tokenizer, 256)
+        ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+        pairs = list(zip(ids, ids[1:]))
+        assert (eos, eos) not in pairs and (bos is None or (bos, bos) not in pairs), (style, ids)
+        learned = [i for i, l in zip(ids, labels) if l != IGNORE_INDEX]
+        assert learned.count(eos) == (2 if "messages" in record else 1)  # one end per answer, learned
+        assert ids[-1] == eos or (style in ("qwen2", "smollm2") and ids[-2] == eos)  # ChatML ends "<|im_end|>\n"
+        expected_start = STYLES[style][2] or (style == "smollm2" and "messages" in record)
+        assert (ids[0] == bos) == bool(expected_start), (style, ids)  # BOS once, from the tokenizer or template
+    # the prompt an answer is generated from is the training prompt: everything before the first learned token
+    ids, labels, first = data.encode_record(ALPACA[1], tokenizer)
+    assert data.encode_prompt(ALPACA[1], tokenizer) == ids[:first] and labels[first] != IGNORE_INDEX
+
+
+def test_non_json_file_is_named_as_such(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("instruction,output\nadd 1 and 2,3\n")
+    with pytest.raises(DataError, match=r"data.csv: not JSON/JSONL \(.csv\); data files are .json .* or .jsonl"):
+        data.load_records(str(path))
