@@ -1,0 +1,849 @@
+"""The quality study on a real pretrained model: SmolLM2-135M-Instruct fine-tuned with LoRA, SeLoRA (wavelet,
+Fourier and row-wise DCT bases), SeDoRA and SRLoRA on arithmetic word problems (plus three multiple-choice sets),
+every run through the recipe entry point, learning rates chosen per family on held-out training records.
+
+    python bench/quality_smollm2.py prepare                 # dev machine: task files under .quality/smollm2/data
+    python bench/quality_smollm2.py smoke                   # dev machine, CPU, tiny model: the whole pipeline, < 2 min
+    python bench/quality_smollm2.py convert-model --gguf X.gguf --out DIR   # GGUF -> de-quantized HF folder, once
+    python bench/quality_smollm2.py run --model-path DIR    # GPU: sweep, then the grid; resumable; prints timings
+    python bench/quality_smollm2.py report --results R.jsonl  # tables, plots and docs/quality.md's marked sections
+
+`run` starts each run as its own process (`one`), ``--parallel`` at a time (SmolLM2-135M runs are bound by the host's
+kernel launches, so several share one GPU well), appends every finished run to ``WORK/results.jsonl`` (and copies
+it to ``--out``) and skips runs already there, so a call cut off by its time limit loses only the runs in flight.
+Grid runs of a family start as soon as that family's learning-rate sweep is done. No run starts once
+``--budget-seconds`` minus the expected length of a run have passed.
+
+Per test set: accuracy of the greedily generated answer (the number after "The answer is"; the label for the
+choice sets) and the mean loss on the answer tokens (`launch/evaluate.py`). See docs/quality.md and
+bench/README_quality_gpu.md for the GPU calls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+DATA = ROOT / ".quality" / "smollm2" / "data"
+MATH_SETS = ("AddSub", "SingleEq", "MultiArith")  # gsm8k's questions are removed from training but not tested
+CHOICE_SETS = {"boolq": "boolq", "arc_easy": "ARC-Easy", "openbookqa": "openbookqa"}
+TASKS = (*MATH_SETS, *CHOICE_SETS)
+
+
+# ----- the study's settings (one place; `run` writes them to WORK/settings.json for its runs) ----------------------
+@dataclass
+class Settings:
+    steps: int = 200               # optimizer steps per run
+    micro_batch: int = 16
+    max_length: int = 256          # tokens; the longest training record is 216 with SmolLM2's tokenizer
+    warmup: int = 10
+    train_choice: int = 300        # training records per choice set (math: every clean, unseen problem)
+    heldout_math: int = 80         # math training records kept back for choosing the learning rate
+    test_math: int = 300           # per math test set
+    test_choice: int = 200         # per choice test set
+    max_new_tokens: int = 128      # math answers: median 61-73 tokens
+    eval_batch: int = 64
+    model_path: str | None = None  # a de-quantized HF folder (convert-model) or the .gguf itself
+    model_preset: str | None = None
+    data: str = str(DATA)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    sweep_stride: int = 1          # every sweep_stride-th rate of SWEEP (the smoke takes the two ends)
+
+    @classmethod
+    def load(cls, path: Path) -> "Settings":
+        values = json.loads(path.read_text())
+        values["seeds"] = tuple(values["seeds"])
+        return cls(**values)
+
+
+SMOKE = dict(steps=12, micro_batch=2, max_length=320, warmup=2, train_choice=4, heldout_math=4, test_math=3,
+             test_choice=3, max_new_tokens=8, eval_batch=8, model_preset="tiny_llama", seeds=(0, 1),
+             sweep_stride=3)
+
+
+# ----- the methods -----------------------------------------------------------------------------------------------
+@dataclass
+class Method:
+    name: str
+    recipe: str
+    family: str                    # whose learning rate it uses
+    overrides: list[str] = field(default_factory=list)
+    headline: bool = False         # run with every seed
+
+
+def srlora_paper_schedule(steps: int, r: int, gamma: float = 0.5, target_rank: int | None = None) -> dict:
+    """SRLoRA's own schedule: r' = gamma * r pairs per switch, N_switch = (r_target - r) / r' switches,
+    interval = N_all / N_switch; a switch at the very last step would change nothing that is trained, so the
+    switches are at interval, 2 interval, ... before the end. r_target defaults to 3 r (N_switch = 4 at gamma 0.5:
+    switches at 1/4, 1/2 and 3/4 of the run)."""
+    pairs = max(1, int(round(gamma * r)))
+    target = 3 * r if target_rank is None else target_rank
+    switches = max(1, (target - r) // pairs)
+    interval = max(1, steps // switches)
+    return {"pairs": pairs, "target_rank": target, "switches": switches, "start_step": interval,
+            "interval": interval, "end_step": steps - 1}
+
+
+def _rank(r: int) -> list[str]:
+    return [f"adapter.r={r}", f"adapter.alpha={2 * r}"]
+
+
+def methods(steps: int) -> dict[str, Method]:
+    """Every row of the study, in the order the tables show them."""
+    table: list[Method] = [Method(f"LoRA r{r}", "llama_lora", "lora", _rank(r), headline=r in (8, 16)) for r in (8, 16, 32)]
+    for label, basis in (("SeLoRA_W", "haar"), ("SeLoRA_F", "fft2"), ("DCT-rows", "dct_rows")):
+        for r in (16, 32):
+            for ratio in (0.25, 0.5):
+                table.append(Method(f"{label} r{r} {int(ratio * 100)}%", "llama_selora", "selora",
+                                    _rank(r) + [f"adapter.basis={basis}", f"adapter.spectral_ratio={ratio}"],
+                                    headline=(r, ratio) == (16, 0.5) and basis in ("haar", "fft2")))
+    table.append(Method("SeDoRA_W r16 50%", "llama_selora", "selora",
+                        _rank(16) + ["adapter.basis=haar", "adapter.spectral_ratio=0.5", "adapter.use_dora=true"]))
+    paper = srlora_paper_schedule(steps, 16)
+    paper_overrides = ["adapter.init=pissa", f"srlora.pairs_per_recomposition={paper['pairs']}",
+                       f"srlora.start_step={paper['start_step']}", f"srlora.interval={paper['interval']}",
+                       f"srlora.end_step={paper['end_step']}"]
+    table.append(Method("SRLoRA r16 (paper)", "llama_srlora", "srlora", _rank(16) + paper_overrides, headline=True))
+    # Today's recipe as a user gets it (1 pair per layer at steps 10..50, B = 0 start): LoRA until step 10, so it
+    # takes LoRA's learning rate.
+    table.append(Method("SRLoRA r16 (defaults)", "llama_srlora", "lora", _rank(16)))
+    table.append(Method("SeLoRA_W+SRLoRA r16 50%", "llama_selora_srlora", "srlora",
+                        _rank(16) + ["adapter.basis=haar", "adapter.spectral_ratio=0.5"] + paper_overrides))
+    return {m.name: m for m in table}
+
+
+# Learning-rate sweep: one method per family at these rates, on the held-out math records.
+SWEEP = {"lora": ("LoRA r16", (5e-4, 1e-3, 2e-3)),
+         "selora": ("SeLoRA_W r16 50%", (1e-3, 2e-3, 4e-3)),
+         "srlora": ("SRLoRA r16 (paper)", (1e-4, 3e-4, 1e-3))}
+BASE_ROW = "SmolLM2-135M-Instruct (no fine-tuning)"
+
+
+# ----- data ------------------------------------------------------------------------------------------------------
+def normal(text: str) -> str:
+    """A question with case, punctuation and spacing removed (how test questions are found in math_data.json)."""
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def stated_answer(text: str) -> float | None:
+    """The last number after "the answer is" in a worked solution, or None."""
+    found = re.findall(r"answer is\s*\$?(-?[\d,]*\.?\d+)", text.lower())
+    if not found:
+        return None
+    try:
+        return float(found[-1].replace(",", ""))
+    except ValueError:
+        return None
+
+
+def consistent(record: dict) -> bool:
+    """True when the record's worked solution ends by stating its own numeric ``answer``."""
+    stated = stated_answer(record.get("output", ""))
+    try:
+        return stated is not None and abs(stated - float(record["answer"])) < 1e-4
+    except (TypeError, ValueError):
+        return False
+
+
+def split_math(pool: list[dict], tests: list[dict]) -> tuple[list[dict], dict]:
+    """math_data.json records usable for training: question in no test set, numeric answer, and a worked solution
+    that states that answer. Returns (records, counts of what was dropped)."""
+    seen = {normal(r["instruction"]) for r in tests}
+    unseen = [r for r in pool if normal(r["instruction"]) not in seen]
+    clean = [r for r in unseen if consistent(r)]
+    return clean, {"math_data": len(pool), "in_a_test_set": len(pool) - len(unseen),
+                   "unseen_but_inconsistent_or_not_numeric": len(unseen) - len(clean), "clean": len(clean)}
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def _load(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.suffix == ".json" else [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def prepare(source: Path, out: Path, s: Settings, seed: int = 0) -> dict:
+    """train.jsonl, heldout_math.jsonl and test_<task>.jsonl under ``out``; returns (and writes) a manifest."""
+    rng = random.Random(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    math_tests = {name: _load(source / name / "test.json") for name in (*MATH_SETS, "gsm8k")}
+    clean, counts = split_math(_load(source / "math_data.json"), [r for t in math_tests.values() for r in t])
+    rng.shuffle(clean)
+    heldout, math_train = clean[:s.heldout_math], clean[s.heldout_math:]
+    _write(out / "heldout_math.jsonl", heldout)
+    train = list(math_train)
+    manifest = {"math": {**counts, "heldout": len(heldout), "train": len(math_train)}, "tests": {}, "train_choice": {}}
+    for name in MATH_SETS:  # test records whose reference solution states the gold answer (for a meaningful loss)
+        usable = [r for r in math_tests[name] if consistent(r)]
+        rng.shuffle(usable)
+        _write(out / f"test_{name}.jsonl", usable[:s.test_math])
+        manifest["tests"][name] = {"records": len(math_tests[name]), "consistent": len(usable),
+                                   "used": len(usable[:s.test_math])}
+    for task, folder in CHOICE_SETS.items():
+        records = _load(source / folder / "train.json")
+        rng.shuffle(records)
+        train += records[:s.train_choice]
+        manifest["train_choice"][task] = min(s.train_choice, len(records))
+        test = _load(source / folder / "test.json")
+        rng.shuffle(test)
+        _write(out / f"test_{task}.jsonl", test[:s.test_choice])
+        manifest["tests"][task] = {"records": len(test), "used": len(test[:s.test_choice])}
+    rng.shuffle(train)
+    _write(out / "train.jsonl", train)
+    manifest["train_records"] = len(train)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def find_source() -> Path:
+    """../shared/data/llm-adapters seen from the checkout (or from a worktree one level deeper)."""
+    for parent in ROOT.parents:
+        candidate = parent / "shared" / "data" / "llm-adapters"
+        if candidate.is_dir():
+            return candidate
+    raise SystemExit("error: no shared/data/llm-adapters above this checkout; pass --source DIR")
+
+
+# ----- jobs ------------------------------------------------------------------------------------------------------
+def job_id(job: dict) -> str:
+    """Stable name of a run: the sweep's include the rate, the test runs do not (their rate comes from the sweep)."""
+    slug = re.sub(r"[^A-Za-z0-9]+", "_", job["method"]).strip("_")
+    if job["kind"] == "sweep":
+        return f"sweep_{slug}_lr{job['lr']:g}"
+    return f"{job['kind']}_{slug}_s{job['seed']}"
+
+
+def sweep_rates(family: str, stride: int = 1) -> tuple[float, ...]:
+    return SWEEP[family][1][::stride]
+
+
+def plan(table: dict[str, Method], seeds: tuple[int, ...], only: list[str] | None = None, stride: int = 1) -> list[dict]:
+    """Every job in the order they should start: the sweep, the base model, seed 0 of the headline rows, seed 0 of
+    the rest, then the other seeds of the headline rows (so a study cut short still covers every method once).
+    ``only``: these methods (and the base model) after the whole sweep."""
+    jobs = [{"kind": "sweep", "method": name, "family": family, "seed": seeds[0], "lr": lr}
+            for family, (name, _) in SWEEP.items() for lr in sweep_rates(family, stride)]
+    jobs.append({"kind": "base", "method": BASE_ROW, "family": None, "seed": seeds[0], "lr": None})
+    first = sorted(table.values(), key=lambda m: not m.headline)
+    jobs += [{"kind": "test", "method": m.name, "family": m.family, "seed": seeds[0], "lr": None} for m in first]
+    jobs += [{"kind": "test", "method": m.name, "family": m.family, "seed": seed, "lr": None}
+             for seed in seeds[1:] for m in table.values() if m.headline]
+    if only:
+        jobs = [j for j in jobs if j["method"] in only or j["kind"] in ("sweep", "base")]
+    for job in jobs:
+        job["id"] = job_id(job)
+    return jobs
+
+
+def choose_lr(records: list[dict], family: str, stride: int = 1, rates: tuple[float, ...] | None = None) -> dict | None:
+    """The family's rate with the lowest held-out loss, once every rate of its sweep has a finished run (a
+    diverged run, NaN loss, counts as finished and is never chosen). None while the sweep is incomplete."""
+    name, rates = SWEEP[family][0], rates or sweep_rates(family, stride)
+    losses = {r["lr"]: r["heldout_loss"] for r in records if r.get("kind") == "sweep" and r["method"] == name}
+    if not all(rate in losses for rate in rates):
+        return None
+    finite = {lr: loss for lr, loss in losses.items() if loss is not None and math.isfinite(loss)}
+    if not finite:
+        return {"lr": None, "losses": losses, "at_edge": False}
+    best = min(finite, key=finite.get)
+    return {"lr": best, "losses": losses, "at_edge": best in (min(rates), max(rates))}
+
+
+def ready(job: dict, records: list[dict], stride: int = 1) -> dict | None:
+    """The job with its learning rate filled in when it can start now, else None."""
+    if job["kind"] in ("sweep", "base"):
+        return job
+    chosen = choose_lr(records, job["family"], stride)
+    if chosen is None:
+        return None
+    if chosen["lr"] is None:
+        return {**job, "lr": None, "skip": f"every rate of the {job['family']} sweep diverged"}
+    return {**job, "lr": chosen["lr"]}
+
+
+# ----- one run (its own process) --------------------------------------------------------------------------------
+def model_overrides(s: Settings) -> list[str]:
+    if s.model_path:
+        return [f"model.path={s.model_path}"]
+    return [f"model.preset={s.model_preset or 'tiny_llama'}"]
+
+
+def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> list[str]:
+    data = Path(s.data)
+    heldout = job["kind"] == "sweep"
+    return [*model_overrides(s), f"data.train_files=[{data / 'train.jsonl'}]",
+            f"data.eval_files=[{data / 'heldout_math.jsonl'}]" if heldout else "data.eval_files=[]",
+            "data.eval_fraction=0", "data.max_eval_records=100000", f"data.max_length={s.max_length}",
+            f"train.max_steps={s.steps}", f"train.micro_batch_size={s.micro_batch}",
+            "train.gradient_accumulation_steps=1", f"train.warmup_steps={s.warmup}", "train.lr_scheduler=cosine",
+            f"train.eval_every={s.steps if heldout else 0}", "train.save_every=0", "train.export_peft=false",
+            "train.tensorboard=false", "train.resume=never", "train.log_every=1", f"train.learning_rate={job['lr']}",
+            f"train.seed={job['seed']}", f"train.output_dir={run_dir}", "adapter.dropout=0.0",
+            f"adapter.seed={job['seed']}", "srlora.svd=full", *method.overrides]
+
+
+def evaluate_command(s: Settings, run_dir: Path, adapter: Path | None) -> list[str]:
+    """launch/evaluate.py over the six test sets, one JSON report."""
+    data = Path(s.data)
+    command = [sys.executable, str(ROOT / "launch" / "evaluate.py")]
+    command += ["--model-path", s.model_path] if s.model_path else ["--model-preset", s.model_preset or "tiny_llama"]
+    if adapter is not None:
+        command += ["--adapter", str(adapter)]
+    for task in TASKS:
+        command += ["--task", f"{task}={data / f'test_{task}.jsonl'}"]
+    return command + ["--batch-size", str(s.eval_batch), "--max-new-tokens", str(s.max_new_tokens),
+                      "--out", str(run_dir / "eval.json"), "--seed", "0"]
+
+
+def count_trainable(recipe: str, overrides: list[str]) -> int | None:
+    """Trainable parameters of the method on the study's model (built on the meta device: no weights)."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        import selora
+        from launch.config import resolve
+        from recipes import finetune
+        cfg = resolve(recipe, overrides)
+        adapter = finetune.adapter_config_from(cfg.adapter)
+        adapter.init = "default"  # the count does not depend on the start, and PiSSA needs real weights
+        if cfg.model.path and Path(str(cfg.model.path)).is_dir():
+            config = AutoConfig.from_pretrained(str(cfg.model.path))
+        else:  # a preset or a .gguf: build it as the recipe does, then count (slower, still seconds)
+            from recipes.modeling import load_model
+            model, _ = load_model(cfg.model, torch.device("cpu"))
+            selora.apply(model, adapter)
+            return int(selora.count_parameters(model)["trainable"])
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        selora.apply(model, adapter)
+        return int(selora.count_parameters(model)["trainable"])
+    except Exception as error:  # a count is nice to have; the run's results stand without it
+        print(f"warning: trainable parameters not counted ({type(error).__name__}: {error})", flush=True)
+        return None
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def run_one(job: dict, s: Settings, run_dir: Path) -> dict:
+    """Train (the recipe, in this process) and evaluate (launch/evaluate.py); returns the run's record."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = {k: job[k] for k in ("id", "kind", "method", "family", "seed", "lr")}
+    started = time.time()
+    adapter = None
+    if job["kind"] != "base":
+        method = methods(s.steps)[job["method"]]
+        overrides = train_overrides(job, method, s, run_dir)
+        record.update(recipe=method.recipe, overrides=method.overrides)
+        from launch.train import main as launch
+        if launch(["--recipe", method.recipe, *overrides]) != 0:
+            raise SystemExit(f"training {job['id']} failed")
+        metrics = read_metrics(run_dir)
+        record["loss_curve"] = [[m["step"], m["loss"]] for m in metrics if "loss" in m]
+        record["recompositions"] = sorted({e["step"] for m in metrics for e in m.get("srlora", [])})
+        record["heldout_loss"] = next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None)
+        record["trainable"] = count_trainable(method.recipe, overrides)
+        adapter = run_dir / "adapter"
+    else:
+        record["trainable"] = 0
+    record["train_seconds"] = time.time() - started
+    if job["kind"] != "sweep":
+        evaluated = time.time()
+        subprocess.run(evaluate_command(s, run_dir, adapter), check=True)
+        report = json.loads((run_dir / "eval.json").read_text())
+        record["tasks"] = {name: {k: task.get(k) for k in ("kind", "n", "accuracy", "answer_loss", "seconds")}
+                           for name, task in report["tasks"].items()}
+        record["eval_seconds"] = time.time() - evaluated
+    (run_dir / "record.json").write_text(json.dumps(record))
+    return record
+
+
+# ----- many runs -------------------------------------------------------------------------------------------------
+def read_results(paths: list[Path]) -> list[dict]:
+    """Finished runs from one or more results.jsonl files (later files win for the same run id)."""
+    found: dict[str, dict] = {}
+    for path in paths:
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    found[record["id"]] = record
+    return list(found.values())
+
+
+def pending_jobs(jobs: list[dict], records: list[dict]) -> list[dict]:
+    """The jobs without a finished run among ``records`` (what a resumed call still has to do), in plan order."""
+    done = {r["id"] for r in records}
+    return [j for j in jobs if j["id"] not in done]
+
+
+def validate(jobs: list[dict], s: Settings) -> None:
+    """Resolve every run's config before any GPU time is spent: a bad key or value fails here, in one line."""
+    from launch.config import ConfigError, resolve
+    from recipes import finetune
+    table = methods(s.steps)
+    for job in jobs:
+        if job["kind"] == "base":
+            continue
+        method = table[job["method"]]
+        try:
+            cfg = resolve(method.recipe, train_overrides({**job, "lr": 1e-3}, method, s, Path("/tmp/unused")))
+            finetune.adapter_config_from(cfg.adapter)
+            if cfg.srlora.enabled:
+                finetune.srlora_config_from(cfg)
+        except (ConfigError, ValueError) as error:
+            raise SystemExit(f"error: {job['method']}: {error}")
+
+
+def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: float, jobs: list[dict],
+            earlier: list[Path], hard_s: float | None = None) -> list[dict]:
+    """Run ``jobs`` not yet in the results, ``parallel`` at a time, until done or the budget is spent: no run
+    starts that would end (at the median length of the runs so far) after ``budget_s``; runs still going at
+    ``hard_s`` (default budget + 60 s) are stopped, to be rerun by the next call."""
+    hard_s = budget_s + 60 if hard_s is None else hard_s
+    started = time.time()
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "settings.json").write_text(json.dumps(asdict(s)))
+    results_path = work / "results.jsonl"
+    records = read_results([*earlier, results_path])
+    if earlier:  # carry earlier calls' runs into this call's file, so one file holds the whole study
+        results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    pending = pending_jobs(jobs, records)
+    print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; {len(pending)} to go, {parallel} at a time, "
+          f"budget {budget_s:.0f} s", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    running, failures, durations = [], [], []
+
+    def save(record: dict) -> None:
+        records.append(record)
+        with results_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if out is not None:
+            shutil.copy(results_path, out / "results.jsonl")
+
+    while pending or running:
+        expected = statistics.median(durations) if durations else 0.0
+        while len(running) < parallel:
+            startable = [(i, r) for i, j in enumerate(pending) if (r := ready(j, records, s.sweep_stride)) is not None]
+            if not startable:
+                break
+            index, job = startable[0]
+            pending.pop(index)
+            if "skip" in job:
+                print(f"skipped {job['id']}: {job['skip']}", flush=True)
+                continue
+            if time.time() - started + expected > budget_s:
+                pending.insert(index, job)
+                break
+            run_dir = work / "runs" / job["id"]
+            if run_dir.exists():
+                shutil.rmtree(run_dir)  # a run cut off in an earlier call starts again from scratch
+            run_dir.mkdir(parents=True)
+            (run_dir / "job.json").write_text(json.dumps(job))
+            log = open(run_dir / "log.txt", "w")
+            command = [sys.executable, str(Path(__file__).resolve()), "one", "--job", str(run_dir / "job.json"),
+                       "--settings", str(work / "settings.json")]
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((job, run_dir, log, process, time.time()))
+        if not running:
+            if pending:
+                print(f"budget spent: {len(pending)} runs left for the next call", flush=True)
+            break
+        time.sleep(1)
+        if time.time() - started > hard_s:  # runs far over their expected length: keep the call's end for packing
+            for job, _, log, process, _ in running:
+                process.kill()
+                log.close()
+                print(f"stopped {job['id']} at the hard limit ({hard_s:.0f} s); it reruns next call", flush=True)
+            running.clear()
+            break
+        for entry in list(running):
+            job, run_dir, log, process, began = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            log.close()
+            elapsed = time.time() - began
+            if process.returncode != 0 or not (run_dir / "record.json").is_file():
+                failures.append(job["id"])
+                tail = (run_dir / "log.txt").read_text()[-2500:]
+                print(f"[{time.time() - started:5.0f} s] FAILED {job['id']} (exit {process.returncode}):\n{tail}", flush=True)
+                if len(failures) >= 3 and not durations:
+                    for other in running:
+                        other[3].kill()
+                    raise SystemExit("error: the first three runs failed; stopping (see the log tails above)")
+                continue
+            record = json.loads((run_dir / "record.json").read_text())
+            record["wall_seconds"] = elapsed
+            save(record)
+            durations.append(elapsed)
+            rate = len(durations) / (time.time() - started) * 60
+            print(f"[{time.time() - started:5.0f} s] {job['id']}: {summary(record)}; {elapsed:.0f} s "
+                  f"(train {record['train_seconds']:.0f} s, eval {record.get('eval_seconds', 0):.0f} s); "
+                  f"{rate:.1f} runs/min, {len(pending) + len(running)} left", flush=True)
+    print(f"finished {len(durations)} runs in {time.time() - started:.0f} s"
+          + (f"; failed: {', '.join(failures)}" if failures else ""), flush=True)
+    return records
+
+
+def summary(record: dict) -> str:
+    if record["kind"] == "sweep":
+        return f"lr {record['lr']:g}, held-out math loss {record['heldout_loss']}"
+    tasks = record["tasks"]
+    accuracy = " ".join(f"{t} {tasks[t]['accuracy']:.3f}" for t in MATH_SETS if t in tasks)
+    return f"lr {record['lr']}, math accuracy {accuracy}, math loss {mean_of(record, MATH_SETS, 'answer_loss'):.3f}"
+
+
+def mean_of(record: dict, tasks, key: str) -> float:
+    values = [record["tasks"][t][key] for t in tasks if t in record.get("tasks", {}) and record["tasks"][t].get(key) is not None]
+    return statistics.fmean(values) if values else float("nan")
+
+
+def pack(work: Path, out: Path) -> None:
+    """WORK's results and every run's small files (metrics, eval report, log; not the adapters) into OUT."""
+    import tarfile
+    out.mkdir(parents=True, exist_ok=True)
+    if (work / "results.jsonl").is_file():
+        shutil.copy(work / "results.jsonl", out / "results.jsonl")
+    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
+        for path in sorted((work / "runs").glob("*/*")):
+            if path.is_file() and path.name in ("metrics.jsonl", "eval.json", "log.txt", "record.json", "job.json"):
+                tar.add(path, arcname=str(path.relative_to(work)))
+
+
+# ----- report ----------------------------------------------------------------------------------------------------
+def stat(values: list[float], digits: int = 3) -> str:
+    """'mean ± sample std' over seeds, or the single value."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def by_method(records: list[dict], steps: int) -> dict[str, list[dict]]:
+    """Test runs grouped by method, in table order (the base model first)."""
+    order = [BASE_ROW, *methods(steps)]
+    tests = [r for r in records if r["kind"] in ("test", "base")]
+    return {name: sorted(found, key=lambda r: r["seed"]) for name in order if (found := [r for r in tests if r["method"] == name])}
+
+
+def loss_at(record: dict, step: int, window: int = 10) -> float | None:
+    values = [loss for s, loss in record.get("loss_curve", []) if step - window < s <= step]
+    return statistics.fmean(values) if values else None
+
+
+def tables(records: list[dict], steps: int) -> str:
+    """The markdown tables of docs/quality.md's SmolLM2 section."""
+    groups = by_method(records, steps)
+    lines = ["| method | trainable | seeds | lr | " + " | ".join(f"{t} acc" for t in MATH_SETS)
+             + " | math acc (mean) | " + " | ".join(f"{t} loss" for t in MATH_SETS) + " | **math loss (mean)** |",
+             "|" + "---|" * (4 + 2 * len(MATH_SETS) + 2)]
+    for name, items in groups.items():
+        cells = [name, f"{items[0]['trainable']:,}" if items[0].get("trainable") is not None else "?", str(len(items)),
+                 "-" if items[0]["lr"] is None else f"{items[0]['lr']:g}"]
+        cells += [stat([r["tasks"][t]["accuracy"] for r in items if t in r["tasks"]]) for t in MATH_SETS]
+        cells += [stat([mean_of(r, MATH_SETS, "accuracy") for r in items])]
+        cells += [stat([r["tasks"][t]["answer_loss"] for r in items if t in r["tasks"]]) for t in MATH_SETS]
+        cells += ["**" + stat([mean_of(r, MATH_SETS, "answer_loss") for r in items]) + "**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    choice = list(CHOICE_SETS)
+    lines += ["", "Multiple choice, second view (answer loss; accuracy of the label's log-likelihood):", "",
+              "| method | seeds | " + " | ".join(f"{t} loss" for t in choice) + " | " + " | ".join(f"{t} acc" for t in choice) + " |",
+              "|" + "---|" * (2 + 2 * len(choice))]
+    for name, items in groups.items():
+        cells = [name, str(len(items))]
+        cells += [stat([r["tasks"][t]["answer_loss"] for r in items if t in r["tasks"]]) for t in choice]
+        cells += [stat([r["tasks"][t]["accuracy"] for r in items if t in r["tasks"]]) for t in choice]
+        lines.append("| " + " | ".join(cells) + " |")
+    marks = sorted({steps // 4, steps // 2, 3 * steps // 4, steps})
+    lines += ["", "Training loss (10-step mean before the step; mean ± std over seeds):", "",
+              "| method | seeds | " + " | ".join(f"@{m}" for m in marks) + " | recompositions at |",
+              "|" + "---|" * (3 + len(marks))]
+    for name, items in groups.items():
+        if name == BASE_ROW:
+            continue
+        cells = [name, str(len(items))] + [stat([loss_at(r, m) for r in items]) for m in marks]
+        cells.append(", ".join(map(str, items[0].get("recompositions", []))) or "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(records: list[dict]) -> str:
+    """Held-out loss per swept rate (the rates the results hold) and the choice."""
+    lines = []
+    for family, (name, _) in SWEEP.items():
+        rates = tuple(sorted({r["lr"] for r in records if r.get("kind") == "sweep" and r["method"] == name}))
+        if not rates:
+            continue
+        chosen = choose_lr(records, family, rates=rates)
+        losses = {r["lr"]: r["heldout_loss"] for r in records if r.get("kind") == "sweep" and r["method"] == name}
+        cells = [f"**{losses[lr]:.4f}**" if chosen and lr == chosen["lr"] else
+                 (f"{losses[lr]:.4f}" if losses.get(lr) is not None else "-") for lr in rates]
+        note = "" if not chosen else (" (at the edge of the grid)" if chosen["at_edge"] else "")
+        lines.append(f"| {family} ({name}) | " + " | ".join(f"{lr:g}: {c}" for lr, c in zip(rates, cells))
+                     + f" | {chosen['lr'] if chosen else 'incomplete'}{note} |")
+    width = max((len(line.split("|")) - 4 for line in lines), default=1)
+    return ("| family (swept on) | " + " | ".join(["rate: held-out math loss"] * width) + " | chosen |\n"
+            + "|---" * (width + 2) + "|\n" + "\n".join(lines) + "\n")
+
+
+def comparisons(records: list[dict], steps: int) -> str:
+    """The pairs the verdicts rest on: difference of means of the math answer loss and accuracy, with spreads."""
+    groups = by_method(records, steps)
+    pairs = [("SeLoRA_W r16 50%", "LoRA r16", "same rank, half the parameters"),
+             ("SeLoRA_W r16 50%", "LoRA r8", "same parameter count"),
+             ("SeLoRA_F r16 50%", "SeLoRA_W r16 50%", "Fourier vs wavelet"),
+             ("DCT-rows r16 50%", "SeLoRA_W r16 50%", "row-wise DCT vs 2-D wavelet"),
+             ("SeLoRA_W r32 25%", "LoRA r8", "same parameter count, rank 32"),
+             ("SeDoRA_W r16 50%", "SeLoRA_W r16 50%", "DoRA on top"),
+             ("SRLoRA r16 (paper)", "LoRA r16", "SRLoRA (paper settings) vs LoRA"),
+             ("SRLoRA r16 (defaults)", "LoRA r16", "SRLoRA (today's defaults) vs LoRA"),
+             ("SeLoRA_W+SRLoRA r16 50%", "SeLoRA_W r16 50%", "SRLoRA on top of SeLoRA_W")]
+    lines = ["| comparison | A | B | math loss A - B | math acc A - B | seeds |", "|---|---|---|---|---|---|"]
+    for a, b, what in pairs:
+        if a not in groups or b not in groups:
+            continue
+        ga, gb = groups[a], groups[b]
+        cells = []
+        for key in ("answer_loss", "accuracy"):
+            va, vb = [mean_of(r, MATH_SETS, key) for r in ga], [mean_of(r, MATH_SETS, key) for r in gb]
+            spread = max((statistics.stdev(v) for v in (va, vb) if len(v) > 1), default=None)
+            cells.append(f"{statistics.fmean(va) - statistics.fmean(vb):+.3f}"
+                         + (f" (larger std {spread:.3f})" if spread is not None else ""))
+        lines.append(f"| {what} | {a} | {b} | {cells[0]} | {cells[1]} | {len(ga)} vs {len(gb)} |")
+    return "\n".join(lines) + "\n"
+
+
+def timing(records: list[dict]) -> str:
+    done = [r for r in records if "wall_seconds" in r]
+    if not done:
+        return "no timings recorded\n"
+    parts = []
+    for kind in ("sweep", "test", "base"):
+        items = [r for r in done if r["kind"] == kind]
+        if items:
+            parts.append(f"{kind}: {len(items)} runs, median {statistics.median(r['wall_seconds'] for r in items):.0f} s "
+                         f"each (train {statistics.median(r['train_seconds'] for r in items):.0f} s"
+                         + (f", eval {statistics.median(r['eval_seconds'] for r in items):.0f} s" if kind != "sweep" else "")
+                         + ")")
+    return "; ".join(parts) + "\n"
+
+
+def plots(records: list[dict], steps: int, folder: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = by_method(records, steps)
+    folder.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(9, 5))
+    for name, items in groups.items():
+        curves = [dict(map(tuple, r["loss_curve"])) for r in items if r.get("loss_curve")]
+        if not curves or not (items[0]["kind"] == "test" and (methods(steps)[name].headline or "SRLoRA" in name)):
+            continue
+        steps_seen = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [statistics.fmean(c[s] for c in curves) for s in steps_seen]
+        smooth = [statistics.fmean(mean[max(0, i - 9):i + 1]) for i in range(len(mean))]
+        line, = axis.plot(steps_seen, smooth, label=f"{name} ({len(curves)} seed{'s' * (len(curves) > 1)})")
+        for step in items[0].get("recompositions", []):
+            axis.axvline(step, color=line.get_color(), linewidth=0.6, linestyle=":")
+    axis.set_xlabel("optimizer step"), axis.set_ylabel("training loss (10-step mean, seed mean)")
+    axis.set_title("SmolLM2-135M-Instruct; dotted: SRLoRA recompositions"), axis.legend(fontsize=7)
+    figure.tight_layout()
+    loss_png = folder / "loss_vs_step.png"
+    figure.savefig(loss_png, dpi=80)
+    plt.close(figure)
+    figure, axes = plt.subplots(1, 2, figsize=(12, 5))
+    markers = {"LoRA": "o", "SeLoRA_W": "s", "SeLoRA_F": "^", "DCT-rows": "v", "SeDoRA_W": "D", "SRLoRA": "*", "SeLoRA_W+SRLoRA": "P"}
+    for name, items in groups.items():
+        if items[0].get("trainable") in (None, 0):
+            continue
+        marker = next((m for prefix, m in sorted(markers.items(), key=lambda kv: -len(kv[0])) if name.startswith(prefix)), "x")
+        for axis, key in zip(axes, ("accuracy", "answer_loss")):
+            values = [mean_of(r, MATH_SETS, key) for r in items]
+            axis.errorbar(items[0]["trainable"], statistics.fmean(values),
+                          yerr=statistics.stdev(values) if len(values) > 1 else 0.0, fmt=marker, capsize=3, label=name)
+    base = groups.get(BASE_ROW)
+    for axis, key in zip(axes, ("accuracy", "answer_loss")):
+        if base:
+            axis.axhline(mean_of(base[0], MATH_SETS, key), color="grey", linestyle="--", linewidth=0.8, label="base model")
+        axis.set_xscale("log"), axis.set_xlabel("trainable parameters")
+    axes[0].set_ylabel("math accuracy, generated answers (mean of AddSub, SingleEq, MultiArith)")
+    axes[1].set_ylabel("math answer loss (mean of the three; lower is better)")
+    axes[1].legend(fontsize=6, ncol=2)
+    figure.tight_layout()
+    params_png = folder / "accuracy_vs_params.png"
+    figure.savefig(params_png, dpi=80)
+    plt.close(figure)
+    return [loss_png, params_png]
+
+
+def fill(doc: str, sections: dict[str, str]) -> str:
+    """Replace the text between ``<!-- smollm2:NAME -->`` and ``<!-- /smollm2:NAME -->`` for each section."""
+    for name, text in sections.items():
+        pattern = re.compile(rf"(<!-- smollm2:{name} -->\n).*?(<!-- /smollm2:{name} -->)", re.S)
+        if not pattern.search(doc):
+            raise SystemExit(f"error: docs/quality.md has no <!-- smollm2:{name} --> ... <!-- /smollm2:{name} --> block")
+        doc = pattern.sub(lambda m: m.group(1) + text + m.group(2), doc)
+    return doc
+
+
+def report(results: list[Path], docs: Path, steps: int, write_doc: bool = True) -> dict[str, str]:
+    records = read_results(results)
+    if not records:
+        raise SystemExit(f"error: no finished runs in {', '.join(map(str, results))}")
+    folder = docs / "quality" / "smollm2"
+    folder.mkdir(parents=True, exist_ok=True)
+    sections = {"sweep": sweep_table(records), "tables": tables(records, steps),
+                "comparisons": comparisons(records, steps), "timing": timing(records)}
+    plots(records, steps, folder)
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "tables.md").write_text("\n".join(f"## {k}\n\n{v}" for k, v in sections.items()))
+    if write_doc:
+        doc = docs / "quality.md"
+        doc.write_text(fill(doc.read_text(), sections))
+    for name, text in sections.items():
+        print(f"## {name}\n\n{text}")
+    return sections
+
+
+# ----- smoke (CPU, tiny model) -----------------------------------------------------------------------------------
+def smoke(work: Path, source: Path, only: list[str] | None = None) -> None:
+    """The whole pipeline on CPU with the tiny random model and a handful of records: prepare, sweep, grid (one
+    method of each kind), the base model, the report into a scratch docs folder. Under 2 minutes."""
+    started = time.time()
+    if work.exists():
+        shutil.rmtree(work)
+    s = Settings(**SMOKE, data=str(work / "data"))
+    print(prepare(source, work / "data", s)["math"])
+    keep = only or ["LoRA r16", "SeLoRA_W r16 50%", "SeDoRA_W r16 50%", "SRLoRA r16 (paper)", "SRLoRA r16 (defaults)",
+                    "SeLoRA_W+SRLoRA r16 50%"]
+    jobs = plan(methods(s.steps), s.seeds, only=keep, stride=s.sweep_stride)
+    families = {methods(s.steps)[name].family for name in keep}
+    jobs = [j for j in jobs if j["kind"] != "sweep" or j["family"] in families]
+    jobs = [j for j in jobs if not (j["kind"] == "test" and j["seed"] != s.seeds[0] and j["method"] != "LoRA r16")]
+    validate(jobs, s)
+    records = run_all(s, work / "study", None, 3, 3600, jobs, [])
+    docs = work / "docs"
+    docs.mkdir()
+    shutil.copy(ROOT / "docs" / "quality.md", docs / "quality.md")
+    report([work / "study" / "results.jsonl"], docs, s.steps)
+    missing = [j["id"] for j in jobs if j["id"] not in {r["id"] for r in records}]
+    if missing:
+        raise SystemExit(f"error: smoke runs missing: {missing}")
+    print(f"smoke passed: {len(records)} runs, report in {docs}, {time.time() - started:.0f} s")
+
+
+# ----- model ------------------------------------------------------------------------------------------------------
+def convert_model(gguf: Path, out: Path) -> None:
+    """De-quantize the GGUF once into a plain HF folder (float32 safetensors, tokenizer, chat template), through the
+    recipes' own loaders: each run then loads in well under a second instead of de-quantizing (~20 s of CPU per
+    process). Checks that the folder tokenizes a record and computes logits exactly as the GGUF does."""
+    import torch
+    from launch.config import resolve
+    from recipes.data import encode_record
+    from recipes.modeling import load_model, load_tokenizer
+    started = time.time()
+    if not gguf.is_file():
+        raise SystemExit(f"error: {gguf} not found; on the GPU machine run `bash bench/gpu_model_parts.sh receive` first")
+
+    def load(path: Path):
+        cfg = resolve("llama_lora", [f"model.path={path}", "model.dtype=float32"])
+        return load_model(cfg.model, torch.device("cpu"))[0], load_tokenizer(cfg.tokenizer, cfg.model)
+
+    model, tokenizer = load(gguf)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    again, tokenizer_again = load(out)
+    record = {"instruction": "Tom has 3 apples and buys 4 more. How many does he have?", "input": "",
+              "output": "3 + 4 = 7. The answer is 7."}
+    ids = encode_record(record, tokenizer)[0]
+    if encode_record(record, tokenizer_again)[0] != ids:
+        raise SystemExit("error: the saved tokenizer encodes a record differently from the GGUF's; use the .gguf path")
+    with torch.no_grad():
+        drift = (model(torch.tensor([ids])).logits - again(torch.tensor([ids])).logits).abs().max().item()
+    if drift > 1e-4:
+        raise SystemExit(f"error: the saved model's logits differ from the GGUF's by {drift}; use the .gguf path")
+    print(f"{gguf} -> {out}: {sum(p.numel() for p in model.parameters()):,} parameters, same tokens and logits, "
+          f"{time.time() - started:.0f} s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("prepare", "smoke", "convert-model", "run", "one", "report", "plan"))
+    parser.add_argument("--source", default=None, help="LLM-Adapters data folder (prepare, smoke)")
+    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--gguf"), parser.add_argument("--model-path"), parser.add_argument("--model-preset")
+    parser.add_argument("--work", default="/tmp/smollm2_study")
+    parser.add_argument("--out", default=None, help="run: copy results here as they come (the GPU call's $OUT)")
+    parser.add_argument("--parallel", type=int, default=8)
+    parser.add_argument("--budget-seconds", type=float, default=480, help="run: start no run that would end after this")
+    parser.add_argument("--hard-seconds", type=float, default=None, help="run: stop runs still going (default budget + 60)")
+    parser.add_argument("--steps", type=int, default=Settings.steps)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", default=None, help="run, smoke: comma-separated method names (the sweep always runs)")
+    parser.add_argument("--results", action="append", default=[], help="results.jsonl of earlier calls (repeatable)")
+    parser.add_argument("--docs", default=str(ROOT / "docs"))
+    parser.add_argument("--no-doc", action="store_true", help="report: do not rewrite docs/quality.md")
+    parser.add_argument("--job"), parser.add_argument("--settings")
+    args = parser.parse_args(argv)
+    if args.command == "prepare":
+        manifest = prepare(Path(args.source) if args.source else find_source(), Path(args.data), Settings())
+        print(json.dumps(manifest, indent=1))
+    elif args.command == "smoke":
+        smoke(Path(args.work), Path(args.source) if args.source else find_source(),
+              args.only.split(",") if args.only else None)
+    elif args.command == "convert-model":
+        convert_model(Path(args.gguf), Path(args.out))
+    elif args.command == "one":
+        s = Settings.load(Path(args.settings))
+        run_one(json.loads(Path(args.job).read_text()), s, Path(args.job).parent)
+    elif args.command in ("run", "plan"):
+        if not args.model_path and not args.model_preset:
+            raise SystemExit("error: pass --model-path (the converted HF folder or the .gguf) or --model-preset")
+        if args.model_path and not Path(args.model_path).exists():
+            raise SystemExit(f"error: --model-path {args.model_path} does not exist; on the GPU machine run "
+                             "`bash bench/gpu_model_parts.sh receive` and convert-model first")
+        if not (Path(args.data) / "train.jsonl").is_file():
+            raise SystemExit(f"error: {args.data}/train.jsonl missing; run `python bench/quality_smollm2.py prepare` "
+                             "here and carry .quality/smollm2")
+        s = Settings(steps=args.steps, model_path=args.model_path, model_preset=args.model_preset, data=args.data,
+                     seeds=tuple(int(x) for x in args.seeds.split(",")))
+        jobs = plan(methods(s.steps), s.seeds, args.only.split(",") if args.only else None)
+        validate(jobs, s)
+        if args.command == "plan":
+            print("\n".join(j["id"] for j in jobs))
+            return
+        out = Path(args.out) if args.out else None
+        if out:
+            out.mkdir(parents=True, exist_ok=True)
+        run_all(s, Path(args.work), out, args.parallel, args.budget_seconds, jobs, [Path(p) for p in args.results],
+                args.hard_seconds)
+        if out:
+            pack(Path(args.work), out)
+    else:
+        report([Path(p) for p in args.results] or [ROOT / "docs" / "quality" / "smollm2" / "results.jsonl"],
+               Path(args.docs), args.steps, write_doc=not args.no_doc)
+
+
+if __name__ == "__main__":
+    main()
