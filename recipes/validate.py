@@ -11,12 +11,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import selora
 from recipes import engine as engines
-from selora.config import BASIS_CHOICES
+from selora import bases
 
 # adapter.method -> the library class that holds that adapter's settings.
 ADAPTER_CLASSES = {cls.method: cls for cls in (selora.LoRAConfig, selora.SeLoRAConfig)}
-# The basis names a SeLoRA adapter accepts: the library's (one line to switch to selora.bases' registry).
-BASIS_NAMES = tuple(BASIS_CHOICES)
 
 
 class RecipeConfigError(ValueError):
