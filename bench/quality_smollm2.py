@@ -291,7 +291,7 @@ def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> li
             f"train.max_steps={s.steps}", f"train.micro_batch_size={s.micro_batch}",
             "train.gradient_accumulation_steps=1", f"train.warmup_steps={s.warmup}", "train.lr_scheduler=cosine",
             f"train.eval_every={s.steps if heldout else 0}", "train.save_every=0", "train.export_peft=false",
-            "train.tensorboard=false", "train.resume=never", "train.log_every=1", f"train.learning_rate={job['lr']}",
+            "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "train.log_every=1", f"train.learning_rate={job['lr']}",
             f"train.seed={job['seed']}", f"train.output_dir={run_dir}", "adapter.dropout=0.0",
             f"adapter.seed={job['seed']}", "srlora.svd=full", *method.overrides]
 
@@ -316,9 +316,9 @@ def count_trainable(recipe: str, overrides: list[str]) -> int | None:
         from transformers import AutoConfig, AutoModelForCausalLM
         import selora
         from launch.config import resolve
-        from recipes import finetune
+        from recipes import validate as recipe_config
         cfg = resolve(recipe, overrides)
-        adapter = finetune.adapter_config_from(cfg.adapter)
+        adapter = recipe_config.adapter_config_from(cfg.adapter)
         adapter.init = "default"  # the count does not depend on the start, and PiSSA needs real weights
         if cfg.model.path and Path(str(cfg.model.path)).is_dir():
             config = AutoConfig.from_pretrained(str(cfg.model.path))
@@ -396,7 +396,7 @@ def pending_jobs(jobs: list[dict], records: list[dict]) -> list[dict]:
 def validate(jobs: list[dict], s: Settings) -> None:
     """Resolve every run's config before any GPU time is spent: a bad key or value fails here, in one line."""
     from launch.config import ConfigError, resolve
-    from recipes import finetune
+    from recipes import validate as recipe_config
     table = methods(s.steps)
     for job in jobs:
         if job["kind"] == "base":
@@ -404,9 +404,9 @@ def validate(jobs: list[dict], s: Settings) -> None:
         method = table[job["method"]]
         try:
             cfg = resolve(method.recipe, train_overrides({**job, "lr": 1e-3}, method, s, Path("/tmp/unused")))
-            finetune.adapter_config_from(cfg.adapter)
+            recipe_config.adapter_config_from(cfg.adapter)
             if cfg.srlora.enabled:
-                finetune.srlora_config_from(cfg)
+                recipe_config.srlora_config_from(cfg)
         except (ConfigError, ValueError) as error:
             raise SystemExit(f"error: {job['method']}: {error}")
 

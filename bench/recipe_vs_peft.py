@@ -149,7 +149,7 @@ def recipe_overrides(args, engine: str, method: str) -> list[str]:
         f"model.preset={args.shape}", "model.path=null", "model.gradient_checkpointing=true",
         f"train.max_steps={steps}", f"train.micro_batch_size={args.batch}", "train.gradient_accumulation_steps=1",
         "train.warmup_steps=0", "train.save_every=0", "train.eval_every=0", "train.export_peft=false",
-        "train.tensorboard=false", "train.resume=never", "train.log_every=1", "train.max_grad_norm=1.0",
+        "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "train.log_every=1", "train.max_grad_norm=1.0",
         f"data.max_length={args.seq}", "data.packing=true", "data.eval_files=[]", "data.eval_fraction=0",
         f"adapter.r={args.rank}", f"adapter.alpha={2 * args.rank}", "adapter.dropout=0.0",
     ]
