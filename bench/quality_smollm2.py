@@ -55,7 +55,7 @@ class Settings:
     test_math: int = 300           # per math test set
     test_choice: int = 200         # per choice test set
     max_new_tokens: int = 128      # math answers: median 61-73 tokens
-    eval_batch: int = 64
+    eval_batch: int = 32  # 8 runs x 64 ran the H100 out of memory in the choice scoring (vocab 49152 logits)
     model_path: str | None = None  # a de-quantized HF folder (convert-model) or the .gguf itself
     model_preset: str | None = None
     data: str = str(DATA)
