@@ -7,6 +7,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 # Every test that runs a recipe names the small random model explicitly (the recipes' own default is a real one).
 TINY_MODEL = ["model.preset=tiny_llama"]
+# A few seconds of training: 16 records, one micro-batch of 4 per step, no evaluation or TensorBoard.
+SMALL_RUN = TINY_MODEL + ["data.max_train_records=16", "data.max_eval_records=4", "train.micro_batch_size=4",
+                          "train.gradient_accumulation_steps=1", "train.warmup_steps=1", "train.eval_every=0",
+                          "train.tensorboard=false"]
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128)
@@ -62,3 +66,16 @@ def assert_unchanged(model: torch.nn.Module, before: dict) -> None:
     assert after["selora_config"] == before["selora_config"]
     for key, value in before["values"].items():
         assert torch.equal(after["values"][key], value), key
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """The output_dir of a finished 4-step llama_selora run (SMALL_RUN) with checkpoints at steps 2 and 4.
+    Shared by the session: copy it before changing anything in it."""
+    from launch.config import resolve
+    from recipes import finetune
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    finetune.run(resolve("llama_selora", SMALL_RUN + ["train.max_steps=4", "train.save_every=2",
+                                                      f"train.output_dir={out}"]))
+    return out

@@ -10,27 +10,22 @@ from launch.config import resolve
 from recipes import checkpoint, finetune
 from recipes.checkpoint import CheckpointError
 
-from conftest import TINY_MODEL
-
-SMALL = TINY_MODEL + ["data.max_train_records=16", "data.max_eval_records=4", "train.micro_batch_size=4",
-                      "train.gradient_accumulation_steps=1", "train.warmup_steps=1", "train.eval_every=0",
-                      "train.tensorboard=false", "train.export_peft=false"]
+from conftest import SMALL_RUN
 
 
 def run(output_dir, *overrides):
-    return finetune.run(resolve("llama_selora", SMALL + [f"train.output_dir={output_dir}", *overrides]))
+    return finetune.run(resolve("llama_selora", SMALL_RUN + ["train.export_peft=false",
+                                                             f"train.output_dir={output_dir}", *overrides]))
 
 
 def losses(output_dir):
     return {l["step"]: l["loss"] for l in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A 4-step run with checkpoints at steps 2 and 4 (copy it before changing it)."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    run(out, "train.max_steps=4", "train.save_every=2")
-    return out
+@pytest.fixture
+def finished(finished_run):
+    """A finished 4-step run with checkpoints at steps 2 and 4 (conftest; copy it before changing it)."""
+    return finished_run
 
 
 def test_manifest_lists_every_file_with_size_and_sha256(finished):
@@ -95,7 +90,8 @@ def test_setting_differences_name_every_one():
 
 def test_output_folders_get_the_users_umask(finished):
     mode = 0o777 & ~current_umask()
-    for folder in (finished / "adapter", finished / "checkpoints" / "step_4" / "adapter", finished / "checkpoints"):
+    for folder in (finished / "adapter", finished / "peft_adapter", finished / "checkpoints" / "step_4" / "adapter",
+                   finished / "checkpoints"):
         assert folder.stat().st_mode & 0o777 == mode, (folder, oct(folder.stat().st_mode))
 
 

@@ -19,16 +19,11 @@ from pathlib import Path
 import pytest
 
 from launch.train import main
-from recipes import finetune
-from launch.config import resolve
 
 from conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "errors.md"
-PREVIOUS_RUN = TINY_MODEL + ["data.max_train_records=16", "data.max_eval_records=4", "train.max_steps=4",
-                             "train.save_every=2", "train.eval_every=0", "train.gradient_accumulation_steps=1",
-                             "train.tensorboard=false"]
 ROW = re.compile(r"\| `([^`]*)` \|([^|`]*)\| `([^`]*)` \|")
 
 
@@ -53,10 +48,9 @@ def tree_hashes(*roots: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def places(tmp_path_factory) -> dict[str, Path]:
+def places(tmp_path_factory, finished_run) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("errors")
-    run = base / "run"
-    finetune.run(resolve("llama_selora", PREVIOUS_RUN + [f"train.output_dir={run}"]))
+    run = finished_run  # conftest's: a finished 4-step llama_selora run, checkpoints at steps 2 and 4
     corrupt, bare = base / "corrupt", base / "bare"
     shutil.copytree(run, corrupt)
     weights = corrupt / "checkpoints" / "step_4" / "adapter" / "adapter_model.safetensors"
