@@ -281,7 +281,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
-    args.ranks, args.widths, args.stacked, args.layers = (8, 16, 32, 64), (4096, 11008, 14336), 32, (2, 4)
+    args.ranks, args.widths, args.stacked, args.layers = (8, 16, 32, 64), (4096, 11008, 14336), 32, (2, 6)
     if args.smoke:
         args.ranks, args.widths, args.stacked, args.layers = (4, 8), (64, 96), 4, (1, 2)
         args.rank, args.batch, args.seq, args.rounds, args.steps, args.repeats = 4, 2, 32, 2, 2, 3

@@ -94,9 +94,8 @@ class SeLoRAConfig(LoRAConfig):
     is the paper's 1 - eta), or ``n_coefficients * r`` when given, so the adapter has about ``spectral_ratio``
     times LoRA's parameters while the decoded factors stay dense.
 
-    basis: a name from ``selora.bases`` (the registry lists them): "haar" (default; the paper's SeLoRA_W), "db4",
-    "bior2.2", "coif1" (other wavelets), "fft2" (SeLoRA_F), or this project's row-wise "dct_rows" / "dft_rows"
-    ("dct" / "dft", their names before selora 0.2, are accepted).
+    basis: a name in the ``selora.bases`` registry (``selora.bases.names()``); the default "haar" is the paper's
+    SeLoRA_W. Names adapters carried before selora 0.2 resolve through ``selora.bases.ALIASES``.
     n_coefficients: learnable entries per factor row (count = n_coefficients * r), instead of spectral_ratio.
     shared_locations: row-wise bases only: True -> every row uses the same K columns; False -> each row its own.
     """
