@@ -154,3 +154,16 @@ def test_torchrun_shards_give_the_single_process_report(tmp_path):
     for name in ("tf", "m"):
         assert two[name]["n"] == one[name]["n"] and two[name]["accuracy"] == one[name]["accuracy"]
         assert abs(two[name]["answer_loss"] - one[name]["answer_loss"]) < 1e-4
+
+
+def test_generate_cli_answers_each_prompt_and_refuses_none(capsys, monkeypatch):
+    import io
+    from launch import generate
+    assert generate.main(["--model-preset", "tiny_llama", "--prompt", "What is 2 plus 3?", "--prompt", "Hi",
+                          "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("### ") == 2 and "### What is 2 plus 3?" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert generate.main(["--model-preset", "tiny_llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no prompt")
