@@ -133,3 +133,37 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
         assert evaluate.main(["--model-preset", "tiny_llama", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+
+
+@pytest.mark.multiprocess
+def test_torchrun_shards_give_the_single_process_report(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    records = [dict(r, instruction=r["instruction"] + " " * i) for i, r in enumerate(MATH + MATH[:1])]  # 5: uneven
+    tasks = ["--model-preset", "tiny_llama", "--task", f"tf={write(tmp_path / 'tf.jsonl', CHOICE)}",
+             "--task", f"m={write(tmp_path / 'm.jsonl', records)}", "--max-new-tokens", "4", "--batch-size", "2"]
+    assert evaluate.main([*tasks, "--out", str(tmp_path / "one.json")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                    "--master_port", str(29500 + os.getpid() % 200), "launch/evaluate.py", *tasks,
+                    "--out", str(tmp_path / "two.json")], cwd=root, env=env, check=True, timeout=300)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text())["tasks"] for n in ("one", "two"))
+    for name in ("tf", "m"):
+        assert two[name]["n"] == one[name]["n"] and two[name]["accuracy"] == one[name]["accuracy"]
+        assert abs(two[name]["answer_loss"] - one[name]["answer_loss"]) < 1e-4
+
+
+def test_generate_cli_answers_each_prompt_and_refuses_none(capsys, monkeypatch):
+    import io
+    from launch import generate
+    assert generate.main(["--model-preset", "tiny_llama", "--prompt", "What is 2 plus 3?", "--prompt", "Hi",
+                          "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("### ") == 2 and "### What is 2 plus 3?" in out
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert generate.main(["--model-preset", "tiny_llama"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: no prompt")
