@@ -6,7 +6,8 @@
 # first, then the grid; a later call continues where this one stopped. Results come back in $OUT:
 # results.jsonl (every finished run), runs.tar.gz (metrics, eval reports, logs), study_*.log.
 # Environment: CALL_SECONDS (default 520: the whole call, wheels and conversion included), PARALLEL (default 8),
-# STUDY_ARGS (extra arguments for `run`, e.g. "--only 'LoRA r16,SRLoRA r16 (paper)'" or "--steps 150").
+# STUDY_ARGS (extra arguments for `run`, e.g. "--only 'LoRA r16,SRLoRA r16 (paper)'" or "--steps 150"),
+# STUDY_COMMAND=plan (list the runs and check every config, run nothing: a dry run of the call).
 set -o pipefail
 START=$SECONDS
 source .whl/install.sh || exit 1
@@ -26,7 +27,7 @@ fi
 [ -f "$HF/config.json" ] || { echo "error: no converted model in $HF (did convert-model fail?)"; exit 1; }
 budget=$((CALL_SECONDS - (SECONDS - START) - 45))
 echo "study budget: $budget s (runs that would end later are left for the next call)"
-eval python bench/quality_smollm2.py run --model-path "$HF" --work "$WORK" --out "$OUT" \
+eval python bench/quality_smollm2.py "${STUDY_COMMAND:-run}" --model-path "$HF" --work "$WORK" --out "$OUT" \
   --parallel "${PARALLEL:-8}" --budget-seconds "$budget" --hard-seconds "$((budget + 30))" "${STUDY_ARGS:-}" \
   2>&1 | tee "$OUT/study_$(date +%H%M%S).log"
 echo "call done at $((SECONDS - START)) s"

@@ -74,7 +74,6 @@ def load_for_inference(model_cfg, tokenizer_cfg, adapter_dir: str | None, device
     model, _ = load_model(model_cfg, device)
     if kind == "selora":
         selora.load_adapter(model, adapter_dir)
-        selora.cache_decoded_factors(True)  # weights are fixed: decode the factors once, not every forward
     elif kind == "peft":
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
