@@ -293,7 +293,12 @@ def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> li
             f"train.eval_every={s.steps if heldout else 0}", "train.save_every=0", "train.export_peft=false",
             "train.tensorboard=false", "train.resume=never", "train.log_every=1", f"train.learning_rate={job['lr']}",
             f"train.seed={job['seed']}", f"train.output_dir={run_dir}", "adapter.dropout=0.0",
-            f"adapter.seed={job['seed']}", "srlora.svd=full", *method.overrides]
+            f"adapter.seed={job['seed']}", "srlora.svd=full",
+            # pinned, so a change of a recipe's defaults cannot change the study: the method's own keys come last
+            "train.sample_prompts=[]", "train.weight_decay=0.0", "train.max_grad_norm=1.0", "data.packing=false",
+            "data.mask_prompt=true", "model.quantization=none", "model.dtype=auto", "model.gradient_checkpointing=false",
+            "deepspeed.config=null", "adapter.use_rslora=false", "adapter.use_dora=false", "adapter.init=default",
+            "adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", *method.overrides]
 
 
 def evaluate_command(s: Settings, run_dir: Path, adapter: Path | None) -> list[str]:
