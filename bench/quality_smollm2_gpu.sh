@@ -31,7 +31,7 @@ if [ -n "${SPIKE:-}" ]; then  # bench/srlora_spike.py beside the study: the loss
   ( for init in default pissa; do
       lr=$([ $init = pissa ] && echo 3e-4 || echo 1e-3)
       timeout 200 python bench/srlora_spike.py --model-path "$HF" --device cuda --dtype bfloat16 --init $init --lr $lr \
-        --steps-before 100 --steps-after 10 --micro-batch 16 --max-length 256 --warmup 10 \
+        --steps-before 100 --steps-after 10 --micro-batch 16 --max-length 256 --warmup 10 --svd full \
         --out "$OUT/srlora_spike_$init.json" > "$OUT/srlora_spike_$init.log" 2>&1
     done ) &
   SPIKE_PID=$!

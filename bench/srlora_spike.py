@@ -144,6 +144,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--branches", default="lora,srlora,keep-moments,warm-v")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--svd", default="randomized", choices=("full", "randomized"),
+                        help="principal directions (randomized: seconds on a CPU; the study uses full on the GPU)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                         help="of the base model (the study trains in bfloat16 on a GPU)")
     parser.add_argument("--warmup", type=int, default=2)
@@ -158,7 +160,8 @@ def main() -> None:
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     selora.apply(model, finetune.adapter_config_from(cfg.adapter))
     srlora = SRLoRA(model, selora.SRLoRAConfig(start_step=args.steps_before, end_step=args.steps_before,
-                                                interval=args.steps_before, pairs_per_recomposition=args.pairs))
+                                                interval=args.steps_before, pairs_per_recomposition=args.pairs,
+                                                svd=args.svd))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)
     data = batches(Path(args.data), tokenizer, args.max_length, args.micro_batch, args.steps_before + args.steps_after + 1, 0, device)
