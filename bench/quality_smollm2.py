@@ -424,6 +424,8 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
     hard_s = budget_s + 60 if hard_s is None else hard_s
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(s)))
     results_path = work / "results.jsonl"
     records = read_results([*earlier, results_path])

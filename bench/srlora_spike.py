@@ -103,7 +103,7 @@ def branch(name: str, snapshot, steps: list[dict], probe: dict, step_before: int
             rows = layer.pair_rows()
             new_norm.append(rows[pairs].norm(dim=1).mean().item())
             kept_norm.append(rows[keep].norm(dim=1).mean().item())
-            old_norm.append(torch.cat([before[i][0], before[i][1].T], 1)[pairs].norm(dim=1).mean().item())
+            old_norm.append(torch.cat([before[i][0], before[i][1]], 1)[pairs].norm(dim=1).mean().item())  # B^T rows
         result.update(new_pair_norm=sum(new_norm) / len(new_norm), replaced_pair_norm=sum(old_norm) / len(old_norm),
                       kept_pair_norm=sum(kept_norm) / len(kept_norm))
     result["probe_after_recomposition"] = loss_of(model, probe)
