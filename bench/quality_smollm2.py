@@ -693,8 +693,8 @@ def plots(records: list[dict], steps: int, folder: Path) -> list[Path]:
         if base:
             axis.axhline(mean_of(base[0], MATH_SETS, key), color="grey", linestyle="--", linewidth=0.8, label="base model")
         axis.set_xscale("log"), axis.set_xlabel("trainable parameters")
-    axes[0].set_ylabel("math accuracy, generated answers (mean of AddSub, SingleEq, MultiArith)")
-    axes[1].set_ylabel("math answer loss (mean of the three; lower is better)")
+    axes[0].set_ylabel("math accuracy of generated answers (mean of 3 sets)")
+    axes[1].set_ylabel("math answer loss (mean of 3 sets; lower is better)")
     axes[1].legend(fontsize=6, ncol=2)
     figure.tight_layout()
     params_png = folder / "accuracy_vs_params.png"
