@@ -35,7 +35,7 @@ TRAIN_PER_TASK, HELDOUT_PER_TASK, TEST_PER_TASK = 1000, 100, 200
 MAX_STEPS = int(os.environ.get("QUALITY_MAX_STEPS", 300))
 COMMON = [f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=16", "train.gradient_accumulation_steps=1",
           f"train.warmup_steps={min(20, MAX_STEPS // 5)}", "train.save_every=0", "train.eval_every=0", "train.export_peft=false",
-          "train.tensorboard=false", "train.resume=never", "data.max_length=384", "data.eval_files=[]",
+          "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "data.max_length=384", "data.eval_files=[]",
           "data.eval_fraction=0", "adapter.dropout=0.0", f"srlora.start_step={MAX_STEPS // 5}",
           f"srlora.interval={MAX_STEPS // 5}", f"srlora.end_step={4 * MAX_STEPS // 5}", "srlora.pairs_per_recomposition=2", "srlora.svd=full"]
 

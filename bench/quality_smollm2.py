@@ -55,7 +55,7 @@ class Settings:
     test_math: int = 300           # per math test set
     test_choice: int = 200         # per choice test set
     max_new_tokens: int = 128      # math answers: median 61-73 tokens
-    eval_batch: int = 64
+    eval_batch: int = 32  # 8 runs x 64 ran the H100 out of memory in the choice scoring (vocab 49152 logits)
     model_path: str | None = None  # a de-quantized HF folder (convert-model) or the .gguf itself
     model_preset: str | None = None
     data: str = str(DATA)
@@ -291,7 +291,7 @@ def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> li
             f"train.max_steps={s.steps}", f"train.micro_batch_size={s.micro_batch}",
             "train.gradient_accumulation_steps=1", f"train.warmup_steps={s.warmup}", "train.lr_scheduler=cosine",
             f"train.eval_every={s.steps if heldout else 0}", "train.save_every=0", "train.export_peft=false",
-            "train.tensorboard=false", "train.resume=never", "train.log_every=1", f"train.learning_rate={job['lr']}",
+            "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "train.log_every=1", f"train.learning_rate={job['lr']}",
             f"train.seed={job['seed']}", f"train.output_dir={run_dir}", "adapter.dropout=0.0",
             f"adapter.seed={job['seed']}", "srlora.svd=full",
             # pinned, so a change of a recipe's defaults cannot change the study: the method's own keys come last
@@ -321,9 +321,9 @@ def count_trainable(recipe: str, overrides: list[str]) -> int | None:
         from transformers import AutoConfig, AutoModelForCausalLM
         import selora
         from launch.config import resolve
-        from recipes import finetune
+        from recipes import validate as recipe_config
         cfg = resolve(recipe, overrides)
-        adapter = finetune.adapter_config_from(cfg.adapter)
+        adapter = recipe_config.adapter_config_from(cfg.adapter)
         adapter.init = "default"  # the count does not depend on the start, and PiSSA needs real weights
         if cfg.model.path and Path(str(cfg.model.path)).is_dir():
             config = AutoConfig.from_pretrained(str(cfg.model.path))
@@ -356,8 +356,10 @@ def run_one(job: dict, s: Settings, run_dir: Path) -> dict:
         method = methods(s.steps)[job["method"]]
         overrides = train_overrides(job, method, s, run_dir)
         record.update(recipe=method.recipe, overrides=method.overrides)
-        from launch.train import main as launch
-        if launch(["--recipe", method.recipe, *overrides]) != 0:
+        # Its own process, so the training's GPU memory is gone before the evaluation starts (in-process, eight
+        # runs each holding ~8.5 GB of training memory beside their ~9 GB evaluation ran the H100 out of memory).
+        if subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", method.recipe, *overrides],
+                          cwd=ROOT).returncode != 0:
             raise SystemExit(f"training {job['id']} failed")
         metrics = read_metrics(run_dir)
         record["loss_curve"] = [[m["step"], m["loss"]] for m in metrics if "loss" in m]
@@ -401,7 +403,7 @@ def pending_jobs(jobs: list[dict], records: list[dict]) -> list[dict]:
 def validate(jobs: list[dict], s: Settings) -> None:
     """Resolve every run's config before any GPU time is spent: a bad key or value fails here, in one line."""
     from launch.config import ConfigError, resolve
-    from recipes import finetune
+    from recipes import validate as recipe_config
     table = methods(s.steps)
     for job in jobs:
         if job["kind"] == "base":
@@ -409,9 +411,9 @@ def validate(jobs: list[dict], s: Settings) -> None:
         method = table[job["method"]]
         try:
             cfg = resolve(method.recipe, train_overrides({**job, "lr": 1e-3}, method, s, Path("/tmp/unused")))
-            finetune.adapter_config_from(cfg.adapter)
+            recipe_config.adapter_config_from(cfg.adapter)
             if cfg.srlora.enabled:
-                finetune.srlora_config_from(cfg)
+                recipe_config.srlora_config_from(cfg)
         except (ConfigError, ValueError) as error:
             raise SystemExit(f"error: {job['method']}: {error}")
 

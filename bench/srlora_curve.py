@@ -31,7 +31,7 @@ def main() -> None:
     curves, evals, events = {}, {}, {}
     for label, recipe in RUNS.items():
         out = Path("/tmp/selora_curve") / recipe
-        finetune.run(resolve(recipe, COMMON + [f"train.output_dir={out}", "train.resume=never"]))
+        finetune.run(resolve(recipe, COMMON + [f"train.output_dir={out}", "train.resume=never", "train.overwrite=true"]))
         lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
         curves[label] = [(l["step"], l["loss"]) for l in lines if "loss" in l]
         evals[label] = [(l["step"], l["eval_loss"]) for l in lines if "eval_loss" in l]

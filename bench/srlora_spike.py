@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import selora  # noqa: E402
 from launch.config import resolve  # noqa: E402
-from recipes import finetune  # noqa: E402
+from recipes.validate import adapter_config_from  # noqa: E402
 from recipes.data import load_records, make_collate_fn, tokenize_records  # noqa: E402
 from recipes.engine import ADAMW_BETAS, ADAMW_EPS  # noqa: E402
 from recipes.modeling import load_model, load_tokenizer  # noqa: E402
@@ -158,7 +158,7 @@ def main() -> None:
                                    f"adapter.alpha={2 * args.r}", f"adapter.init={args.init}", "adapter.dropout=0.0"])
     model, _ = load_model(cfg.model, device)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    selora.apply(model, finetune.adapter_config_from(cfg.adapter))
+    selora.apply(model, adapter_config_from(cfg.adapter))
     srlora = SRLoRA(model, selora.SRLoRAConfig(start_step=args.steps_before, end_step=args.steps_before,
                                                 interval=args.steps_before, pairs_per_recomposition=args.pairs,
                                                 svd=args.svd))

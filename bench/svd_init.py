@@ -4,6 +4,7 @@ DeepSpeed ZeRO-3 when launched on several GPUs.
 
     python bench/svd_init.py --out docs/benchmarks                       # 1 GPU
     deepspeed --num_gpus 2 bench/svd_init.py --out docs/benchmarks       # 2 GPUs, ZeRO-3 partitioned weights
+    python bench/svd_scaling.py --gpus 1,2,4 --out docs/benchmarks       # 1, 2 and 4 GPUs, one table
 
 Randomized SVD is timed on all 224 matrices through the scheduler. Full SVD goes through the scheduler for the
 first --full-layers layers (7 matrices each; all 224 take minutes per GPU) and is also timed on one matrix of

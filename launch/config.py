@@ -3,18 +3,22 @@
 error at start-up that names the key, the value and the nearest valid keys."""
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from selora.config import LoRAConfig, SeLoRAConfig, SRLoRAConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
 DEFAULTS = ROOT / "configs" / "defaults.yaml"
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class ConfigError(ValueError):
@@ -51,35 +55,48 @@ class DataSection:
     max_eval_records: Optional[int] = 64
 
 
-@dataclass
-class AdapterSection:
-    method: str = "selora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: List[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    use_rslora: bool = False
-    use_dora: bool = False
-    init: str = "default"
-    spectral_ratio: float = 0.5
-    n_coefficients: Optional[int] = None
-    basis: str = "haar"
-    shared_locations: bool = True
-    seed: int = 0
+def _schema_type(hint):
+    """A library field's type as OmegaConf can hold it: tuples become lists, ``X | None`` Optional[X], and a
+    type OmegaConf does not know stays untyped (the library's dataclass still checks the value)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        inner = _schema_type(rest[0]) if len(rest) == 1 else Any
+        return Optional[inner] if type(None) in args else inner
+    if origin in (tuple, list):
+        return List[_schema_type(args[0]) if args else Any]
+    if origin is dict or hint is dict:
+        return Dict[str, Any]
+    return hint if hint in (int, float, bool, str) else Any
 
 
-@dataclass
-class SRLoRASection:
-    enabled: bool = False
-    start_step: int = 10
-    end_step: int = 50
-    interval: int = 10
-    pairs_per_recomposition: int = 1
-    ema_beta: float = 0.85
-    uncertainty_beta: float = 0.85
-    scope: str = "layer"
-    svd: str = "full"
-    quantized_fusion: str = "residual"
+def section_from(name: str, library_classes: tuple[type, ...], extra: list[tuple] = (), skip: tuple[str, ...] = ()):
+    """A schema section holding every field of ``library_classes`` (later classes add theirs) with the
+    library's types and defaults, plus ``extra`` (name, type, field) entries first: the library's dataclasses
+    are the one source of truth for what an adapter or SRLoRA schedule takes and what it defaults to."""
+    fields, seen = list(extra), {entry[0] for entry in extra} | set(skip)
+    for cls in library_classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, (tuple, list, dict)):  # mutable in the schema: one copy per config
+                copy = (lambda d=default: dict(d)) if isinstance(default, dict) else (lambda d=default: list(d))
+                fields.append((f.name, _schema_type(hints[f.name]), field(default_factory=copy)))
+            else:
+                fields.append((f.name, _schema_type(hints[f.name]), field(default=default)))
+    return dataclasses.make_dataclass(name, fields)
+
+
+# adapter.method picks the library class; the other adapter keys are that class's fields (SeLoRA's extra ones
+# are ignored by method=lora).
+AdapterSection = section_from("AdapterSection", (LoRAConfig, SeLoRAConfig),
+                              extra=[("method", str, field(default=SeLoRAConfig.method))])
+# srlora.enabled switches it on; the schedule's warm-up is train.warmup_steps, not a key of its own.
+SRLoRASection = section_from("SRLoRASection", (SRLoRAConfig,), extra=[("enabled", bool, field(default=False))],
+                             skip=("warmup_steps",))
 
 
 @dataclass
@@ -99,9 +116,11 @@ class TrainSection:
     save_every: int = 30
     output_dir: str = "runs/${recipe_name}"
     resume: str = "auto"
+    overwrite: bool = False
     export_peft: bool = True
     save_merged: bool = False
     tensorboard: bool = True
+    time_breakdown: bool = False
     sample_prompts: List[str] = field(default_factory=list)
 
 
@@ -152,22 +171,53 @@ def _recipe_path(recipe: str) -> Path:
     return path
 
 
-def _unknown_key_message(key: str, source: str) -> str:
+def nearest_keys(key: str, n: int = 3) -> list[str]:
+    """Valid keys a misspelled dotted ``key`` most likely meant: the nearest section(s), then the nearest key in
+    them (``trian.max_steps`` -> ``train.max_steps``, ``train.lerning_rate`` -> ``train.learning_rate``)."""
     keys = valid_keys()
-    near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
-    if not near:  # a misspelled section: suggest keys under the nearest section
-        near = difflib.get_close_matches(key.rsplit(".", 1)[-1], [k.rsplit(".", 1)[-1] for k in keys], n=3)
-        near = [k for k in keys if k.rsplit(".", 1)[-1] in near][:3]
+    by_section: dict[str, list[str]] = {}
+    for k in keys:
+        section, _, leaf = k.rpartition(".")
+        by_section.setdefault(section, []).append(leaf)
+    section, _, leaf = key.rpartition(".")
+    sections = [section] if section in by_section else difflib.get_close_matches(section, list(by_section), n=2, cutoff=0.6)
+    near = []
+    for candidate in sections:
+        leaves = by_section[candidate]
+        hits = [leaf] if leaf in leaves else difflib.get_close_matches(leaf, leaves, n=n, cutoff=0.6)
+        near += [f"{candidate}.{h}" if candidate else h for h in hits]
+    if not near:  # no section is close: the nearest whole keys, then keys whose last part is close
+        near = difflib.get_close_matches(key, keys, n=n, cutoff=0.5)
+    if not near:
+        leaves = difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in keys], n=n)
+        near = [k for k in keys if k.rsplit(".", 1)[-1] in leaves]
+    return near[:n]
+
+
+def _unknown_key_message(key: str, source: str) -> str:
+    near = nearest_keys(key)
     hint = f"; did you mean {' or '.join(repr(k) for k in near)}?" if near else ""
     return f"unknown config key {key!r} in {source}{hint}"
+
+
+def _dotted_keys(node, prefix: str = "") -> list[str]:
+    if isinstance(node, DictConfig):
+        return [k for key in node for k in _dotted_keys(node[key], f"{prefix}{key}.")]
+    return [prefix.rstrip(".")]
 
 
 def _merge(base: DictConfig, other, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
     except ConfigKeyError as error:
-        raise ConfigError(_unknown_key_message(str(error.full_key), source)) from None
+        # OmegaConf names the first unknown part (``trian``); the full key (``trian.max_steps``) is in ``other``.
+        unknown = str(error.full_key)
+        full = next((k for k in _dotted_keys(other) if k == unknown or k.startswith(unknown + ".")), unknown)
+        raise ConfigError(_unknown_key_message(full, source)) from None
     except ValidationError as error:
+        if isinstance(OmegaConf.select(base, str(error.full_key)), ListConfig):
+            raise ConfigError(f"{source}: {error.full_key}={error.value!r} must be a list; write "
+                              f"{error.full_key}=[{error.value}]") from None
         raise ConfigError(f"{source}: {error.full_key}={error.value!r} has the wrong type: "
                           f"{str(error).splitlines()[0]}") from None
     except OmegaConfBaseException as error:
@@ -199,6 +249,16 @@ def resolve(recipe: str, overrides: list[str] = ()) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"cannot resolve the config: {str(error).splitlines()[0]}") from None
     return config
+
+
+def default_deepspeed(config: DictConfig, world_size: int) -> str | None:
+    """Under a multi-process launch with no DeepSpeed config chosen, use ZeRO-2 (data parallel, the cheapest
+    stage); returns the one line that says so, or None when nothing was changed."""
+    if world_size <= 1 or config.deepspeed.config is not None:
+        return None
+    config.deepspeed.config = "zero2"
+    return (f"{world_size} processes and deepspeed.config is null: using ZeRO-2 (configs/deepspeed/zero2.json); "
+            "set deepspeed.config=zero3 (or a JSON path) to choose another")
 
 
 def to_yaml(config: DictConfig) -> str:

@@ -1,16 +1,19 @@
 """selora's one entry point.
 
     python launch/train.py --recipe llama_selora [key=value ...]          # one process
-    deepspeed launch/train.py --recipe llama_selora deepspeed.config=zero3 # many GPUs / nodes
+    deepspeed launch/train.py --recipe llama_selora                        # all GPUs, ZeRO-2 unless
+    deepspeed launch/train.py --recipe llama_selora deepspeed.config=zero3 #   deepspeed.config says otherwise
     torchrun --nproc_per_node 2 launch/train.py --recipe llama_srlora deepspeed.config=zero2
     python launch/train.py --recipe llama_selora --print-config           # show the resolved config
 
 Bad input (unknown recipe, misspelled key, wrong type, missing file, malformed data, ...) ends with one
-``error: ...`` line and exit status 2, before any model is loaded.
+``error: ...`` line and exit status 2, before any model is loaded; docs/errors.md lists them.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # runs from a clone without installing
 
-from launch.config import ConfigError, available_recipes, resolve, to_yaml  # noqa: E402
+# bitsandbytes logs, at import, that an optional CPU kernel package is absent (it falls back to its own
+# kernels); that line would sit beside the one-line errors and progress of every run.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+from launch.config import ConfigError, available_recipes, default_deepspeed, resolve, to_yaml  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -34,20 +41,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (reported in one line), not a bug (reported with a traceback)."""
     import selora
     from recipes.data import DataError
+    from recipes.checkpoint import CheckpointError
+    from recipes.engine import EngineConfigError
     from recipes.modeling import ModelLoadError
-    errors = [ConfigError, DataError, ModelLoadError, selora.ConfigValueError, selora.TargetModuleError,
-              selora.AdapterFileError, FileNotFoundError]
-    try:
-        from recipes.checkpoint import CheckpointError
-        errors.append(CheckpointError)
-    except ImportError:
-        pass
-    try:
-        from recipes.engine import EngineConfigError
-        errors.append(EngineConfigError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    from recipes.validate import RecipeConfigError
+    return (ConfigError, RecipeConfigError, DataError, ModelLoadError, CheckpointError, EngineConfigError,
+            selora.ConfigValueError, selora.TargetModuleError, selora.AdapterFileError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         print(to_yaml(config), end="")
         return 0
+    # Launchers (deepspeed, torchrun) set WORLD_SIZE; decided before anything is loaded or printed.
+    note = default_deepspeed(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if note and os.environ.get("RANK", "0") == "0":
+        print(note, flush=True)
     from recipes import finetune
     try:
         finetune.run(config)

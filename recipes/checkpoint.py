@@ -7,24 +7,27 @@ Layout under ``output_dir``:
       step_4/ step_8/         the last two checkpoints; older ones are deleted once the pointer has moved
         engine/               optimizer + scheduler: engine_state.pt (plain PyTorch) or DeepSpeed's files
         adapter/              selora.save_adapter (SRLoRA scores and used directions in extra_state)
-        trainer_state.json    step, data position, best eval loss, RNG states of every rank, and a manifest
-                              of every file above with its size (written last; checked on resume)
+        trainer_state.json    step, data position, best eval loss, RNG states of every rank, the settings the
+                              run was trained with (model, quantization, adapter, SRLoRA), and a manifest of
+                              every file above with its size and sha256 (written last; checked on resume)
     adapter/  peft_adapter/  merged/      the final exports (see `export_final`)
 
 A step directory that `latest` does not name (a save that died half-way) is never read and is deleted by
-the next successful save. All ranks must call `save_checkpoint` and `load_checkpoint` (DeepSpeed's and
+the next successful save. A checkpoint whose files do not match its manifest is never resumed: the newest
+valid older one is named (or, with train.resume=auto, used after one warning line). All ranks must call `save_checkpoint` and `load_checkpoint` (DeepSpeed's and
 selora's saves are collectives); rank 0 writes the shared files, so ``output_dir`` must be one filesystem
 seen by every rank.
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +56,11 @@ class TrainerState:
 
     epoch / batch_in_epoch: the data position, in micro-batches of this rank's shard of the epoch's order;
     the next micro-batch is number ``batch_in_epoch`` (0-based) of ``epoch``.
-    micro_batches: micro-batches consumed in total (per rank).
     """
 
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    micro_batches: int = 0
     best_eval_loss: float | None = None
     world_size: int = 1
     rng: list[dict] = field(default_factory=list)  # one entry per rank
@@ -124,9 +125,18 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _manifest(step_dir: Path) -> dict[str, int]:
-    return {str(p.relative_to(step_dir)): p.stat().st_size for p in sorted(step_dir.rglob("*"))
-            if p.is_file() and p.name != TRAINER_STATE_FILE}
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _manifest(step_dir: Path) -> dict[str, dict]:
+    """{relative path: {"size": bytes, "sha256": hex}} of every file of a checkpoint but trainer_state.json."""
+    return {str(p.relative_to(step_dir)): {"size": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(step_dir.rglob("*")) if p.is_file() and p.name != TRAINER_STATE_FILE}
 
 
 def read_pointer(directory: Path) -> Path | None:
@@ -141,8 +151,10 @@ def read_pointer(directory: Path) -> Path | None:
     return directory / name
 
 
-def save_checkpoint(output_dir: str | Path, engine, model: torch.nn.Module, srlora, state: TrainerState) -> Path:
-    """Write checkpoints/step_<state.step>/ and then move `latest` to it. Every rank must call it."""
+def save_checkpoint(output_dir: str | Path, engine, model: torch.nn.Module, srlora, state: TrainerState,
+                    settings: dict | None = None) -> Path:
+    """Write checkpoints/step_<state.step>/ and then move `latest` to it. Every rank must call it.
+    ``settings`` (see `run_settings`) is recorded so that a resume with other settings is refused."""
     rank, world_size = world()
     directory = checkpoints_dir(output_dir)
     step_dir = directory / f"step_{state.step}"
@@ -158,7 +170,7 @@ def save_checkpoint(output_dir: str | Path, engine, model: torch.nn.Module, srlo
     state.world_size = world_size
     _barrier()  # every rank's files are on disk before the pointer may name them
     if rank == 0:
-        record = {**asdict(state), "files": _manifest(step_dir)}
+        record = {**asdict(state), "settings": settings or {}, "files": _manifest(step_dir)}
         _write_atomically(step_dir / TRAINER_STATE_FILE, json.dumps(record))
         previous = read_pointer(directory)
         _write_atomically(directory / POINTER_FILE, step_dir.name + "\n")
@@ -171,16 +183,118 @@ def save_checkpoint(output_dir: str | Path, engine, model: torch.nn.Module, srlo
 
 
 # ----- resuming ------------------------------------------------------------------------------------------------
+# What a run leaves in output_dir; train.overwrite=true removes exactly these, never anything else of the user's.
+RUN_FILES = (CHECKPOINTS_DIR, "adapter", "peft_adapter", "merged", "metrics.jsonl", "tensorboard")
+
+
+def run_settings(cfg) -> dict:
+    """What a checkpoint must share with the run that resumes it: the base model (path, or preset and seed),
+    its quantization, and every adapter and SRLoRA setting. Plain values, recorded in trainer_state.json."""
+    model = cfg.model
+    base = {"path": model.path} if model.path else {"preset": model.preset, "seed": model.seed}
+    base["quantization"] = model.quantization
+    if model.quantization == "4bit":
+        base["bnb_4bit_quant_type"] = model.bnb_4bit_quant_type
+    from omegaconf import OmegaConf
+    return {"model": base, "adapter": OmegaConf.to_container(cfg.adapter, resolve=True),
+            "srlora": OmegaConf.to_container(cfg.srlora, resolve=True)}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def setting_differences(recorded: dict, now: dict) -> list[str]:
+    """``key=checkpoint value (now new value)`` for every setting that differs (keys either side lacks count)."""
+    old, new = _flat(recorded), _flat(now)
+    missing = object()
+    return [f"{key}={old.get(key, missing)!r} (now {new.get(key, missing)!r})".replace(repr(missing), "unset")
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
+def _rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def plan_resume(cfg, total_steps: int | None = None) -> Path | None:
+    """The step directory this run continues from (None: it starts fresh), checked against what is on disk
+    before anything is loaded: output_dir must be a directory; resume=never refuses a directory holding a
+    previous run unless train.overwrite=true; a checkpoint must be intact, come from the same settings and the
+    same number of ranks, and have steps left (``total_steps``, when known). Raises CheckpointError."""
+    train = cfg.train
+    output_dir = Path(train.output_dir)
+    for path in (output_dir, *output_dir.parents):
+        if path.exists() and not path.is_dir():
+            raise CheckpointError(f"train.output_dir={str(output_dir)!r}: {str(path)!r} is a file, not a directory; "
+                                  "choose another train.output_dir")
+    previous = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+    if train.resume == "never":
+        if previous and not train.overwrite:
+            raise CheckpointError(
+                f"train.output_dir={str(output_dir)!r} already holds files ({', '.join(previous[:4])}"
+                f"{', ...' if len(previous) > 4 else ''}) and train.resume=never would replace them; choose a new "
+                "train.output_dir, continue it with train.resume=auto, or replace it with train.overwrite=true")
+        return None
+    step_dir = find_checkpoint(output_dir, train.resume)
+    if step_dir is None:
+        if "adapter" in previous and not train.overwrite:
+            raise CheckpointError(
+                f"train.output_dir={str(output_dir)!r} holds a finished run (adapter/) and no checkpoint to resume; "
+                "choose a new train.output_dir, or replace it with train.overwrite=true")
+        return None
+    record = validate_checkpoint(step_dir)
+    differences = setting_differences(record["settings"], run_settings(cfg)) if record.get("settings") else []
+    if differences:
+        raise CheckpointError(
+            f"checkpoint {step_dir} was trained with other settings: {', '.join(differences)}; resume with the "
+            "checkpoint's settings, or choose a new train.output_dir (or train.resume=never train.overwrite=true)")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if record["world_size"] != world_size:
+        raise CheckpointError(f"{step_dir} was saved by {record['world_size']} ranks but this run has {world_size}: "
+                              "the data position and optimizer shards are per rank; resume with the same number")
+    check_steps_left(step_dir, record["step"], total_steps)
+    return step_dir
+
+
+def check_steps_left(step_dir: Path | None, step: int | None, total_steps: int | None) -> None:
+    """CheckpointError when the checkpoint already reached the run's last step (nothing would be trained)."""
+    if step_dir is None or total_steps is None:
+        return
+    if step is None:
+        step = validate_checkpoint(step_dir)["step"]
+    if step >= total_steps:
+        raise CheckpointError(
+            f"checkpoint {step_dir} is already at step {step} and this run stops at step {total_steps}: nothing is "
+            f"left to train; raise train.max_steps above {step} to continue it, or choose a new train.output_dir")
+
+
+def clear_previous_run(output_dir: str | Path) -> None:
+    """Remove what an earlier run wrote in ``output_dir`` (RUN_FILES only); for train.overwrite=true. Every
+    rank must call it (rank 0 removes)."""
+    if world()[0] == 0:
+        for name in RUN_FILES:
+            path = Path(output_dir) / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    _barrier()
+
+
 def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     """The step directory to resume from: train.resume = "auto" (the `latest` of this run, if any),
-    "never" (None), or a path (a step directory, a checkpoints/ directory, or a run's output_dir)."""
+    "never" (None), or a path (a step directory, a checkpoints/ directory, or a run's output_dir).
+
+    A checkpoint that fails `validate_checkpoint` raises CheckpointError naming the bad file and the newest
+    valid older checkpoint; under "auto" that older checkpoint is used instead, after one warning line."""
     if resume in (None, "never"):
         return None
     if resume == "auto":
         step_dir = read_pointer(checkpoints_dir(output_dir))
-        if step_dir is not None:
-            validate_checkpoint(step_dir)
-        return step_dir
+        return None if step_dir is None else _valid_or_older(step_dir, fall_back=True)
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"train.resume={resume!r}: no such file or directory; pass a checkpoint directory "
@@ -188,40 +302,80 @@ def find_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
     for directory in (path, path / CHECKPOINTS_DIR):
         step_dir = read_pointer(directory)
         if step_dir is not None:
-            validate_checkpoint(step_dir)
-            return step_dir
-    validate_checkpoint(path)
-    return path
+            return _valid_or_older(step_dir, fall_back=False)
+    return _valid_or_older(path, fall_back=False)
+
+
+def _step_of(path: Path) -> int:
+    match = STEP_DIR.fullmatch(path.name)
+    return int(match.group(1)) if match else -1
+
+
+def older_valid_checkpoint(step_dir: Path) -> Path | None:
+    """The newest checkpoint beside ``step_dir`` with a smaller step that passes `validate_checkpoint`."""
+    parent, step = step_dir.parent, _step_of(step_dir)
+    if not parent.is_dir():
+        return None
+    for candidate in sorted((p for p in parent.iterdir() if p.is_dir() and -1 < _step_of(p) < step),
+                            key=_step_of, reverse=True):
+        try:
+            validate_checkpoint(candidate)
+            return candidate
+        except CheckpointError:
+            continue
+    return None
+
+
+def _valid_or_older(step_dir: Path, fall_back: bool) -> Path:
+    try:
+        validate_checkpoint(step_dir)
+        return step_dir
+    except CheckpointError as error:
+        older = older_valid_checkpoint(step_dir)
+        if older is None:
+            raise CheckpointError(f"{error}; there is no valid older checkpoint: start over with "
+                                  "train.resume=never train.overwrite=true") from None
+        if not fall_back:
+            raise CheckpointError(f"{error}; resume from the newest valid older checkpoint: "
+                                  f"train.resume={older}") from None
+        if _rank0():
+            print(f"warning: {error}; resuming from the newest valid older checkpoint {older}", flush=True)
+        return older
 
 
 def validate_checkpoint(step_dir: Path) -> dict:
-    """The trainer state of a complete checkpoint; CheckpointError naming the first missing or truncated file."""
+    """The trainer state of a complete, intact checkpoint; CheckpointError naming the first file that is missing
+    or whose size or sha256 differs from the manifest written when it was saved."""
     state_path = step_dir / TRAINER_STATE_FILE
     if not step_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {step_dir} does not exist (a pointer names it, or train.resume "
-                              "does); resume from another checkpoint or set train.resume=never")
+                              "does)")
     if not state_path.is_file():
         raise CheckpointError(f"{state_path} is missing: {step_dir} is not a complete checkpoint (its save did not "
-                              "finish); resume from another checkpoint")
+                              "finish)")
     try:
         record = json.loads(state_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{state_path} is not valid JSON ({error}); the checkpoint is corrupt") from None
-    for name, size in record["files"].items():
+    for name, entry in record["files"].items():
+        entry = entry if isinstance(entry, dict) else {"size": entry}  # manifests before checksums: size only
         path = step_dir / name
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing: checkpoint {step_dir} is incomplete; resume from another "
-                                  "checkpoint or set train.resume=never")
-        if path.stat().st_size != size:
-            raise CheckpointError(f"{path} has {path.stat().st_size} bytes but was saved with {size}: the file is "
-                                  "truncated or was replaced; resume from another checkpoint")
+            raise CheckpointError(f"{path} is missing: checkpoint {step_dir} is incomplete")
+        if path.stat().st_size != entry["size"]:
+            raise CheckpointError(f"{path} has {path.stat().st_size} bytes but was saved with {entry['size']}: "
+                                  f"checkpoint {step_dir} is truncated or was replaced")
+        if "sha256" in entry and sha256(path) != entry["sha256"]:
+            raise CheckpointError(f"{path} does not match the sha256 recorded when it was saved: checkpoint "
+                                  f"{step_dir} is corrupt")
     return record
 
 
 def load_checkpoint(step_dir: Path, engine, model: torch.nn.Module, srlora) -> TrainerState:
     """Restore engine, adapter (with the base changes it recorded), SRLoRA and this rank's RNG from
-    ``step_dir``; returns where training stands. Every rank must call it; call it right before the loop."""
-    record = validate_checkpoint(step_dir)
+    ``step_dir`` (checked by `plan_resume`); returns where training stands. Every rank must call it; call it
+    right before the loop."""
+    record = json.loads((step_dir / TRAINER_STATE_FILE).read_text())
     rank, world_size = world()
     if record["world_size"] != world_size:
         raise CheckpointError(f"{step_dir} was saved by {record['world_size']} ranks but this run has {world_size}: "
@@ -233,8 +387,8 @@ def load_checkpoint(step_dir: Path, engine, model: torch.nn.Module, srlora) -> T
             raise CheckpointError(f"{step_dir / ADAPTER_DIR} holds no SRLoRA state but srlora.enabled=true: this "
                                   "checkpoint comes from a run without SRLoRA")
         srlora.load_state_dict(extra)
-    record.pop("files")
-    state = TrainerState(**record)
+    known = {f.name for f in fields(TrainerState)}
+    state = TrainerState(**{k: v for k, v in record.items() if k in known})
     set_rng_state(state.rng[rank])
     return state
 

@@ -1,8 +1,10 @@
 """Training metrics: one JSON line per logged step in output_dir/metrics.jsonl, mirrored to TensorBoard.
 
 Only rank 0 writes; other ranks get a logger whose methods do nothing, so the loop calls it unconditionally.
-A line looks like {"step": 12, "loss": 1.93, "lr": 0.0002, "tokens_per_s": 5310.2} plus "eval_loss" when
-evaluated and "srlora" (the recomposition events) when SRLoRA fused pairs at that step.
+A line looks like {"step": 12, "loss": 1.93, "lr": 0.0002, "tokens_per_s": 5310.2, "tokens": 1790.0,
+"padding_share": 0.03} (real tokens per optimizer step, and the share of computed positions that were padding),
+plus "eval_loss" when evaluated, "srlora" (the recomposition events) when SRLoRA fused pairs at that step, and
+"time_breakdown" (seconds per step by phase) with train.time_breakdown=true.
 """
 from __future__ import annotations
 
@@ -48,6 +50,41 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class PhaseTimer:
+    """Seconds per phase of the training step (data, forward, backward, optimizer, srlora, log), averaged over
+    the optimizer steps since the last log line. Off by default: to attribute time to a phase on a GPU it must
+    synchronise at every boundary, which costs the overlap of host and device work."""
+
+    def __init__(self, device, enabled: bool):
+        import time
+
+        self.enabled, self.device, self.clock = enabled, device, time.perf_counter
+        self.totals: dict[str, float] = {}
+        self.steps = 0
+        self.last = self.clock()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the previous lap to ``phase``."""
+        if not self.enabled:
+            return
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.device)
+        now = self.clock()
+        self.totals[phase] = self.totals.get(phase, 0.0) + now - self.last
+        self.steps += phase == "log"  # "log" closes an optimizer step
+        self.last = now
+
+    def reduce(self) -> dict[str, float]:
+        """Mean seconds per optimizer step for each phase since the last call ("log" of the current step is
+        charged to the next window)."""
+        steps = max(self.steps, 1)
+        result = {phase: total / steps for phase, total in self.totals.items()}
+        self.totals, self.steps = {}, 0
+        return result
 
 
 def read_metrics(path: str | Path) -> list[dict]:

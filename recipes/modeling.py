@@ -134,6 +134,7 @@ def quantize_linears(model: nn.Module, quantization: str, compute_dtype: torch.d
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
             setattr(module, name, layer.to(device))
+    quant.keep_4bit_layout(model)
     return model
 
 

@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO helpers. Everything that must see a *whole* parameter while ZeRO-3 holds only shards goes
-through `gathered`; everything that spreads work over ranks uses `assign_owners` and `broadcast_object`.
+through `gathered` (or `gather_to_owner`, which makes it whole on one rank only); work spread over ranks is
+placed by `assign_owners` and its results sent to all by `broadcast_tensors`.
 
 Without torch.distributed (a plain script, a notebook) every helper degrades to the single-process answer.
 """
@@ -11,7 +12,6 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 
 def is_partitioned(param: torch.Tensor) -> bool:
@@ -53,10 +53,6 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
         yield
 
 
-def module_params(module: nn.Module) -> list[torch.Tensor]:
-    return list(module.parameters(recurse=True))
-
-
 def assign_owners(costs: Sequence[float], world_size: int) -> list[int]:
     """Owner rank for each job, balancing total cost (longest-processing-time-first greedy)."""
     loads = [(0.0, rank) for rank in range(world_size)]
@@ -76,15 +72,6 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int) -> list[torch.Tenso
     for tensor in tensors:
         dist.broadcast(tensor, src=src)
     return tensors
-
-
-def broadcast_object(obj, src: int = 0):
-    """A picklable Python object from ``src`` to every rank (small metadata only)."""
-    if world()[1] == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,7 @@ def apply(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> n
     and when the caller (e.g. the ZeRO-3 sharded initialiser) runs it itself.
     """
     targets = find_targets(model, config)
+    quant.keep_4bit_layout(model)  # bitsandbytes' CPU eval layout would change the bases between train and eval
     index_sets: dict = {}  # one shared index set per SeLoRA factor shape (the paper's Omega)
     layers = {name: AdapterLinear(base, config, layer_generator(config.seed, name), index_sets)
               for name, base in targets.items()}
@@ -138,13 +139,10 @@ def count_parameters(model: nn.Module) -> dict:
     """Trainable / total parameter counts, and trainable counts per adapter module type (e.g. "q_proj").
 
     Works on a model built on the meta device (nothing is allocated). For 4-bit bases the packed storage is
-    counted as 2 parameters per byte so totals stay comparable with the unquantized model.
+    counted as 2 parameters per byte, whatever dtype stores the bytes (uint8, or bf16 as transformers loads
+    checkpoints), so totals stay comparable with the unquantized model.
     """
-    def numel(param: torch.Tensor) -> int:
-        if quant.bnb is not None and isinstance(param, quant.bnb.nn.Params4bit) and param.dtype == torch.uint8:
-            return param.numel() * 2
-        return param.ds_numel if hasattr(param, "ds_numel") else param.numel()
-
+    numel = quant.parameter_count
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     per_type: dict[str, int] = {}

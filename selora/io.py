@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -49,7 +49,9 @@ def write_directory_atomically(directory: str | Path, write) -> Path:
     """Call ``write(tmp_dir)`` then move tmp_dir to ``directory``, replacing an existing one only at the end."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    # mkdir (not tempfile.mkdtemp, which makes it 0700) so the directory gets the user's umask like any other.
+    tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         write(tmp)
         for path in tmp.iterdir():

@@ -1,10 +1,13 @@
-"""bitsandbytes in one place: what kind of base a layer has, its weight as a dense float matrix, and how to
-write a new dense weight back (re-quantizing for 4-bit / 8-bit bases).
+"""bitsandbytes in one place: what kind of base a layer has, its weight as a dense float matrix, how to write a
+new dense weight back (re-quantizing 4-bit / 8-bit bases with their own settings), keeping 4-bit weights in the
+one layout selora reads (`keep_4bit_layout`), and how many weights a packed parameter holds (`parameter_count`).
 
-Every caller that must *see* or *change* a base weight (merge, PiSSA init, SRLoRA fusion) goes through
-`dense_weight` and `write_dense_weight`; nothing else in selora touches bitsandbytes internals.
+Every caller that must *see* or *change* a base weight (merge, PiSSA init, SRLoRA fusion, DoRA norms) goes
+through `dense_weight` and `write_dense_weight`; nothing else in selora touches bitsandbytes internals.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -37,11 +40,55 @@ def _int8_parts(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.state.CB, layer.state.SCB
 
 
+def _cpu_packed(weight: torch.Tensor) -> bool:
+    return bool(getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def keep_4bit_layout(model: nn.Module) -> int:
+    """Keep every bnb Linear4bit in ``model`` in bitsandbytes' standard packed layout; returns how many layers
+    were switched back from the CPU layout.
+
+    bitsandbytes >= 0.49, on a CPU with AVX512-BF16, rewrites a Linear4bit's weight into a CPU-only layout on
+    its first eval-mode no-grad forward. That layout computes in bf16 (train- and eval-mode outputs then
+    differ), breaks `dequantize_4bit`, and crashes for out_features % 32 != 0. A model selora adapts is trained
+    and evaluated in turns, so its 4-bit layers stay in the standard layout (GPU behaviour is unchanged: the
+    rewrite is CPU-only). A layer already rewritten is converted back with bitsandbytes' own inverse.
+    """
+    restored = 0
+    for module in model.modules():
+        if bnb is None or not isinstance(module, bnb.nn.Linear4bit):
+            continue
+        module.support_avx512bf16_for_cpu = False  # the flag Linear4bit.forward checks before rewriting
+        if _cpu_packed(module.weight):
+            module.weight.data, module.weight.quant_state = _from_cpu_layout(module.weight.data, module.weight.quant_state)
+            module.quant_state = module.weight.quant_state
+            restored += 1
+    return restored
+
+
+def _from_cpu_layout(data: torch.Tensor, state):
+    """bitsandbytes' inverse of its CPU layout, completed: it leaves a non-nested absmax transposed as
+    (in / blocksize, out) bf16. Exact up to that bf16 rounding of the block scales (~0.4%). Changes ``state``."""
+    nested = state.original_nested
+    data, state = bnb_functional._convert_weight_packed_for_cpu_inverse(data, state)
+    if not nested:
+        state.absmax = state.absmax.T.reshape(-1).float()
+    return data, state
+
+
+def _standard_4bit(weight: torch.Tensor):
+    """(packed data, quant_state) in bitsandbytes' standard layout, without changing ``weight``."""
+    if not _cpu_packed(weight):
+        return weight.data, weight.quant_state
+    return _from_cpu_layout(weight.data, copy.deepcopy(weight.quant_state))
+
+
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The base weight as a dense (out, in) float32 tensor (a copy for quantized bases)."""
     kind = base_kind(layer)
     if kind == "4bit":
-        return bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+        data, state = _standard_4bit(layer.weight)
+        return bnb_functional.dequantize_4bit(data, state).float()
     if kind == "8bit":
         codes, row_scale = _int8_parts(layer)
         return codes.float() * (row_scale.float().unsqueeze(1) / 127.0)
@@ -49,7 +96,8 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def write_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:
-    """Replace the base weight by ``weight`` (out, in); quantized bases are re-quantized with their settings."""
+    """Replace the base weight by ``weight`` (out, in); quantized bases are re-quantized with their settings
+    (4-bit: quant type, block size, nested statistics and storage dtype)."""
     kind = base_kind(layer)
     device = layer.weight.device
     if kind == "linear":
@@ -58,13 +106,24 @@ def write_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     if kind == "4bit":
         old = layer.weight
         new = bnb.nn.Params4bit(weight.to(torch.float32).cpu(), requires_grad=False, quant_type=old.quant_type,
-                                blocksize=old.blocksize, compress_statistics=old.compress_statistics)
-        layer.weight = new.to(device)
+                                blocksize=old.blocksize, compress_statistics=old.compress_statistics,
+                                quant_storage=old.quant_storage, module=layer)
+        layer.weight = new.to(device)  # quantizes on the move and points layer.quant_state at the new state
         return
     layer.weight = bnb.nn.Int8Params(weight.to(torch.float16 if device.type == "cuda" else torch.float32).cpu(),
                                      requires_grad=False, has_fp16_weights=False).to(device)
     layer.state.CB = None
     layer.state.SCB = None
+
+
+def parameter_count(param: torch.Tensor) -> int:
+    """How many weights ``param`` stands for: its elements (the whole parameter under ZeRO-3), except that 4-bit
+    packed storage holds two weights per byte whatever dtype stores the bytes (uint8, or bf16 as transformers
+    loads 4-bit checkpoints)."""
+    stored = param.ds_numel if hasattr(param, "ds_numel") else param.numel()
+    if bnb is not None and isinstance(param, bnb.nn.Params4bit):
+        return stored * param.element_size() * 2
+    return stored
 
 
 def quantization_available(kind: str, device: torch.device) -> str | None:

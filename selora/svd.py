@@ -14,13 +14,6 @@ class PrincipalDirections:
     S: torch.Tensor  # (k,)
     V: torch.Tensor  # (in, k)
 
-    @property
-    def k(self) -> int:
-        return self.S.numel()
-
-    def to(self, device: torch.device | str) -> "PrincipalDirections":
-        return PrincipalDirections(self.U.to(device), self.S.to(device), self.V.to(device))
-
 
 def principal_directions(weight: torch.Tensor, k: int, method: str = "full", oversample: int = 8,
                          n_iter: int = 4, seed: int = 0) -> PrincipalDirections:

@@ -5,6 +5,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+# Every test that runs a recipe names the small random model explicitly (the recipes' own default is a real one).
+TINY_MODEL = ["model.preset=tiny_llama"]
+
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128)
 

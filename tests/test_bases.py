@@ -186,3 +186,16 @@ def test_config_validates_basis_names_against_the_registry():
     assert selora.SeLoRAConfig(basis="dct").basis == "dct_rows"  # the pre-0.2 name still loads
     with pytest.raises(selora.ConfigValueError, match="shared_locations=False applies to the row-wise bases only"):
         selora.SeLoRAConfig(shared_locations=False)
+
+
+def test_decode_is_exact_under_bf16_autocast():
+    """The recipes run the model under bf16 autocast; the transforms' matmuls must still run in float32."""
+    basis = bases.get("db4")
+    index_set = IndexSet.draw("db4", 8, 64, 256, seed=0)
+    entries = torch.randn(256, generator=torch.Generator().manual_seed(0))
+    plain = basis.decode(entries, index_set.indices, 8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = basis.decode(entries, index_set.indices, 8, 64)
+        grad = basis.adjoint(plain, index_set.indices)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+    assert grad.dtype == torch.float32 and torch.equal(grad, basis.adjoint(plain, index_set.indices))

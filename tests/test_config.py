@@ -1,12 +1,18 @@
-"""launch/config.py and launch/train.py: resolution, typed overrides, and one-line errors for bad input."""
+"""launch/config.py and launch/train.py: resolution, typed overrides, the schema derived from the library, the
+ZeRO-2 default. (Every bad input's one-line error: tests/test_errors.py, driven by docs/errors.md.)"""
+import dataclasses
 import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from launch import config as launch_config
 from launch.config import ConfigError
-from launch.train import main
+from recipes.validate import validate
+from selora import bases
+
+from conftest import TINY_MODEL
 
 ROOT = launch_config.ROOT
 
@@ -31,8 +37,10 @@ def test_every_recipe_resolves(recipe):
 def test_misspelled_key_suggests_the_nearest():
     with pytest.raises(ConfigError, match=r"unknown config key 'train.lerning_rate'.*'train.learning_rate'"):
         launch_config.resolve("llama_selora", ["train.lerning_rate=1e-3"])
-    with pytest.raises(ConfigError, match=r"'adaptr'.*did you mean"):
+    with pytest.raises(ConfigError, match=r"'adaptr.r'.*did you mean 'adapter.r'"):
         launch_config.resolve("llama_selora", ["adaptr.r=3"])
+    with pytest.raises(ConfigError, match=r"'trian.max_steps'.*did you mean 'train.max_steps'\?$"):
+        launch_config.resolve("llama_selora", ["trian.max_steps=3"])
 
 
 def test_wrong_type_and_unknown_recipe():
@@ -58,44 +66,50 @@ def test_print_config_subprocess():
     assert "recipe_name: llama_selora" in result.stdout and "  r: 12" in result.stdout
 
 
-def run_main(capsys, *argv):
-    code = main(list(argv))
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err
+def library_defaults(*classes, skip=()) -> dict:
+    out = {}
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if f.name not in skip:
+                out[f.name] = list(default) if isinstance(default, tuple) else default
+    return out
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--recipe", "nope"], "unknown recipe 'nope'"),
-    (["--recipe", "llama_selora", "train.lerning_rate=1"], "did you mean 'train.learning_rate'"),
-    (["--recipe", "llama_selora", "adapter.r=two"], "adapter.r='two' has the wrong type"),
-    (["--recipe", "llama_selora", "model.path=/nonexistent/llama"], "model.path='/nonexistent/llama' is not a directory"),
-    (["--recipe", "llama_selora", "data.train_files=[missing.jsonl]"], "'missing.jsonl' not found"),
-    (["--recipe", "llama_selora", "adapter.spectral_ratio=1.5"], "spectral_ratio=1.5"),
-    (["--recipe", "llama_srlora", "srlora.start_step=500"], "end_step=50 is before start_step=500"),
-    (["--recipe", "llama_srlora", "srlora.start_step=500", "srlora.end_step=600"], "never fires within 60 training steps"),
-])
-def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, expected):
-    code, err = run_main(capsys, *argv, f"train.output_dir={tmp_path}")
-    assert code == 2
-    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0], err
+def test_adapter_and_srlora_schema_and_defaults_yaml_are_the_librarys():
+    """One source of truth: the library's dataclasses. The schema is derived from them; defaults.yaml must
+    state exactly their defaults (recipe choices such as dropout 0.05 live in the recipe yamls)."""
+    import selora
+    adapter = library_defaults(selora.LoRAConfig, selora.SeLoRAConfig)
+    srlora = library_defaults(selora.SRLoRAConfig, skip=("warmup_steps",))  # the run's train.warmup_steps
+    schema = OmegaConf.to_container(OmegaConf.structured(launch_config.Config))
+    assert schema["adapter"] == {"method": "selora", **adapter}
+    assert schema["srlora"] == {"enabled": False, **srlora}
+    written = OmegaConf.to_container(OmegaConf.load(launch_config.DEFAULTS))
+    for section, expected in (("adapter", adapter), ("srlora", srlora)):
+        differ = {k: (written[section].get(k, "missing"), v) for k, v in expected.items() if written[section].get(k, "missing") != v}
+        assert not differ, f"configs/defaults.yaml {section}: (written, library default) = {differ}"
+    basis_line = next(l for l in launch_config.DEFAULTS.read_text().splitlines() if l.strip().startswith("basis:"))
+    # The bases are listed once, in the library's registry: the defaults file points there instead of a copy.
+    assert "selora.bases" in basis_line and not any(f"| {name}" in basis_line for name in bases.names()), basis_line
 
 
-def test_malformed_and_empty_data_and_short_max_length(capsys, tmp_path):
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\n')
-    code, err = run_main(capsys, "--recipe", "llama_selora", f"data.train_files=[{bad}]", f"train.output_dir={tmp_path}")
-    assert code == 2 and "bad.jsonl line 2: not valid JSON" in err[0]
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    code, err = run_main(capsys, "--recipe", "llama_selora", f"data.train_files=[{empty}]", f"train.output_dir={tmp_path}")
-    assert code == 2 and "holds no records" in err[0]
-    code, err = run_main(capsys, "--recipe", "llama_selora", "data.max_length=8", f"train.output_dir={tmp_path}")
-    assert code == 2 and "leaves no room for the answer" in err[0]
+def test_recipe_values_reach_the_library_configs():
+    """Every adapter/SRLoRA key (svd_oversample included) arrives in the library's config unchanged."""
+    cfg = launch_config.resolve("llama_selora_srlora", TINY_MODEL + ["srlora.svd_oversample=3", "adapter.dropout=0.1",
+                                                                     "adapter.n_coefficients=5", "train.warmup_steps=4"])
+    adapter, srlora = validate(cfg)
+    assert type(adapter).__name__ == "SeLoRAConfig" and adapter.dropout == 0.1 and adapter.n_coefficients == 5
+    assert adapter.target_modules == tuple(cfg.adapter.target_modules)
+    assert srlora.svd_oversample == 3 and srlora.warmup_steps == 4 and srlora.end_step == 50
+    lora, _ = validate(launch_config.resolve("llama_lora", TINY_MODEL))
+    assert type(lora).__name__ == "LoRAConfig" and lora.dropout == 0.05  # the recipe's choice
 
 
-def test_4bit_recipe_without_backend_fails_before_training(capsys, tmp_path, monkeypatch):
-    from selora import quant
-    monkeypatch.setattr(quant, "quantization_available", lambda kind, device: "no CUDA and no CPU kernels")
-    code, err = run_main(capsys, "--recipe", "qlora_selora", f"train.output_dir={tmp_path}")
-    assert code == 2 and "model.quantization=4bit cannot run on this machine: no CUDA and no CPU kernels" in err[0]
-    assert not (tmp_path / "metrics.jsonl").exists()
+def test_multi_process_launch_without_a_deepspeed_config_uses_zero2():
+    cfg = launch_config.resolve("llama_selora")
+    assert launch_config.default_deepspeed(cfg, 1) is None and cfg.deepspeed.config is None
+    note = launch_config.default_deepspeed(cfg, 2)
+    assert cfg.deepspeed.config == "zero2" and "using ZeRO-2" in note and len(note.splitlines()) == 1
+    cfg = launch_config.resolve("llama_selora", ["deepspeed.config=zero3"])
+    assert launch_config.default_deepspeed(cfg, 2) is None and cfg.deepspeed.config == "zero3"

@@ -1,25 +1,49 @@
-"""The Dockerfile installs the project with the same step README.md's set-up command uses after its torch pin."""
+"""README.md's two commands are what the Dockerfile and CI (.ci/run) actually run: the Dockerfile installs with
+README's steps after its torch pin, and .ci/run runs README's test command verbatim inside a fresh venv."""
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def readme_install_step() -> str:
-    for line in (ROOT / "README.md").read_text().splitlines():
-        if "pip install torch==" in line:
-            steps = [s.strip() for s in line.split("&&")]
-            return next(s for s in steps if "pip install -e" in s)
-    raise AssertionError("README.md has no set-up command with 'pip install torch=='")
+def readme_commands() -> list[str]:
+    """README's one-line set-up commands (those that start with the torch pin)."""
+    commands = [line.strip() for line in (ROOT / "README.md").read_text().splitlines()
+                if line.startswith("pip install torch==")]
+    assert len(commands) == 2, f"README.md should hold two set-up commands starting with the torch pin: {commands}"
+    return commands
 
 
-def test_dockerfile_runs_readmes_project_install_step():
-    step = readme_install_step()
+def install_steps(command: str) -> str:
+    """The steps between the torch pin and the command that runs something (what a GPU machine runs)."""
+    steps = [s.strip() for s in command.split("&&")]
+    return " && ".join(s for s in steps[1:] if "pip install" in s)
+
+
+def test_readmes_two_commands_install_the_same_way():
+    default_job, tests = readme_commands()
+    assert default_job.endswith("python launch/train.py --recipe llama_selora")
+    assert tests.endswith("python -m pytest -q")
+    assert install_steps(default_job) == install_steps(tests)
+
+
+def test_dockerfile_runs_readmes_project_install_steps():
+    step = install_steps(readme_commands()[0])
     runs = [m.group(1).strip() for m in re.finditer(r"^RUN (.+)$", (ROOT / "Dockerfile").read_text(), re.M)]
     assert step in runs, f"README installs with {step!r}; the Dockerfile runs {runs}"
 
 
 def test_dockerfile_default_command_is_readmes_default_job():
-    readme = (ROOT / "README.md").read_text()
-    assert "python launch/train.py --recipe llama_selora" in readme
     assert 'CMD ["python", "launch/train.py", "--recipe", "llama_selora"]' in (ROOT / "Dockerfile").read_text()
+
+
+def test_ci_runs_readmes_test_command_in_a_fresh_venv():
+    script = (ROOT / ".ci" / "run").read_text()
+    lines = [line.strip() for line in script.splitlines() if line.strip() and not line.strip().startswith("#")]
+    assert readme_commands()[1] in lines, "the last step of .ci/run must be README's test command, verbatim"
+    assert lines[-1] == readme_commands()[1]  # last: its exit status is CI's
+    assert "set -euo pipefail" in lines
+    venv = next(i for i, line in enumerate(lines) if re.search(r"python3? -m venv ", line))
+    activate = next(i for i, line in enumerate(lines) if re.search(r"(source|\.) .*/bin/activate", line))
+    assert venv < activate < len(lines) - 1
+    assert "--system-site-packages" not in script

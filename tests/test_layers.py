@@ -103,14 +103,26 @@ def test_merge_unmerge_quantized_base_is_bounded(kind, name):
         assert quant.base_kind(layer.base_layer) == kind  # still quantized after the merge
         # tight check: the merged base is exactly bitsandbytes' quantization of (dequantized W + update)
         expected = quant.dense_weight(base_layer(kind)) + layer.delta_weight()
+        merge_norm = expected.norm(dim=1)
         if layer.use_dora:
-            expected = (layer.magnitude / expected.norm(dim=1)).unsqueeze(1) * expected
-        requantized = base_layer(kind)
-        requantized.weight = (bnb.nn.Params4bit(expected, requires_grad=False, quant_type="nf4") if kind == "4bit" else
-                              bnb.nn.Int8Params(expected, requires_grad=False, has_fp16_weights=False)).to("cpu")
-        assert (quant.dense_weight(layer.base_layer) - quant.dense_weight(requantized)).abs().max() < 1e-6
+            expected = (layer.magnitude / merge_norm).unsqueeze(1) * expected
+        assert (quant.dense_weight(layer.base_layer) - requantized(kind, expected)).abs().max() < 1e-6
+        merged_base = quant.dense_weight(layer.base_layer)
         layer.unmerge()
         assert relative_error(layer(x), unmerged) < UNMERGE_BOUND[kind]
+        # tight check: the unmerged base is exactly the quantization of (merged base, DoRA scale undone) - update;
+        # an unmerge that kept the update would be off by a whole update (> 0.05 of the output, asserted above)
+        if layer.use_dora:
+            merged_base = (merge_norm / layer.magnitude).unsqueeze(1) * merged_base
+        assert (quant.dense_weight(layer.base_layer) - requantized(kind, merged_base - layer.delta_weight())).abs().max() < 1e-6
+
+
+def requantized(kind: str, weight: torch.Tensor) -> torch.Tensor:
+    """What bitsandbytes makes of ``weight`` (out, in) as an nf4 / int8 base, read back as a dense float32 matrix."""
+    layer = base_layer(kind)
+    layer.weight = (bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4") if kind == "4bit" else
+                    bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)).to("cpu")
+    return quant.dense_weight(layer)
 
 
 # ----- gradients ---------------------------------------------------------------------------------------------

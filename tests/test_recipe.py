@@ -11,7 +11,9 @@ from launch.config import resolve
 from recipes import finetune, metrics
 from recipes.modeling import load_model
 
-SMALL = ["data.max_train_records=32", "data.max_eval_records=8", "train.micro_batch_size=4",
+from conftest import TINY_MODEL
+
+SMALL = TINY_MODEL + ["data.max_train_records=32", "data.max_eval_records=8", "train.micro_batch_size=4",
          "train.gradient_accumulation_steps=1", "train.warmup_steps=1", "train.eval_every=4", "train.tensorboard=false"]
 
 
@@ -34,7 +36,7 @@ def test_trains_and_exports_a_peft_adapter_that_matches(tmp_path, recipe):
     assert sum(list(curve.values())[-4:]) < sum(list(curve.values())[:4])  # 8 epochs of 32 records: it learns
     assert result["eval_loss"] is not None
     from peft import PeftModel
-    model_cfg = resolve(recipe).model
+    model_cfg = resolve(recipe, TINY_MODEL).model
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
     reference, _ = load_model(model_cfg, torch.device("cpu"))
     selora.load_adapter(reference, tmp_path / "adapter")
@@ -71,10 +73,12 @@ def test_broken_checkpoints_fail_early_and_partial_ones_are_ignored(tmp_path, ca
     shutil.copytree(checkpoints / "step_4", checkpoints / "step_6")
     next(p for p in (checkpoints / "step_6").rglob("*") if p.is_file()).unlink()
     assert finetune.checkpoint.find_checkpoint(tmp_path, "auto") == checkpoints / "step_4"
-    # The pointer names a checkpoint whose files are gone: a one-line error naming what is missing.
+    # The pointer names a checkpoint whose files are gone: a one-line error naming what is missing and the
+    # older checkpoint to use instead (train.resume=auto would use it, see tests/test_checkpoint.py).
     shutil.rmtree(checkpoints / "step_4")
     from launch.train import main
     capsys.readouterr()  # drop the first run's progress bars
-    code = main(["--recipe", "llama_selora", f"train.output_dir={tmp_path}", "train.max_steps=6", *SMALL])
+    code = main(["--recipe", "llama_selora", f"train.output_dir={tmp_path}", "train.max_steps=6",
+                 f"train.resume={checkpoints}", *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "step_4" in err[0], err
+    assert code == 2 and len(err) == 1 and "step_4" in err[0] and f"train.resume={checkpoints / 'step_2'}" in err[0], err

@@ -2,7 +2,8 @@
 end with SeLoRA + SRLoRA, its PEFT export loads, and a run killed with SIGKILL (during training, and during a
 checkpoint write) resumes to exactly the losses of an uninterrupted run.
 
-Five launches of ~20-40 s each; they share one module fixture so the uninterrupted run is made once.
+Five launches of ~20-40 s each; they share one module fixture so the uninterrupted run is made once. One more
+launch runs the design's own command, `deepspeed launch/train.py --recipe llama_selora`, on 2 processes.
 """
 import json
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
 
@@ -21,13 +24,14 @@ STEPS = 12
 ARGS = ["launch/train.py", "--recipe", "llama_selora_srlora", "deepspeed.config=zero3",
         "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
         f"train.max_steps={STEPS}", "train.save_every=4", "train.warmup_steps=2", "train.eval_every=6",
-        "srlora.start_step=3", "srlora.interval=3", "srlora.end_step=9", "data.max_train_records=400"]
+        "srlora.start_step=3", "srlora.interval=3", "srlora.end_step=9", "data.max_train_records=400", *TINY_MODEL]
+CPU = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
-def launch(output_dir: Path, extra_env: dict | None = None, background: bool = False):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(extra_env or {})}
-    port = str(29700 + os.getpid() % 200)
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", port] + ARGS + [f"train.output_dir={output_dir}"]
+def launch(output_dir: Path, extra_env: dict | None = None, background: bool = False, args: list[str] = ARGS):
+    env = {**os.environ, **CPU, **(extra_env or {})}
+    port = str(29700 + os.getpid() % 200)  # a launcher option, so parallel test sessions do not collide
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", port] + args + [f"train.output_dir={output_dir}"]
     log = open(output_dir.parent / f"{output_dir.name}.log", "a")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -70,12 +74,12 @@ def test_zero3_recipe_runs_to_the_end_and_exports_a_peft_adapter(straight):
     from recipes.modeling import load_model
     from safetensors.torch import load_file
     import selora
-    base, _ = load_model(resolve("llama_selora").model, torch.device("cpu"))
+    base, _ = load_model(resolve("llama_selora", TINY_MODEL).model, torch.device("cpu"))
     ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
     peft_model = PeftModel.from_pretrained(base, str(straight / "peft_adapter")).eval()
     with torch.no_grad():
         peft_logits = peft_model(input_ids=ids).logits
-    fresh, _ = load_model(resolve("llama_selora").model, torch.device("cpu"))
+    fresh, _ = load_model(resolve("llama_selora", TINY_MODEL).model, torch.device("cpu"))
     selora.load_adapter(fresh, straight / "adapter")
     fresh.eval()  # built from a config, the model is in training mode: adapter dropout would be on
     with torch.no_grad():
@@ -109,3 +113,19 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(straight):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_4"
     assert launch(out).returncode == 0, (out.parent / "killed_in_save.log").read_text()[-3000:]
     assert losses(out) == losses(straight)
+
+
+def test_the_designs_command_runs_on_two_processes_with_zero2(tmp_path):
+    """Exactly `deepspeed launch/train.py --recipe llama_selora` plus an output dir and a step cap (the recipe's
+    own model and data): no DeepSpeed config is named, so ZeRO-2 is chosen, said once, before the model loads."""
+    out = tmp_path / "design"
+    process = launch(out, args=["launch/train.py", "--recipe", "llama_selora", "train.max_steps=1"])
+    log = (tmp_path / "design.log").read_text()
+    assert process.returncode == 0, log[-3000:]
+    notes = [line for line in log.splitlines() if "using ZeRO-2" in line]
+    assert len(notes) == 1, notes  # rank 0 only
+    assert log.index("using ZeRO-2") < log.index("trainable")  # before the parameter table
+    assert sorted(losses(out)) == [1]
+    engine_files = sorted(p.name for p in (out / "checkpoints" / "step_1" / "engine").rglob("*") if p.is_file())
+    assert any("zero_pp_rank_1" in name for name in engine_files), engine_files  # optimizer sharded over 2 ranks
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

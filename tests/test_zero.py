@@ -1,7 +1,8 @@
-"""selora under real multi-process DeepSpeed (CPU, gloo, 2 ranks): ZeRO-2 and ZeRO-3 with every parameter
-partitioned (stage3_param_persistence_threshold 0) must reproduce the single-process run.
+"""selora under real multi-process DeepSpeed (CPU, gloo): ZeRO-2 and ZeRO-3 on 2 ranks with every parameter
+partitioned (stage3_param_persistence_threshold 0) must reproduce the single-process run, and so must ZeRO-3 on
+4 ranks, where the sharded SVD scheduler has 4 owners and each weight must be made whole on its owner only.
 
-One launcher call per stage runs all methods (each launch costs 15-45 s on CPU).
+One launcher call per configuration runs all its methods (each launch costs 15-45 s on CPU; 4 ranks about 60 s).
 """
 import json
 import os
@@ -17,6 +18,8 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "zero_library_worker.py"
 METHODS = ("lora", "selora_pissa", "selora_srlora")
+SVD_METHODS = ("selora_pissa", "selora_srlora")  # PiSSA init and SRLoRA's directions: the two sharded SVD users
+FOUR = "zero3_4ranks"
 # fp32 on CPU: a data-parallel all-reduce sums in another order than one process does; measured <= 1e-6.
 LOSS_TOLERANCE = 1e-5
 ADAPTER_TOLERANCE = 1e-5
@@ -55,6 +58,10 @@ def runs(tmp_path_factory):
         deepspeed_launch([str(WORKER), "--model", str(model), "--out", str(out), "--stage", str(stage)],
                          base / f"zero{stage}.log")
         outputs[stage] = out
+    out = base / FOUR
+    deepspeed_launch([str(WORKER), "--model", str(model), "--out", str(out), "--stage", "3",
+                      "--methods", ",".join(SVD_METHODS)], base / f"{FOUR}.log", processes=4)
+    outputs[FOUR] = out
     return outputs
 
 
@@ -97,3 +104,38 @@ def test_sharded_pissa_init_equals_single_process_and_splits_the_work(runs):
     # 14 projection layers, all the same shape: each rank computed exactly half of the SVDs.
     assert result(runs[3], "selora_pissa")["svd_computed_per_rank"] == [7.0, 7.0]
     assert result(runs["single"], "selora_pissa")["svd_computed_per_rank"] == [14.0]
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_four_ranks_reproduce_single_process(runs, method):
+    single, sharded = result(runs["single"], method), result(runs[FOUR], method)
+    assert max(abs(a - b) for a, b in zip(single["losses"], sharded["losses"])) < LOSS_TOLERANCE
+    assert sharded["events"] == single["events"]
+    for name in (f"{method}_init_adapter", f"{method}_adapter"):
+        expected = load_file(str(runs["single"] / name / "adapter_model.safetensors"))
+        got = load_file(str(runs[FOUR] / name / "adapter_model.safetensors"))
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert torch.allclose(expected[key], got[key], atol=ADAPTER_TOLERANCE, rtol=0), (name, key)
+    residual_single = torch.load(runs["single"] / f"{method}_init_q_proj_base.pt")
+    residual_sharded = torch.load(runs[FOUR] / f"{method}_init_q_proj_base.pt")
+    assert torch.allclose(residual_single, residual_sharded, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method", SVD_METHODS)
+def test_four_owners_each_weight_made_whole_on_its_owner_only(runs, method):
+    """The SVD scheduler spreads the 14 projections over all 4 ranks; during the SVDs each base weight is made
+    whole exactly once, on its owner, by a gather every rank takes part in, and never on every rank."""
+    owners = result(runs[FOUR], method)["svd_owners"]
+    records = [r for rank in range(4)
+               for r in json.loads((runs[FOUR] / f"{method}_svd_gathers_rank{rank}.json").read_text())]
+    assert len(owners) == 14 and set(owners.values()) == {0, 1, 2, 3}
+    assert [r for r in records if r["via"] != "gather_to_owner"] == []
+    assert {r["weight"] for r in records} == {f"{layer}.base_layer.weight" for layer in owners}
+    for layer, owner in owners.items():
+        calls = [r for r in records if r["weight"] == f"{layer}.base_layer.weight"]
+        assert sorted(r["rank"] for r in calls) == [0, 1, 2, 3], layer
+        assert {r["owner"] for r in calls} == {owner}, layer
+        assert [r["rank"] for r in calls if r["whole_here"]] == [owner], layer
+    computed = result(runs[FOUR], method)["svd_computed_per_rank"]
+    assert computed == [float(list(owners.values()).count(rank)) for rank in range(4)]

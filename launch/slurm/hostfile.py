@@ -95,14 +95,17 @@ def write_hostfile(hosts: list[str], slots: int, path: Path) -> Path:
     return path
 
 
-def deepspeed_command(hosts: list[str], gpus: int, hostfile: Path, port: int, train_args: list[str]) -> list[str]:
-    return ["deepspeed", "--hostfile", str(hostfile), "--master_addr", hosts[0], "--master_port", str(port),
+def deepspeed_command(hosts: list[str], gpus: int, hostfile: Path, port: int, train_args: list[str],
+                      master: str | None = None) -> list[str]:
+    return ["deepspeed", "--hostfile", str(hostfile), "--master_addr", master or hosts[0], "--master_port", str(port),
             "--num_nodes", str(len(hosts)), "--num_gpus", str(gpus), "launch/train.py", *train_args]
 
 
-def torchrun_command(hosts: list[str], gpus: int, port: int, job_id: str, train_args: list[str]) -> list[str]:
+def torchrun_command(hosts: list[str], gpus: int, port: int, job_id: str, train_args: list[str],
+                     master: str | None = None) -> list[str]:
+    """``master``: the rendezvous host when the first node's name is not the address to reach it by."""
     return ["torchrun", "--nnodes", str(len(hosts)), "--nproc_per_node", str(gpus), "--rdzv_backend", "c10d",
-            "--rdzv_endpoint", f"{hosts[0]}:{port}", "--rdzv_id", job_id, "launch/train.py", *train_args]
+            "--rdzv_endpoint", f"{master or hosts[0]}:{port}", "--rdzv_id", job_id, "launch/train.py", *train_args]
 
 
 def main(argv: list[str] | None = None, env: dict | None = None) -> int:
@@ -111,6 +114,9 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=None)
     parser.add_argument("--port", type=int, default=29500)
     parser.add_argument("--hostfile", default="hostfile")
+    parser.add_argument("--rdzv-host", default=None,
+                        help="address of the rendezvous / master node (default: the first node's name), e.g. its "
+                             "InfiniBand name or an IP where node names do not resolve")
     parser.add_argument("train_args", nargs=argparse.REMAINDER, help="after --: arguments for launch/train.py")
     args = parser.parse_args(argv)
     env = dict(os.environ) if env is None else env
@@ -120,9 +126,10 @@ def main(argv: list[str] | None = None, env: dict | None = None) -> int:
         gpus = args.gpus_per_node or gpus_per_node(env)
         if args.launcher == "deepspeed":
             hostfile = write_hostfile(hosts, gpus, Path(args.hostfile))
-            command = deepspeed_command(hosts, gpus, hostfile, args.port, train_args)
+            command = deepspeed_command(hosts, gpus, hostfile, args.port, train_args, args.rdzv_host)
         else:
-            command = torchrun_command(hosts, gpus, args.port, env.get("SLURM_JOB_ID", "selora"), train_args)
+            command = torchrun_command(hosts, gpus, args.port, env.get("SLURM_JOB_ID", "selora"), train_args,
+                                       args.rdzv_host)
     except SlurmEnvError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -81,12 +81,15 @@ class Basis:
     def decode(self, entries: torch.Tensor, indices: torch.Tensor, rows: int, length: int) -> torch.Tensor:
         """(..., count) entries at ``indices`` (count,) or (..., count) -> (..., rows, length) dense factors."""
         entries = entries.to(working_dtype(entries))
-        return self.synthesize(self.scatter(entries, indices.to(entries.device), rows, length), length)
+        # Autocast off: under a bf16 autocast the transforms' matmuls would silently run in bf16.
+        with torch.autocast(entries.device.type, enabled=False):
+            return self.synthesize(self.scatter(entries, indices.to(entries.device), rows, length), length)
 
     def adjoint(self, grad: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """(..., rows, length) -> (..., count): the transpose of `decode` (how gradients reach the entries)."""
         grad = grad.to(working_dtype(grad))
-        spectrum = self.synthesize_adjoint(grad)
+        with torch.autocast(grad.device.type, enabled=False):
+            spectrum = self.synthesize_adjoint(grad)
         flat = spectrum.reshape(*spectrum.shape[:-2], -1)
         indices = indices.to(flat.device)
         return flat.gather(-1, indices.expand(*flat.shape[:-1], indices.shape[-1]))

@@ -1,11 +1,13 @@
 """Run under `deepspeed --num_gpus N` (or plain python for the 1-process reference): trains a tiny LLaMA with
-selora adapters for a few steps under ZeRO stage 2/3 and writes losses, SVD work counts and the saved
-adapters under --out. tests/test_zero.py compares them with a single-process run.
+selora adapters for a few steps under ZeRO stage 2/3 and writes losses, SVD work counts and owners, which rank
+made which base weight whole during the sharded SVDs, and the saved adapters under --out. tests/test_zero.py
+compares them with a single-process run.
 
 The same script is the single-process reference when started without a launcher: then it uses a plain
 torch AdamW loop over the full global batch, which is what the data-parallel ranks must reproduce.
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -41,6 +43,56 @@ def load_model(path: str, ds_config: dict | None):
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
 
 
+@contextlib.contextmanager
+def recorded_svd_gathers(model, log: list):
+    """While selora's sharded SVD scheduler runs, record every base weight this rank takes part in making whole:
+    through selora.distributed.gather_to_owner (whole on the owner only) or DeepSpeed's GatheredParameters (whole
+    on every rank). One record per call: weight name, the owner asked for, this rank, whether it got the weight."""
+    import deepspeed
+    from selora import distributed, svd
+    names = {id(p): n for n, p in model.named_parameters()}
+    rank = distributed.world()[0]
+    inside = [False]
+    original = {"gather_to_owner": distributed.gather_to_owner,
+                "sharded_principal_directions": svd.sharded_principal_directions}
+    original_gathered_parameters = deepspeed.zero.GatheredParameters
+
+    def gather_to_owner(param, owner):
+        full = original["gather_to_owner"](param, owner)
+        if inside[0]:
+            log.append({"weight": names.get(id(param)), "owner": owner, "rank": rank, "whole_here": full is not None,
+                        "via": "gather_to_owner"})
+        return full
+
+    def gathered_parameters(params, *args, **kwargs):
+        if inside[0]:
+            for param in params if isinstance(params, (list, tuple)) else [params]:
+                log.append({"weight": names.get(id(param)), "owner": None, "rank": rank, "whole_here": True,
+                            "via": "GatheredParameters"})
+        return original_gathered_parameters(params, *args, **kwargs)
+
+    def sharded_principal_directions(*args, **kwargs):
+        inside[0] = True
+        try:
+            return original["sharded_principal_directions"](*args, **kwargs)
+        finally:
+            inside[0] = False
+
+    replacements = {"gather_to_owner": gather_to_owner, "sharded_principal_directions": sharded_principal_directions}
+    # Patch every selora module that holds the functions (they are imported by name), whatever the module layout.
+    patched = [(module, name) for module in list(sys.modules.values()) if (module.__name__ or "").startswith("selora")
+               for name in replacements if getattr(module, name, None) is original[name]]
+    for module, name in patched:
+        setattr(module, name, replacements[name])
+    deepspeed.zero.GatheredParameters = gathered_parameters
+    try:
+        yield
+    finally:
+        for module, name in patched:
+            setattr(module, name, original[name])
+        deepspeed.zero.GatheredParameters = original_gathered_parameters
+
+
 def run(method: str, model_path: str, out: Path, stage: int | None) -> None:
     import deepspeed
     adapter_config, srlora_config = METHODS[method]
@@ -53,12 +105,17 @@ def run(method: str, model_path: str, out: Path, stage: int | None) -> None:
     torch.manual_seed(0)
     model = load_model(model_path, ds_config)
     selora.apply(model, adapter_config, initialize=False)
-    svd = selora.initialize_adapters(model)
+    gathers = []
+    with recorded_svd_gathers(model, gathers):
+        svd = selora.initialize_adapters(model)
     selora.save_adapter(model, out / f"{method}_init_adapter")
     residual = model.model.layers[0].self_attn.q_proj.base_weight()  # gathered under ZeRO-3 (collective)
     if rank == 0:
         torch.save(residual, out / f"{method}_init_q_proj_base.pt")
-    rec = SRLoRA(model, srlora_config, total_steps=STEPS) if srlora_config else None
+    with recorded_svd_gathers(model, gathers):
+        rec = SRLoRA(model, srlora_config, total_steps=STEPS) if srlora_config else None
+    (out / f"{method}_svd_gathers_rank{rank}.json").write_text(json.dumps(gathers))
+    svd_owners = {**svd["owners"], **(rec.svd_stats["owners"] if rec else {})}
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     if ds_config is not None:
@@ -88,7 +145,7 @@ def run(method: str, model_path: str, out: Path, stage: int | None) -> None:
     per_rank = selora.distributed.all_reduce_sum(torch.tensor(per_rank)).tolist()
     if rank == 0:
         (out / f"{method}.json").write_text(json.dumps({"losses": losses, "events": events,
-                                                        "svd_computed_per_rank": per_rank}))
+                                                        "svd_computed_per_rank": per_rank, "svd_owners": svd_owners}))
 
 
 def main() -> None:

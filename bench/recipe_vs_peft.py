@@ -1,0 +1,306 @@
+"""The whole recipe against the two loops our users would otherwise run, in one process per row, same GPU:
+
+- the plain PEFT loop: transformers LlamaForCausalLM + PEFT LoRA on the seven projections, fused torch AdamW,
+  gradient clipping, random tokens of the recipe's batch shape (the floor a hand-written loop gets);
+- HF ``Trainer`` + PEFT (the path LLaMA-Factory and axolotl users run), same model, batch and optimizer;
+- selora's recipe through its own entry point (``launch/train.py``): plain engine, ZeRO-2 and ZeRO-3 on one GPU;
+  LoRA, SeLoRA (the library's default basis) and SRLoRA (recomposing every ``--srlora-interval`` steps); bf16
+  and 4-bit bases.
+
+All models have random weights of a preset's shape (nothing can be downloaded). Tokens/s counts real (non-pad)
+tokens; the recipe's rows come from packed instruction data, so their padding share is reported too. A row's
+throughput is the median over its timed steps (after ``--warmup`` steps); SRLoRA's is amortised: the median step
+plus the recomposition step's extra time divided by the interval.
+
+    python bench/recipe_vs_peft.py --shape llama_1b_bench --batch 8 --seq 256          # one GPU call per scale
+    python bench/recipe_vs_peft.py --shape llama2_7b --batch 4 --seq 1024 --rows core
+    python bench/recipe_vs_peft.py --smoke                                              # CPU, tiny, < 2 min
+
+Rows go to docs/benchmarks/recipe_vs_peft.json ({"device", "rows": [...]}, merged by row name with earlier
+scales) and recipe_vs_peft.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (row name, engine, method, recipe, extra overrides); "core" rows are the ones the targets are stated for.
+RECIPE_ROWS = [
+    ("recipe plain LoRA", "plain", "lora", "llama_lora", [], True),
+    ("recipe plain SeLoRA", "plain", "selora", "llama_selora", [], True),
+    ("recipe plain SRLoRA", "plain", "srlora", "llama_srlora", [], True),
+    ("recipe ZeRO-2 LoRA", "zero2", "lora", "llama_lora", [], True),
+    ("recipe ZeRO-2 SeLoRA", "zero2", "selora", "llama_selora", [], False),
+    ("recipe ZeRO-3 LoRA", "zero3", "lora", "llama_lora", [], True),
+    ("recipe ZeRO-3 SeLoRA", "zero3", "selora", "llama_selora", [], False),
+    ("recipe plain 4-bit LoRA", "plain", "lora", "qlora_lora", [], False),
+    ("recipe plain 4-bit SeLoRA", "plain", "selora", "qlora_selora", [], False),
+    ("recipe plain 4-bit SRLoRA", "plain", "srlora", "qlora_srlora", [], False),
+]
+# DeepSpeed's FusedAdam needs a JIT build on the GPU machine; torch's own Adam keeps the comparison about the loop.
+TORCH_ADAM = "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}}"
+
+
+def preset(name: str) -> dict:
+    from recipes.modeling import preset_config
+    return preset_config(name)
+
+
+# ----- the two anchors ---------------------------------------------------------------------------------------
+def build_peft_model(shape: str, rank: int, device, dtype):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.for_model(**preset(shape))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=PROJECTIONS)
+    return get_peft_model(model, lora)
+
+
+def random_batches(count: int, batch: int, seq: int, vocab: int, device):
+    import torch
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(count)]
+
+
+def peft_loop(args, device, dtype) -> dict:
+    """A hand-written loop: forward, backward, clip, fused AdamW, zero_grad; the loss read every step."""
+    import torch
+    model = build_peft_model(args.shape, args.rank, device, dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    steps = args.warmup + args.steps
+    batches = random_batches(steps, args.batch, args.seq, model.config.vocab_size, device)
+    times = []
+    model.train()
+    for ids in batches:
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+        times.append(time.perf_counter() - start)
+    step = statistics.median(times[args.warmup:])
+    return {"tokens_per_s": args.batch * args.seq / step, "step_s": step, "padding_share": 0.0}
+
+
+def hf_trainer(args, device, dtype) -> dict:
+    """HF Trainer + PEFT on the same model and batch; step times from a callback (warm-up steps left out)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    model = build_peft_model(args.shape, args.rank, device, dtype)
+    steps = args.warmup + args.steps
+    ids = random_batches(steps, args.batch, args.seq, model.config.vocab_size, "cpu")
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self):
+            return steps * args.batch
+
+        def __getitem__(self, index):
+            row = ids[index // args.batch][index % args.batch]
+            return {"input_ids": row, "labels": row, "attention_mask": torch.ones_like(row)}
+
+    class StepTimes(TrainerCallback):
+        def __init__(self):
+            self.times, self.started = [], None
+
+        def on_step_begin(self, *_args, **_kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, *_args, **_kwargs):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - self.started)
+
+    timer = StepTimes()
+    with tempfile.TemporaryDirectory() as out:
+        training = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=args.batch, max_steps=steps, learning_rate=1e-4,
+            max_grad_norm=1.0, bf16=dtype == torch.bfloat16, optim="adamw_torch_fused" if device.type == "cuda" else "adamw_torch",
+            logging_steps=1, save_strategy="no", report_to=[], gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": False}, dataloader_num_workers=0,
+            use_cpu=device.type != "cuda", disable_tqdm=True, remove_unused_columns=False)
+        Trainer(model=model, args=training, train_dataset=Tokens(), callbacks=[timer]).train()
+    step = statistics.median(timer.times[args.warmup:])
+    return {"tokens_per_s": args.batch * args.seq / step, "step_s": step, "padding_share": 0.0}
+
+
+# ----- the recipe --------------------------------------------------------------------------------------------
+def recipe_overrides(args, engine: str, method: str) -> list[str]:
+    steps = args.warmup + args.steps
+    overrides = [
+        f"model.preset={args.shape}", "model.path=null", "model.gradient_checkpointing=true",
+        f"train.max_steps={steps}", f"train.micro_batch_size={args.batch}", "train.gradient_accumulation_steps=1",
+        "train.warmup_steps=0", "train.save_every=0", "train.eval_every=0", "train.export_peft=false",
+        "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "train.log_every=1", "train.max_grad_norm=1.0",
+        f"data.max_length={args.seq}", "data.packing=true", "data.eval_files=[]", "data.eval_fraction=0",
+        f"adapter.r={args.rank}", f"adapter.alpha={2 * args.rank}", "adapter.dropout=0.0",
+    ]
+    if engine != "plain":
+        overrides += [f"deepspeed.config={engine}", TORCH_ADAM]
+    if args.breakdown:
+        overrides.append("train.time_breakdown=true")
+    if method == "srlora":  # one recomposition inside the timed steps; its cost is amortised over the interval
+        first = args.warmup + args.steps // 2
+        overrides += [f"srlora.start_step={first}", f"srlora.interval={args.srlora_interval}",
+                      f"srlora.end_step={first}", "srlora.svd=randomized"]
+    return overrides
+
+
+def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], work: Path) -> dict:
+    from recipes.metrics import read_metrics
+    output = work / f"{recipe}_{engine}"
+    command = [sys.executable, "launch/train.py", "--recipe", recipe, *recipe_overrides(args, engine, method), *extra,
+               f"train.output_dir={output}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": (result.stderr or result.stdout).strip().splitlines()[-1][:300]}
+    lines = [line for line in read_metrics(output / "metrics.jsonl") if "tokens_per_s" in line]
+    timed = [line for line in lines if line["step"] > args.warmup]
+    # Each line covers one step: its wall time is its real tokens over its tokens/s.
+    step_times = {line["step"]: line["tokens"] / line["tokens_per_s"] for line in timed if "tokens" in line}
+    if not step_times:  # an older metrics line without "tokens": fall back to the token rate alone
+        return {"tokens_per_s": statistics.median(line["tokens_per_s"] for line in timed), "padding_share": None}
+    recomposition_steps = {line["step"] for line in timed if "srlora" in line}
+    plain = [t for s, t in step_times.items() if s not in recomposition_steps]
+    step = statistics.median(plain)
+    extra_time = sum(step_times[s] - step for s in recomposition_steps)
+    amortised = step + (extra_time / args.srlora_interval if recomposition_steps else 0.0)
+    tokens = statistics.median(line["tokens"] for line in timed)
+    row = {"tokens_per_s": tokens / amortised, "step_s": amortised,
+           "padding_share": statistics.median(line.get("padding_share", 0.0) for line in timed)}
+    breakdown = [line["time_breakdown"] for line in timed if "time_breakdown" in line]
+    if breakdown:
+        row["time_breakdown_ms"] = {key: round(1e3 * statistics.median(b[key] for b in breakdown), 2)
+                                    for key in breakdown[0]}
+    if recomposition_steps:
+        row["recomposition_s"] = round(extra_time / len(recomposition_steps), 3)
+    return row
+
+
+def profile_row(args, row, out: Path) -> None:
+    """Host time of one recipe row by function (cProfile, in this process): on a GPU, time the host spends
+    waiting shows in the synchronising call (``item``, ``to``), time it spends issuing work everywhere else."""
+    import cProfile
+    import io
+    import pstats
+    from launch.config import resolve
+    from recipes import finetune
+    row_name, engine, method, recipe, extra, _core = row
+    args = argparse.Namespace(**{**vars(args), "breakdown": True})  # the profiled run also logs its phases
+    with tempfile.TemporaryDirectory() as work:
+        cfg = resolve(recipe, [*recipe_overrides(args, engine, method), *extra, f"train.output_dir={work}/run"])
+        profiler = cProfile.Profile()
+        profiler.enable()
+        finetune.run(cfg)
+        profiler.disable()
+        from recipes.metrics import read_metrics
+        phases = [line["time_breakdown"] for line in read_metrics(Path(work) / "run" / "metrics.jsonl")
+                  if "time_breakdown" in line and line["step"] > args.warmup]
+    text = io.StringIO()
+    if phases:
+        text.write("seconds per step by phase (median): " + ", ".join(
+            f"{key} {statistics.median(p[key] for p in phases) * 1e3:.1f} ms" for key in phases[0]) + "\n")
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    (out / "recipe_vs_peft_profile.txt").write_text(f"{row_name}, {args.shape} {args.batch}x{args.seq}\n{text.getvalue()}")
+    print(text.getvalue()[:6000])
+
+
+# ----- table -------------------------------------------------------------------------------------------------
+def markdown(document: dict) -> str:
+    lines = [f"# The whole recipe vs a plain PEFT loop and HF Trainer + PEFT ({document['device']})", "",
+             "Written by `bench/recipe_vs_peft.py`; ratios are to anchors measured in the same call.", "",
+             "| shape | row | engine | method | tokens/s | x PEFT loop | x Trainer | padding | breakdown (ms) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in document["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | failed: "
+                         f"{row['error']} | | | | |")
+            continue
+        pad = "" if row.get("padding_share") is None else f"{100 * row['padding_share']:.1f}%"
+        breakdown = ", ".join(f"{k} {v}" for k, v in row.get("time_breakdown_ms", {}).items())
+        lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | "
+                     f"{row['tokens_per_s']:,.0f} | {row['ratio_to_peft_loop']:.2f} | {row['ratio_to_trainer']:.2f} | "
+                     f"{pad} | {breakdown} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama_1b_bench", help="a preset of configs/models/")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--srlora-interval", type=int, default=100)
+    parser.add_argument("--rows", default="all", help="all | core | comma-separated row names")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset (or --shape), few steps")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="log seconds per phase in every recipe row (synchronises the GPU between phases)")
+    parser.add_argument("--profile", default=None, metavar="ROW",
+                        help="also run this recipe row in-process under cProfile and print where host time goes")
+    args = parser.parse_args()
+    import torch
+    if args.smoke:
+        args.batch, args.seq, args.steps, args.warmup, args.rank = 2, 256, 6, 3, 8
+        args.shape = "tiny_llama" if args.shape == "llama_1b_bench" else args.shape
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    shape_label = f"{args.shape} {args.batch}x{args.seq}"
+
+    anchors = {"plain PEFT loop": peft_loop(args, device, dtype), "HF Trainer + PEFT": hf_trainer(args, device, dtype)}
+    rows = [{"name": key, "engine": "anchor", "method": "peft_lora", **value} for key, value in anchors.items()]
+    wanted = RECIPE_ROWS if args.rows == "all" else [r for r in RECIPE_ROWS if r[5]] if args.rows == "core" else \
+        [r for r in RECIPE_ROWS if r[0] in args.rows.split(",")]
+    if device.type != "cuda":  # bitsandbytes 4-bit and DeepSpeed on CPU are covered by the tests, not timed here
+        wanted = [r for r in wanted if r[1] == "plain" and "4-bit" not in r[0]]
+    with tempfile.TemporaryDirectory() as work:
+        for row_name, engine, method, recipe, extra, _core in wanted:
+            started = time.time()
+            rows.append({"name": row_name, "engine": engine, "method": method,
+                         **recipe_row(args, recipe, engine, method, extra, Path(work))})
+            print(f"{row_name}: {rows[-1].get('tokens_per_s', rows[-1].get('error'))} ({time.time() - started:.0f} s)",
+                  flush=True)
+    for row in rows:
+        row["shape"] = shape_label
+        if "tokens_per_s" in row:
+            row["ratio_to_peft_loop"] = row["tokens_per_s"] / anchors["plain PEFT loop"]["tokens_per_s"]
+            row["ratio_to_trainer"] = row["tokens_per_s"] / anchors["HF Trainer + PEFT"]["tokens_per_s"]
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.profile:
+        profile_row(args, next(r for r in RECIPE_ROWS if r[0] == args.profile), out)
+    target = out / ("recipe_vs_peft_smoke.json" if args.smoke else "recipe_vs_peft.json")
+    earlier = json.loads(target.read_text())["rows"] if target.is_file() else []
+    merged = [r for r in earlier if r.get("shape") != shape_label] + rows  # other scales' rows are kept
+    document = {"device": name, "rows": merged}
+    target.write_text(json.dumps(document, indent=1) + "\n")
+    table = markdown(document)
+    target.with_suffix(".md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

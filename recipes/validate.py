@@ -1,0 +1,91 @@
+"""Every check of a recipe config that needs neither data nor weights, in one place, run before anything is
+read or loaded: cfg.train's numbers and choices, the adapter and SRLoRA settings (built into the library's own
+dataclasses, which validate themselves), the DeepSpeed config name. A bad value raises one error whose message
+names the key, the value and the fix. (The output directory and the checkpoint to resume are checked by
+recipes/checkpoint.py's `plan_resume`.)"""
+from __future__ import annotations
+
+import dataclasses
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+import selora
+from recipes import engine as engines
+from selora import bases
+
+# adapter.method -> the library class that holds that adapter's settings.
+ADAPTER_CLASSES = {cls.method: cls for cls in (selora.LoRAConfig, selora.SeLoRAConfig)}
+
+
+class RecipeConfigError(ValueError):
+    """A cfg.train (or other recipe) value the recipe cannot use; the message names it and the fix."""
+
+
+def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
+    """Check ``cfg``; returns the adapter config and the SRLoRA config (None when srlora.enabled is false)."""
+    check_train(cfg.train)
+    adapter = adapter_config_from(cfg.adapter)
+    srlora = srlora_config_from(cfg) if cfg.srlora.enabled else None
+    if srlora is not None:
+        check_srlora_schedule(srlora, adapter, int(cfg.train.max_steps or 0) or None)
+    if cfg.deepspeed.config is not None:
+        engines.resolve_config_path(str(cfg.deepspeed.config))
+    return adapter, srlora
+
+
+def check_train(train) -> None:
+    def bad(key: str, rule: str):
+        raise RecipeConfigError(f"train.{key}={train[key]!r}: {rule}")
+
+    if not train.learning_rate > 0:
+        bad("learning_rate", "must be > 0, e.g. train.learning_rate=3e-4")
+    for key in ("micro_batch_size", "gradient_accumulation_steps"):
+        if train[key] < 1:
+            bad(key, "must be a whole number >= 1")
+    for key in ("warmup_steps", "eval_every", "log_every", "save_every", "max_steps"):
+        if train[key] is not None and train[key] < 0:
+            bad(key, "must be >= 0")
+    for key in ("weight_decay", "max_grad_norm"):
+        if train[key] is not None and train[key] < 0:
+            bad(key, "must be >= 0 (0 turns it off)")
+    if not train.max_steps and not (train.epochs and train.epochs > 0):
+        raise RecipeConfigError(f"train.max_steps={train.max_steps} and train.epochs={train.epochs}: nothing to "
+                                "train; set train.max_steps > 0 (optimizer steps) or train.epochs > 0")
+    if train.lr_scheduler not in engines.DEEPSPEED_SCHEDULERS:
+        bad("lr_scheduler", f"choose one of {', '.join(engines.DEEPSPEED_SCHEDULERS)}")
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
+
+
+def adapter_config_from(adapter) -> selora.LoRAConfig:
+    """cfg.adapter -> the library config its ``method`` names, built from the section's fields of that class
+    (validated on construction; errors are prefixed with ``adapter.``)."""
+    cls = ADAPTER_CLASSES.get(adapter.method)
+    if cls is None:
+        raise selora.ConfigValueError(f"adapter.method={adapter.method!r}: choose one of {', '.join(ADAPTER_CLASSES)}")
+    try:
+        return cls(**{f.name: _plain(adapter[f.name]) for f in dataclasses.fields(cls)})
+    except selora.ConfigValueError as error:
+        message = str(error)
+        raise selora.ConfigValueError(message if message.startswith("adapter.") else f"adapter.{message}") from None
+
+
+def srlora_config_from(cfg) -> selora.SRLoRAConfig:
+    """cfg.srlora -> selora.SRLoRAConfig, its warm-up being the run's (train.warmup_steps)."""
+    values = {f.name: _plain(cfg.srlora[f.name]) for f in dataclasses.fields(selora.SRLoRAConfig)
+              if f.name != "warmup_steps"}
+    return selora.SRLoRAConfig(**values, warmup_steps=int(cfg.train.warmup_steps))
+
+
+def check_srlora_schedule(srlora: selora.SRLoRAConfig, adapter: selora.LoRAConfig, total_steps: int | None) -> None:
+    """The checks selora.SRLoRA makes once it has a model, made before there is one."""
+    k = srlora.pairs_per_recomposition
+    if k >= adapter.r:
+        raise selora.ConfigValueError(f"srlora.pairs_per_recomposition={k} must be smaller than the rank "
+                                      f"adapter.r={adapter.r}: fusing every pair at once would leave nothing trained")
+    if total_steps is not None and not [s for s in srlora.recomposition_steps() if s <= total_steps]:
+        raise selora.ConfigValueError(
+            f"srlora schedule (start_step={srlora.start_step}, interval={srlora.interval}) never fires within "
+            f"{total_steps} training steps; lower srlora.start_step below train.max_steps")
