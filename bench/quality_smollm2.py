@@ -293,7 +293,12 @@ def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> li
             f"train.eval_every={s.steps if heldout else 0}", "train.save_every=0", "train.export_peft=false",
             "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "train.log_every=1", f"train.learning_rate={job['lr']}",
             f"train.seed={job['seed']}", f"train.output_dir={run_dir}", "adapter.dropout=0.0",
-            f"adapter.seed={job['seed']}", "srlora.svd=full", *method.overrides]
+            f"adapter.seed={job['seed']}", "srlora.svd=full",
+            # pinned, so a change of a recipe's defaults cannot change the study: the method's own keys come last
+            "train.sample_prompts=[]", "train.weight_decay=0.0", "train.max_grad_norm=1.0", "data.packing=false",
+            "data.mask_prompt=true", "model.quantization=none", "model.dtype=auto", "model.gradient_checkpointing=false",
+            "deepspeed.config=null", "adapter.use_rslora=false", "adapter.use_dora=false", "adapter.init=default",
+            "adapter.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]", *method.overrides]
 
 
 def evaluate_command(s: Settings, run_dir: Path, adapter: Path | None) -> list[str]:
@@ -421,6 +426,8 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
     hard_s = budget_s + 60 if hard_s is None else hard_s
     started = time.time()
     work.mkdir(parents=True, exist_ok=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(s)))
     results_path = work / "results.jsonl"
     records = read_results([*earlier, results_path])
@@ -688,8 +695,8 @@ def plots(records: list[dict], steps: int, folder: Path) -> list[Path]:
         if base:
             axis.axhline(mean_of(base[0], MATH_SETS, key), color="grey", linestyle="--", linewidth=0.8, label="base model")
         axis.set_xscale("log"), axis.set_xlabel("trainable parameters")
-    axes[0].set_ylabel("math accuracy, generated answers (mean of AddSub, SingleEq, MultiArith)")
-    axes[1].set_ylabel("math answer loss (mean of the three; lower is better)")
+    axes[0].set_ylabel("math accuracy of generated answers (mean of 3 sets)")
+    axes[1].set_ylabel("math answer loss (mean of 3 sets; lower is better)")
     axes[1].legend(fontsize=6, ncol=2)
     figure.tight_layout()
     params_png = folder / "accuracy_vs_params.png"

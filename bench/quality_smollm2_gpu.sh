@@ -6,7 +6,10 @@
 # first, then the grid; a later call continues where this one stopped. Results come back in $OUT:
 # results.jsonl (every finished run), runs.tar.gz (metrics, eval reports, logs), study_*.log.
 # Environment: CALL_SECONDS (default 520: the whole call, wheels and conversion included), PARALLEL (default 8),
-# STUDY_ARGS (extra arguments for `run`, e.g. "--only 'LoRA r16,SRLoRA r16 (paper)'" or "--steps 150").
+# STUDY_ARGS (extra arguments for `run`, e.g. "--only 'LoRA r16,SRLoRA r16 (paper)'" or "--steps 150"),
+# STUDY_COMMAND=plan (list the runs and check every config, run nothing: a dry run of the call),
+# SPIKE=1 (also run bench/srlora_spike.py twice beside the study, ~2 x 1-3 min of one more process: default and
+# PiSSA start; results in $OUT/srlora_spike_*.json and .log).
 set -o pipefail
 START=$SECONDS
 source .whl/install.sh || exit 1
@@ -24,9 +27,19 @@ if [ ! -f "$HF/config.json" ]; then
   python bench/quality_smollm2.py convert-model --gguf "$GGUF" --out "$HF" 2>&1 | grep -v "it/s]" | tee "$OUT/convert.log" || exit 1
 fi
 [ -f "$HF/config.json" ] || { echo "error: no converted model in $HF (did convert-model fail?)"; exit 1; }
+if [ -n "${SPIKE:-}" ]; then  # bench/srlora_spike.py beside the study: the loss after a recomposition, as trained here
+  ( for init in default pissa; do
+      lr=$([ $init = pissa ] && echo 3e-4 || echo 1e-3)
+      timeout 200 python bench/srlora_spike.py --model-path "$HF" --device cuda --dtype bfloat16 --init $init --lr $lr \
+        --steps-before 100 --steps-after 10 --micro-batch 16 --max-length 256 --warmup 10 --svd full \
+        --out "$OUT/srlora_spike_$init.json" > "$OUT/srlora_spike_$init.log" 2>&1
+    done ) &
+  SPIKE_PID=$!
+fi
 budget=$((CALL_SECONDS - (SECONDS - START) - 45))
 echo "study budget: $budget s (runs that would end later are left for the next call)"
-eval python bench/quality_smollm2.py run --model-path "$HF" --work "$WORK" --out "$OUT" \
+eval python bench/quality_smollm2.py "${STUDY_COMMAND:-run}" --model-path "$HF" --work "$WORK" --out "$OUT" \
   --parallel "${PARALLEL:-8}" --budget-seconds "$budget" --hard-seconds "$((budget + 30))" "${STUDY_ARGS:-}" \
   2>&1 | tee "$OUT/study_$(date +%H%M%S).log"
+[ -n "${SPIKE_PID:-}" ] && wait "$SPIKE_PID"
 echo "call done at $((SECONDS - START)) s"

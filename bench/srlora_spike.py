@@ -1,6 +1,8 @@
 """Why SRLoRA's training loss jumps after a recomposition, measured on SmolLM2-135M-Instruct on CPU.
 
     python bench/srlora_spike.py --model-path DIR_OR_GGUF [--steps-before 20] [--steps-after 6] [--lr 1e-3]
+    python bench/srlora_spike.py --model-path /tmp/smollm2/hf --device cuda --steps-before 100 --steps-after 10 \
+        --micro-batch 16 --max-length 256 --dtype bfloat16 --warmup 10 --out $OUT/srlora_spike.json  # as the study
 
 Trains LoRA r16 (SRLoRA scoring on) for ``--steps-before`` steps, then branches from that one state, each branch
 seeing the same batches afterwards:
@@ -36,16 +38,21 @@ from selora.inject import adapter_layers  # noqa: E402
 from selora.srlora import SRLoRA  # noqa: E402
 
 
-def batches(path: Path, tokenizer, max_length: int, micro: int, count: int, seed: int) -> list[dict]:
+def batches(path: Path, tokenizer, max_length: int, micro: int, count: int, seed: int, device) -> list[dict]:
     """``count`` micro-batches of math records (the recipe's tokenization, prompt masked), in a seeded order."""
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    math_records = [r for r in records if r["answer"].replace(".", "", 1).lstrip("-").isdigit()]
+    from recipes.data import encode_prompt
+    # math records whose prompt leaves at least 24 answer tokens (the worked answer is cut at max_length)
+    math_records = [r for r in records if r["answer"].replace(".", "", 1).lstrip("-").isdigit()
+                    and len(encode_prompt(r, tokenizer)) <= max_length - 24]
     scratch = Path("/tmp/srlora_spike_records.jsonl")
     scratch.write_text("".join(json.dumps(r) + "\n" for r in math_records))
     data = tokenize_records(load_records(str(scratch)), tokenizer, max_length)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     collate = make_collate_fn(tokenizer.pad_token_id)
-    return [collate([data[i] for i in order[k * micro:(k + 1) * micro]]) for k in range(count)]
+    order = (order * (1 + count * micro // len(order)))[:count * micro]  # wrap around for long runs
+    return [{k: v.to(device) for k, v in collate([data[i] for i in order[k * micro:(k + 1) * micro]]).items()}
+            for k in range(count)]
 
 
 def loss_of(model, batch: dict) -> float:
@@ -96,7 +103,7 @@ def branch(name: str, snapshot, steps: list[dict], probe: dict, step_before: int
             rows = layer.pair_rows()
             new_norm.append(rows[pairs].norm(dim=1).mean().item())
             kept_norm.append(rows[keep].norm(dim=1).mean().item())
-            old_norm.append(torch.cat([before[i][0], before[i][1].T], 1)[pairs].norm(dim=1).mean().item())
+            old_norm.append(torch.cat([before[i][0], before[i][1]], 1)[pairs].norm(dim=1).mean().item())  # B^T rows
         result.update(new_pair_norm=sum(new_norm) / len(new_norm), replaced_pair_norm=sum(old_norm) / len(old_norm),
                       kept_pair_norm=sum(kept_norm) / len(kept_norm))
     result["probe_after_recomposition"] = loss_of(model, probe)
@@ -133,26 +140,33 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps-before", type=int, default=20)
     parser.add_argument("--steps-after", type=int, default=6)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--branches", default="lora,srlora,keep-moments,warm-v")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--svd", default="randomized", choices=("full", "randomized"),
+                        help="principal directions (randomized: seconds on a CPU; the study uses full on the GPU)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="of the base model (the study trains in bfloat16 on a GPU)")
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    device = torch.device(args.device)
     started = time.time()
-    cfg = resolve("llama_srlora", [f"model.path={args.model_path}", "model.dtype=float32", f"adapter.r={args.r}",
+    cfg = resolve("llama_srlora", [f"model.path={args.model_path}", f"model.dtype={args.dtype}", f"adapter.r={args.r}",
                                    f"adapter.alpha={2 * args.r}", f"adapter.init={args.init}", "adapter.dropout=0.0"])
-    model, _ = load_model(cfg.model, torch.device("cpu"))
+    model, _ = load_model(cfg.model, device)
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     selora.apply(model, adapter_config_from(cfg.adapter))
     srlora = SRLoRA(model, selora.SRLoRAConfig(start_step=args.steps_before, end_step=args.steps_before,
-                                                interval=args.steps_before, pairs_per_recomposition=args.pairs))
+                                                interval=args.steps_before, pairs_per_recomposition=args.pairs,
+                                                svd=args.svd))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)
-    data = batches(Path(args.data), tokenizer, args.max_length, args.micro_batch, args.steps_before + args.steps_after + 1, 0)
+    data = batches(Path(args.data), tokenizer, args.max_length, args.micro_batch, args.steps_before + args.steps_after + 1, 0, device)
     probe = data[-1]
-    warmup = 2
+    warmup = args.warmup
     for step, batch in enumerate(data[:args.steps_before]):
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, (step + 1) / warmup)
