@@ -7,7 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import selora
 from launch.config import resolve
-from recipes.finetune import adapter_config_from
+from recipes.validate import adapter_config_from
 from recipes.modeling import preset_config
 
 
