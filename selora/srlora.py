@@ -68,8 +68,8 @@ class SRLoRA:
                     "set srlora.quantized_fusion=residual (fused updates stay beside the base, exactly)")
         for layer in self.layers.values():
             layer.track_pair_gradients = True
-        self.directions, self.svd_stats = sharded_principal_directions(self.layers, counts, method=config.svd,
-                                                                       seed=adapter_config.seed)
+        self.directions, self.svd_stats = sharded_principal_directions(
+            self.layers, counts, method=config.svd, seed=adapter_config.seed, oversample=config.svd_oversample)
         self.layer_list = list(self.layers.values())
         self.shape_groups: dict[tuple[int, int], list[int]] = {}
         for index, layer in enumerate(self.layer_list):

@@ -47,7 +47,7 @@ def svd_cost(out_features: int, in_features: int, k: int, method: str) -> float:
 
 
 def sharded_principal_directions(layers: dict, counts: dict[str, int], method: str = "full",
-                                 seed: int = 0) -> tuple[dict[str, PrincipalDirections], dict]:
+                                 seed: int = 0, oversample: int = 8) -> tuple[dict[str, PrincipalDirections], dict]:
     """Principal directions of many layers' pretrained weights, the work spread over ranks.
 
     layers: name -> adapter layer (it has out_features, in_features and ``pretrained_weight_on(owner)``, which
@@ -57,6 +57,7 @@ def sharded_principal_directions(layers: dict, counts: dict[str, int], method: s
     most one layer per rank, so all ranks run their SVDs at the same time; each result is then broadcast,
     because every rank needs the directions to update its own shard.
 
+    ``oversample``: extra columns of the randomized SVD (method="randomized"; see `principal_directions`).
     Returns (directions by name on every rank, {"computed_here": n, "owners": {name: rank}}).
     """
     from .distributed import assign_owners, broadcast_tensors, world
@@ -76,7 +77,7 @@ def sharded_principal_directions(layers: dict, counts: dict[str, int], method: s
             if full is not None:
                 local[name] = full
         for name, full in local.items():
-            local[name] = principal_directions(full, counts[name], method=method, seed=seed)
+            local[name] = principal_directions(full, counts[name], method=method, oversample=oversample, seed=seed)
             computed += 1
         for name in batch:
             out_features, in_features, k = layers[name].out_features, layers[name].in_features, counts[name]

@@ -291,3 +291,27 @@ def test_whole_factor_refit_on_2d_bases(basis):
     if basis == "haar":  # local: only rows 2 and 3 (one Haar pair along the rank axis) can change
         assert changed_rows.nonzero().squeeze(1).tolist() == [2, 3]
         assert 0 < moved.sum() < moved.numel() // 2
+
+
+def test_randomized_svd_uses_the_configured_oversampling(monkeypatch):
+    """srlora.svd_oversample reaches torch.svd_lowrank: q = directions needed + oversample."""
+    import selora.svd as svd_module
+    seen = []
+    lowrank = torch.svd_lowrank
+
+    def recording(matrix, q, niter):
+        seen.append(q)
+        return lowrank(matrix, q=q, niter=niter)
+
+    monkeypatch.setattr(svd_module.torch, "svd_lowrank", recording)
+    columns = {}
+    for oversample in (2, 5):
+        seen.clear()
+        model = selora.apply(LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=1,
+                                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)),
+                             selora.LoRAConfig(r=4, target_modules=("q_proj",)))
+        SRLoRA(model, SRLoRAConfig(start_step=1, end_step=2, interval=1, svd="randomized", svd_oversample=oversample),
+               total_steps=2)
+        assert len(seen) == 1  # one adapted projection, one SVD
+        columns[oversample] = seen[0]
+    assert columns[5] - columns[2] == 3  # q grew by exactly the oversampling difference
