@@ -30,7 +30,7 @@ from recipes.inference import answer_prompts, base_model_record, format_comparis
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
 from recipes.validate import check_srlora_schedule, validate
-from selora.distributed import world
+from selora.distributed import is_partitioned, world
 
 
 def run(cfg) -> dict:
@@ -87,6 +87,12 @@ def run(cfg) -> dict:
 
     # What the base model answers to train.sample_prompts (the adapter starts as a no-op), shown again at the end.
     sample_prompts = list(train.sample_prompts or [])
+    if sample_prompts and any(is_partitioned(p) for p in model.parameters()):
+        # Generation needs whole weights on every rank; ZeRO-3's are sharded (and a generate left parameters
+        # in flight that the final export then could not gather).
+        say("train.sample_prompts skipped under ZeRO-3 (the weights are sharded); try the prompts on the saved "
+            "adapter with launch/generate.py")
+        sample_prompts = []
     base_answers = None
     if sample_prompts and state.step == 0:
         base_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
@@ -141,15 +147,15 @@ def run(cfg) -> dict:
         timer.lap("log")
     progress.close()
     metrics.close()
-    if sample_prompts:
-        tuned_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
-        say(format_comparison(sample_prompts, base_answers, tuned_answers))
 
     # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
     outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),
                                       save_merged=bool(train.save_merged),
                                       base_model_name_or_path=base_model_name(cfg, model_info), tokenizer=tokenizer,
                                       base_model=base_model_record(cfg.model))
+    if sample_prompts:
+        tuned_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
+        say(format_comparison(sample_prompts, base_answers, tuned_answers))
     for kind, path in outputs.items():
         say(f"{kind} saved to {path}")
     return {"step": state.step, **last, "outputs": outputs}

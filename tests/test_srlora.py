@@ -93,9 +93,16 @@ def test_output_and_effective_weight_unchanged_by_recomposition(name):
     assert max(jumps) < 1e-5, jumps
 
 
-def test_quantized_bases_residual_is_exact_requantize_is_bounded():
+# Rows a recomposition of one pair records (old and new products): a row-wise factor changes only the replaced row;
+# a 2-D Haar factor re-fitted as a whole also changes the row it is paired with along the rank axis.
+RECORDED_ROWS_PER_PAIR = {"dct_rows": 2, "haar": 4}
+
+
+@pytest.mark.parametrize("basis", list(RECORDED_ROWS_PER_PAIR))
+def test_quantized_bases_residual_is_exact_requantize_is_bounded(basis):
+    rows = RECORDED_ROWS_PER_PAIR[basis]
     for mode, bound in (("residual", 1e-5), ("requantize", NF4_REQUANTIZE_JUMP_BOUND)):
-        model, rec, optimizer, ids = setup(selora.SeLoRAConfig(r=4), quantized=True,
+        model, rec, optimizer, ids = setup(selora.SeLoRAConfig(r=4, basis=basis), quantized=True,
                                            srlora=SRLoRAConfig(start_step=2, end_step=6, interval=2, quantized_fusion=mode))
         jumps = []
         train_steps(model, rec, optimizer, ids, 6, on_event=lambda s, b, a, e: jumps.append(relative(a, b)))
@@ -103,9 +110,9 @@ def test_quantized_bases_residual_is_exact_requantize_is_bounded():
         assert max(jumps) < bound, (mode, jumps)
         layer = selora.adapter_layers(model)["model.layers.0.mlp.up_proj"]
         if mode == "residual":
-            assert layer.residual_A.shape[0] == 2 * 3 and layer.base_delta_A.shape[0] == 0
+            assert layer.residual_A.shape[0] == rows * 3 and layer.base_delta_A.shape[0] == 0
         else:
-            assert layer.base_delta_A.shape[0] == 2 * 3 and layer.residual_A.shape[0] == 0
+            assert layer.base_delta_A.shape[0] == rows * 3 and layer.residual_A.shape[0] == 0
 
 
 def test_directions_are_never_reused_and_reinit_follows_them():
