@@ -205,13 +205,30 @@ def test_selora_file_is_compact(tiny_llama, tmp_path):
     assert len(meta["index_sets"]) == len(shapes) == 3  # (8, 64), (8, 160), (8, 32) on the tiny model
 
 
-@pytest.mark.parametrize("basis", ["dct", "dft"])
-def test_adapters_saved_before_the_2d_bases_still_load(tiny_llama, input_ids, basis):
-    """tests/data/adapter_v1_*: written by selora before 0.2 (per-row coefficients and locations, basis "dct" /
-    "dft", per-layer locations) with the logits it computed; they load as dct_rows / dft_rows and compute the same."""
+def v1_adapter_directory(basis: str, tmp_path):
+    """The pre-0.2 adapter of tests/data/adapter_v1_<basis> as selora wrote it: its JSON config, and its two
+    safetensors files rebuilt from tensors.json (the exact values, kept as text in the repository)."""
+    import json
+    import shutil
     from pathlib import Path
 
-    directory = Path(__file__).parent / "data" / f"adapter_v1_{basis}"
+    from safetensors.torch import save_file
+
+    source = Path(__file__).parent / "data" / f"adapter_v1_{basis}"
+    directory = tmp_path / f"adapter_v1_{basis}"
+    directory.mkdir()
+    shutil.copy(source / "adapter_config.json", directory)
+    for name, tensors in json.loads((source / "tensors.json").read_text()).items():
+        save_file({key: torch.tensor(t["values"], dtype=getattr(torch, t["dtype"])).reshape(t["shape"])
+                   for key, t in tensors.items()}, str(directory / f"{name}.safetensors"))
+    return directory
+
+
+@pytest.mark.parametrize("basis", ["dct", "dft"])
+def test_adapters_saved_before_the_2d_bases_still_load(tiny_llama, input_ids, basis, tmp_path):
+    """tests/data/adapter_v1_*: written by selora before 0.2 (per-row coefficients and locations, basis "dct" /
+    "dft", per-layer locations) with the logits it computed; they load as dct_rows / dft_rows and compute the same."""
+    directory = v1_adapter_directory(basis, tmp_path)
     model = tiny_llama()
     extra = selora.load_adapter(model, directory)
     assert model.selora_config.basis == f"{basis}_rows"
