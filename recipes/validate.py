@@ -11,7 +11,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import selora
 from recipes import engine as engines
-from selora import bases
 
 # adapter.method -> the library class that holds that adapter's settings.
 ADAPTER_CLASSES = {cls.method: cls for cls in (selora.LoRAConfig, selora.SeLoRAConfig)}
