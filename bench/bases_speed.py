@@ -151,7 +151,7 @@ def build(method: str, layers: int, args, device: torch.device):
         model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape))
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    selora.enable_gradient_checkpointing(model)  # as recipes/modeling.load_model does
     model.config.use_cache = False
     targets = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the paper's setting
     common = dict(r=args.rank, alpha=2 * args.rank, target_modules=targets)

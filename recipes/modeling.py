@@ -12,6 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+import selora
 from selora import quant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,8 +167,8 @@ def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.M
         name = str(path) if path else None
     if not any(hasattr(p, "ds_id") for p in model.parameters()) and quantization == "none":
         model = model.to(device)
-    if model_cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_cfg.gradient_checkpointing:  # before the adapters: selora's context_fn finds their decoder at each step
+        selora.enable_gradient_checkpointing(model)
     model.config.use_cache = False
     info = {"name_or_path": name, "dtype": str(dtype), "quantization": quantization,
             "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}

@@ -2,11 +2,13 @@
 
     import selora
     model = selora.apply(model, selora.SeLoRAConfig(r=8, spectral_ratio=0.5))
+    selora.enable_gradient_checkpointing(model)  # optional; recomputation reuses the forward's decoded factors
     ...train...
     selora.save_adapter(model, "out/adapter")
     selora.export_lora(model, "out/peft")      # loads with peft.PeftModel.from_pretrained
 """
 from . import bases
+from .activation_checkpointing import checkpoint_context_fn, enable_gradient_checkpointing
 from .config import LLAMA_PROJECTIONS, ConfigValueError, LoRAConfig, SeLoRAConfig, SRLoRAConfig
 from .inject import (TargetModuleError, adapter_layers, apply, count_parameters, initialize_adapters, merge,
                      parameter_table, unmerge)
@@ -15,6 +17,7 @@ from .layers import AdapterLinear
 
 __all__ = [
     "LLAMA_PROJECTIONS", "ConfigValueError", "LoRAConfig", "SeLoRAConfig", "SRLoRAConfig", "TargetModuleError",
-    "AdapterFileError", "AdapterLinear", "adapter_layers", "adapter_state_dict", "bases", "apply", "count_parameters",
-    "export_lora", "initialize_adapters", "load_adapter", "merge", "parameter_table", "save_adapter", "unmerge",
+    "AdapterFileError", "AdapterLinear", "adapter_layers", "adapter_state_dict", "bases", "apply", "checkpoint_context_fn",
+    "count_parameters", "enable_gradient_checkpointing", "export_lora", "initialize_adapters", "load_adapter", "merge",
+    "parameter_table", "save_adapter", "unmerge",
 ]
