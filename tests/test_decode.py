@@ -1,5 +1,6 @@
 """selora.decode: one batched transform per factor shape per top-level forward, rows valid only inside that
-forward; the same outputs and gradients as factor-by-factor decoding; the cases that used to serve stale rows."""
+forward; the same outputs and gradients as factor-by-factor decoding; the cases that used to serve stale rows;
+checkpoint recomputation that replays the forward's own rows (selora.enable_gradient_checkpointing)."""
 import pytest
 import torch
 
