@@ -147,10 +147,14 @@ def build(method: str, layers: int, args, device: torch.device):
     from transformers import LlamaConfig, LlamaForCausalLM
     shape = TINY if args.smoke else LLAMA_7B
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape))
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
+    default_dtype = torch.get_default_dtype()
+    if device.type == "cuda":  # born in bf16: three resident 32-layer models fit (13.5 GB each), fp32 ones would not
+        torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=layers, **shape))
+    finally:
+        torch.set_default_dtype(default_dtype)
     selora.enable_gradient_checkpointing(model)  # as recipes/modeling.load_model does
     model.config.use_cache = False
     targets = ("q_proj", "k_proj", "v_proj", "up_proj", "down_proj")  # the paper's setting
@@ -198,6 +202,8 @@ def step_table(args, device: torch.device) -> list[dict]:
             memory[method] = torch.cuda.max_memory_allocated() / 2 ** 30
             del trainee
     gc.collect()
+    if args.full_depth:
+        return full_depth_rows(args, device, memory)
     trainees = {(m, n): build(m, n, args, device) for m in STEP_METHODS for n in (l1, l2)}
     for trainee in trainees.values():
         train_steps(trainee, args.warmup, device)
@@ -229,6 +235,33 @@ def step_table(args, device: torch.device) -> list[dict]:
     return rows
 
 
+def full_depth_rows(args, device: torch.device, memory: dict) -> list[dict]:
+    """The step of whole 32-layer models, all three resident, measured directly (no extrapolation): interleaved
+    rounds, the ratio to LoRA's step in the same round."""
+    trainees = {m: build(m, 32, args, device) for m in STEP_METHODS}
+    for trainee in trainees.values():
+        train_steps(trainee, args.warmup, device)
+    rounds = {m: [] for m in trainees}
+    order, shuffle = list(trainees), random.Random(0)
+    for _ in range(args.rounds):
+        shuffle.shuffle(order)
+        for method in order:
+            rounds[method].append(train_steps(trainees[method], args.steps, device))
+    rows = []
+    for method in STEP_METHODS:
+        ratios = [a / b for a, b in zip(rounds[method], rounds["lora"])]
+        row = {"method": method, "trainable_per_layer": trainees[method]["trainable"] // 32,
+               "step_s": statistics.median(rounds[method]), "step_ratio_vs_lora": statistics.median(ratios),
+               "step_s_32_layers": statistics.median(rounds[method]), "step_ratio_32_layers_vs_lora": statistics.median(ratios),
+               "ratio_range_32_layers": [min(ratios), max(ratios)], "measured_at_32_layers": True}
+        if memory:
+            row.update(peak_gib=memory[method], peak_ratio_vs_lora=memory[method] / memory["lora"])
+        rows.append(row)
+        print(f"{method:6s} 32-layer step {row['step_s']:.3f} s x{row['step_ratio_vs_lora']:.3f} "
+              f"[{min(ratios):.3f}-{max(ratios):.3f}]", flush=True)
+    return rows
+
+
 def write(args, device: torch.device, decode_rows: list[dict], step_rows: list[dict]) -> str:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     lines = [f"# SeLoRA bases: decode speed and training step\n",
@@ -248,7 +281,9 @@ def write(args, device: torch.device, decode_rows: list[dict], step_rows: list[d
               f"r={args.rank}, alpha={2 * args.rank}, targets q,k,v,up,down (the paper's setting), spectral ratio 0.5, "
               f"batch {args.batch} x {args.seq}, gradient checkpointing, bf16 autocast, AdamW; {args.rounds} interleaved "
               f"rounds of {args.steps} steps after {args.warmup} warm-up steps. Ratios: median over rounds of the ratio to "
-              "LoRA in the same round; 32-layer: extrapolated from the two depths. Peak memory: alone on the GPU, "
+              "LoRA in the same round; 32-layer: " + ("measured on whole 32-layer models, all resident (`--full-depth`; the "
+              "two step columns are then the same)" if args.full_depth else "extrapolated from the two depths") +
+              ". Peak memory: alone on the GPU, "
               f"{l2} layers.\n",
               "| method | trainable / layer | step (ms) | step / LoRA | 32-layer step (s) | 32-layer / LoRA [range] | "
               "peak (GiB) | peak / LoRA |", "|---|---|---|---|---|---|---|---|"]
@@ -272,6 +307,9 @@ def main() -> None:
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, runs on CPU in about a minute")
     parser.add_argument("--skip-step", action="store_true", help="only the decode table")
+    parser.add_argument("--skip-decode", action="store_true", help="only the training step table")
+    parser.add_argument("--full-depth", action="store_true",
+                        help="time whole 32-layer models (about 45 GB of GPU memory) instead of extrapolating")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)
@@ -285,7 +323,7 @@ def main() -> None:
     if args.smoke:
         args.ranks, args.widths, args.stacked, args.layers = (4, 8), (64, 96), 4, (1, 2)
         args.rank, args.batch, args.seq, args.rounds, args.steps, args.repeats = 4, 2, 32, 2, 2, 3
-    decode_rows = decode_table(args, device)
+    decode_rows = [] if args.skip_decode else decode_table(args, device)
     step_rows = [] if args.skip_step else step_table(args, device)
     print("\n" + write(args, device, decode_rows, step_rows))
 

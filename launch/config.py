@@ -49,6 +49,7 @@ class DataSection:
     format: str = "auto"
     max_length: int = 256
     packing: bool = False
+    pad_to_multiple_of: str = "auto"
     eval_fraction: float = 0.05
     mask_prompt: bool = True
     max_train_records: Optional[int] = None

@@ -20,6 +20,8 @@ chat records (``messages``).
 """
 from __future__ import annotations
 
+import bisect
+
 import json
 from pathlib import Path
 
@@ -218,19 +220,30 @@ def tokenize_records(ds: datasets.Dataset, tokenizer, max_length: int, mask_prom
 
 
 def pack_sequences(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
-    """Greedy packing: consecutive examples are concatenated into rows of at most ``max_length`` tokens (an
-    example never straddles two rows). Attention is not blocked between the packed examples (the usual
-    simple packing); each keeps its own labels, so no token learns to predict across a boundary it did not see."""
-    rows, current = [], {"input_ids": [], "labels": [], "attention_mask": []}
-    for example in ds:
-        if current["input_ids"] and len(current["input_ids"]) + len(example["input_ids"]) > max_length:
-            rows.append(current)
-            current = {"input_ids": [], "labels": [], "attention_mask": []}
-        for key in current:
-            current[key] = current[key] + list(example[key])
-    if current["input_ids"]:
-        rows.append(current)
-    return datasets.Dataset.from_list(rows)
+    """Best-fit-decreasing packing: examples, longest first, each go into the fullest row that still has room for
+    them (a new row when none has), rows of at most ``max_length`` tokens; an example never straddles two rows.
+    Rows come out nearly full (greedy packing of consecutive examples leaves the gap before every example that did
+    not fit), so little of each batch is padding. Attention is not blocked between the packed examples (the usual
+    simple packing); each keeps its own labels, so no token learns to predict across a boundary it did not see.
+    Deterministic: ties keep the dataset's order."""
+    lengths = [len(ids) for ids in ds["input_ids"]]
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    rows: list[list[int]] = []
+    room: list[tuple[int, int]] = []  # (free tokens, row) of the rows that can still take something, sorted
+    for index in order:
+        slot = bisect.bisect_left(room, (lengths[index], -1))  # the row with the least room that is enough
+        if slot == len(room):
+            rows.append([index])
+            free, row = max_length - lengths[index], len(rows) - 1
+        else:
+            free, row = room.pop(slot)
+            rows[row].append(index)
+            free -= lengths[index]
+        if free > 0:
+            bisect.insort(room, (free, row))
+    columns = ds.select_columns(["input_ids", "labels", "attention_mask"]).to_dict()
+    return datasets.Dataset.from_dict({key: [[token for i in row for token in values[i]] for row in rows]
+                                       for key, values in columns.items()})
 
 
 def train_eval_split(ds: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -277,13 +290,39 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, da
     return train, evaluation
 
 
-def make_collate_fn(pad_token_id: int):
-    """Right-pads a list of examples to the longest; labels are padded with -100."""
+def make_collate_fn(pad_token_id: int, pad_to_multiple_of: int = 1, max_length: int | None = None):
+    """Right-pads a list of examples to the longest, rounded up to a multiple of ``pad_to_multiple_of`` (and
+    never past ``max_length``); labels are padded with -100.
+
+    The rounding keeps the number of distinct batch shapes small. On a GPU every new (batch, length) shape costs:
+    torch's cuDNN attention builds an execution plan per shape (tenths of a second, forward and backward), and the
+    memory allocator and kernel choices start over; rows of a few fixed widths are paid for once."""
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: must be >= 1")
+
     def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(e["input_ids"]) for e in examples)
+        longest = max(len(e["input_ids"]) for e in examples)
+        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        if max_length is not None:
+            width = max(longest, min(width, max_length))
 
         def pad(key: str, value: int) -> torch.Tensor:
             return torch.tensor([list(e[key]) + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
         return {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX),
                 "attention_mask": pad("attention_mask", 0)}
     return collate
+
+
+def pad_multiple(data_cfg, device: torch.device) -> int:
+    """data.pad_to_multiple_of, with ``auto`` = 64 on a GPU (few shapes) and 1 on a CPU (no shape costs there,
+    and every padded token is computed)."""
+    value = str(data_cfg.get("pad_to_multiple_of", "auto"))
+    if value == "auto":
+        return 64 if device.type == "cuda" else 1
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise DataError(f"data.pad_to_multiple_of={data_cfg.pad_to_multiple_of!r}: give auto or a whole number >= 1")
+    return value

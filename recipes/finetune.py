@@ -25,7 +25,7 @@ from tqdm import tqdm
 import selora
 from recipes import checkpoint, engine as engines
 from recipes.checkpoint import TrainerState
-from recipes.data import build_datasets, make_collate_fn
+from recipes.data import build_datasets, make_collate_fn, pad_multiple
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
@@ -53,7 +53,7 @@ def run(cfg) -> dict:
     # Data before the model: bad data fails in seconds, not after loading billions of weights.
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, train.seed)
-    collate = make_collate_fn(tokenizer.pad_token_id)
+    collate = make_collate_fn(tokenizer.pad_token_id, pad_multiple(cfg.data, device), int(cfg.data.max_length))
     order = DataOrder(len(train_ds), int(train.micro_batch_size), rank, world_size, int(train.seed))
     total_steps = total_optimizer_steps(train, order.batches_per_epoch)
     say(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "

@@ -1,7 +1,9 @@
 """recipes/data.py: loading, validation errors that name file/line/field, prompt masking, packing, splits."""
 import json
 
+import datasets
 import pytest
+import torch
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
@@ -61,6 +63,42 @@ def test_packing_keeps_every_token_and_respects_the_length(tmp_path, tokenizer):
     assert all(len(row["input_ids"]) <= 200 for row in packed)
     assert sum(map(len, packed["input_ids"])) == sum(map(len, ds["input_ids"]))
     assert sorted(sum(packed["labels"], [])) == sorted(sum(ds["labels"], []))
+
+
+def rows_of(lengths: list[int]) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"input_ids": [[n] * n for n in lengths], "labels": [[n] * n for n in lengths],
+                                       "attention_mask": [[1] * n for n in lengths]})
+
+
+def test_packing_fills_rows_best_fit_longest_first():
+    # Greedy packing of consecutive examples would need three rows ([6] [5, 4] [3, 2]); best fit needs two.
+    packed = data.pack_sequences(rows_of([6, 5, 4, 3, 2]), 10)
+    assert packed["input_ids"] == [[6] * 6 + [4] * 4, [5] * 5 + [3] * 3 + [2] * 2]
+    assert packed["labels"] == packed["input_ids"]
+    # An example longer than what is left anywhere opens a row; equal lengths keep the dataset's order.
+    packed = data.pack_sequences(rows_of([3, 8, 3, 3]), 8)
+    assert [row[0] for row in packed["input_ids"]] == [8, 3, 3] and list(map(len, packed["input_ids"])) == [8, 6, 3]
+
+
+def test_collate_rounds_the_width_up_to_a_multiple_within_max_length():
+    examples = lambda *lengths: [{"input_ids": [1] * n, "labels": [1] * n, "attention_mask": [1] * n} for n in lengths]
+    collate = data.make_collate_fn(0, pad_to_multiple_of=64, max_length=200)
+    assert collate(examples(3, 70))["input_ids"].shape == (2, 128)
+    assert collate(examples(130))["input_ids"].shape == (1, 192)
+    assert collate(examples(195))["input_ids"].shape == (1, 200)  # 256 would pass max_length
+    assert collate(examples(64))["input_ids"].shape == (1, 64)
+    batch = collate(examples(5))
+    assert batch["attention_mask"].sum() == 5 and (batch["labels"][0, 5:] == IGNORE_INDEX).all()
+    assert data.make_collate_fn(0)(examples(3, 70))["input_ids"].shape == (2, 70)  # 1: the longest, as before
+    assert data.make_collate_fn(0, 64, max_length=50)(examples(60))["input_ids"].shape == (1, 60)  # never cut
+
+
+def test_pad_multiple_is_64_on_a_gpu_and_1_on_a_cpu_unless_given():
+    auto = OmegaConf.create({"pad_to_multiple_of": "auto"})
+    assert data.pad_multiple(auto, torch.device("cuda")) == 64 and data.pad_multiple(auto, torch.device("cpu")) == 1
+    assert data.pad_multiple(OmegaConf.create({"pad_to_multiple_of": "8"}), torch.device("cpu")) == 8
+    with pytest.raises(data.DataError, match="data.pad_to_multiple_of='-2'"):
+        data.pad_multiple(OmegaConf.create({"pad_to_multiple_of": "-2"}), torch.device("cpu"))
 
 
 def test_split_is_deterministic_and_disjoint(tmp_path, tokenizer):
