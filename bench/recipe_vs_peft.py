@@ -78,9 +78,14 @@ def random_batches(count: int, batch: int, seq: int, vocab: int, device):
     return [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(count)]
 
 
-def peft_loop(args, device, dtype) -> dict:
-    """A hand-written loop: forward, backward, clip, fused AdamW, zero_grad; the loss read every step."""
+def peft_loop(args, device, dtype, profile_dir: Path | None = None) -> dict:
+    """A hand-written loop: forward, backward, clip, fused AdamW, zero_grad; the loss read every step.
+    ``profile_dir``: also torch-profile three steps after the warm-up (the same tables as a recipe's
+    train.profile_steps) into profile_dir/profile/ops.txt."""
     import torch
+    from recipes.profiling import StepProfiler
+    profiler = StepProfiler([args.warmup + 1, args.warmup + 3] if profile_dir else [], profile_dir or ".", device, 0,
+                            trace=False)
     model = build_peft_model(args.shape, args.rank, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
@@ -88,7 +93,8 @@ def peft_loop(args, device, dtype) -> dict:
     batches = random_batches(steps, args.batch, args.seq, model.config.vocab_size, device)
     times = []
     model.train()
-    for ids in batches:
+    for step, ids in enumerate(batches, 1):
+        profiler.before_step(step)
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -97,6 +103,7 @@ def peft_loop(args, device, dtype) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - start)
+        profiler.after_step(step)
     step = statistics.median(times[args.warmup:])
     return {"tokens_per_s": args.batch * args.seq / step, "step_s": step, "padding_share": 0.0}
 
@@ -206,8 +213,16 @@ def profile_row(args, row, out: Path) -> None:
     from recipes import finetune
     row_name, engine, method, recipe, extra, _core = row
     args = argparse.Namespace(**{**vars(args), "breakdown": True})  # the profiled run also logs its phases
+    import shutil
+    import torch
+    peft_loop(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+              torch.bfloat16 if torch.cuda.is_available() else torch.float32, profile_dir=out / "peft_loop")
     with tempfile.TemporaryDirectory() as work:
-        cfg = resolve(recipe, [*recipe_overrides(args, engine, method), *extra, f"train.output_dir={work}/run"])
+        # torch.profiler over three steps after the warm-up (operators by device and host time, waits for the
+        # device), beside cProfile's Python view of the whole run
+        profiled = [f"train.profile_steps=[{args.warmup + 1},{args.warmup + 3}]"]
+        cfg = resolve(recipe, [*recipe_overrides(args, engine, method), *extra, *profiled,
+                               f"train.output_dir={work}/run"])
         profiler = cProfile.Profile()
         profiler.enable()
         finetune.run(cfg)
@@ -215,6 +230,8 @@ def profile_row(args, row, out: Path) -> None:
         from recipes.metrics import read_metrics
         phases = [line["time_breakdown"] for line in read_metrics(Path(work) / "run" / "metrics.jsonl")
                   if "time_breakdown" in line and line["step"] > args.warmup]
+        (out / "recipe" / "profile").mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(work) / "run" / "profile" / "ops.txt", out / "recipe" / "profile" / "ops.txt")
     text = io.StringIO()
     if phases:
         text.write("seconds per step by phase (median): " + ", ".join(
@@ -222,24 +239,32 @@ def profile_row(args, row, out: Path) -> None:
     pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
     (out / "recipe_vs_peft_profile.txt").write_text(f"{row_name}, {args.shape} {args.batch}x{args.seq}\n{text.getvalue()}")
     print(text.getvalue()[:6000])
+    for name in ("peft_loop", "recipe"):  # the waits and launches per step, side by side in the log
+        ops = (out / name / "profile" / "ops.txt").read_text()
+        print(f"--- {name}: " + ops[ops.index("## calls that wait"):])
 
 
 # ----- table -------------------------------------------------------------------------------------------------
 def markdown(document: dict) -> str:
     lines = [f"# The whole recipe vs a plain PEFT loop and HF Trainer + PEFT ({document['device']})", "",
              "Written by `bench/recipe_vs_peft.py`; ratios are to anchors measured in the same call.", "",
-             "| shape | row | engine | method | tokens/s | x PEFT loop | x Trainer | padding | breakdown (ms) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "`x PEFT loop` counts real tokens; `same work` compares positions computed per second (pads included), "
+             "which separates the engine's speed from how well the data packs (the anchors' random rows have no pads).",
+             "",
+             "| shape | row | engine | method | tokens/s | x PEFT loop | x Trainer | padding | same work | breakdown (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in document["rows"]:
         if "error" in row:
             lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | failed: "
-                         f"{row['error']} | | | | |")
+                         f"{row['error']} | | | | | |")
             continue
         pad = "" if row.get("padding_share") is None else f"{100 * row['padding_share']:.1f}%"
+        same_work = "" if row.get("padding_share") is None else \
+            f"{row['ratio_to_peft_loop'] / (1.0 - row['padding_share']):.2f}"
         breakdown = ", ".join(f"{k} {v}" for k, v in row.get("time_breakdown_ms", {}).items())
         lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | "
                      f"{row['tokens_per_s']:,.0f} | {row['ratio_to_peft_loop']:.2f} | {row['ratio_to_trainer']:.2f} | "
-                     f"{pad} | {breakdown} |")
+                     f"{pad} | {same_work} | {breakdown} |")
     return "\n".join(lines) + "\n"
 
 

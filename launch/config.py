@@ -122,6 +122,7 @@ class TrainSection:
     save_merged: bool = False
     tensorboard: bool = True
     time_breakdown: bool = False
+    profile_steps: List[int] = field(default_factory=list)
     sample_prompts: List[str] = field(default_factory=list)
 
 

@@ -28,6 +28,7 @@ from recipes.checkpoint import TrainerState
 from recipes.data import build_datasets, make_collate_fn, pad_multiple
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
+from recipes.profiling import StepProfiler
 from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
 from recipes.validate import check_srlora_schedule, validate
 from selora.distributed import is_partitioned, world
@@ -101,10 +102,12 @@ def run(cfg) -> dict:
     progress = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window = LogWindow(device)
     timer = PhaseTimer(device, enabled=bool(train.time_breakdown))
+    profiler = StepProfiler(train.profile_steps, output_dir, device, rank)
     last = {"loss": None, "eval_loss": None}
     engine.train()
     batches = order.micro_batches(train_ds, collate, state.epoch, state.batch_in_epoch)
     while state.step < total_steps:
+        profiler.before_step(state.step + 1)
         state.epoch, state.batch_in_epoch, batch = next(batches)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         timer.lap("data")
@@ -145,6 +148,7 @@ def run(cfg) -> dict:
         if train.save_every and (step % train.save_every == 0 or step == total_steps):
             checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
         timer.lap("log")
+        profiler.after_step(step)
     progress.close()
     metrics.close()
 

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import selora
 from recipes import engine as engines
 from recipes.data import pad_multiple
+from recipes.profiling import profile_window
 
 # adapter.method -> the library class that holds that adapter's settings.
 ADAPTER_CLASSES = {cls.method: cls for cls in (selora.LoRAConfig, selora.SeLoRAConfig)}
@@ -26,6 +27,10 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     """Check ``cfg``; returns the adapter config and the SRLoRA config (None when srlora.enabled is false)."""
     check_train(cfg.train)
     pad_multiple(cfg.data, torch.device("cpu"))  # data.pad_to_multiple_of: auto or a whole number >= 1
+    try:
+        profile_window(cfg.train.profile_steps)
+    except ValueError as error:
+        raise RecipeConfigError(str(error)) from None
     adapter = adapter_config_from(cfg.adapter)
     srlora = srlora_config_from(cfg) if cfg.srlora.enabled else None
     if srlora is not None:
