@@ -56,6 +56,7 @@ class Settings:
     test_choice: int = 200         # per choice test set
     max_new_tokens: int = 128      # math answers: median 61-73 tokens
     eval_batch: int = 32  # 8 runs x 64 ran the H100 out of memory in the choice scoring (vocab 49152 logits)
+    generate_batch: int = 128  # generation keeps one position's logits; at 32 it took ~280 s of a run's ~400
     model_path: str | None = None  # a de-quantized HF folder (convert-model) or the .gguf itself
     model_preset: str | None = None
     data: str = str(DATA)
@@ -70,7 +71,7 @@ class Settings:
 
 
 SMOKE = dict(steps=12, micro_batch=2, max_length=320, warmup=2, train_choice=4, heldout_math=4, test_math=3,
-             test_choice=3, max_new_tokens=8, eval_batch=8, model_preset="tiny_llama", seeds=(0, 1),
+             test_choice=3, max_new_tokens=8, eval_batch=8, generate_batch=4, model_preset="tiny_llama", seeds=(0, 1),
              sweep_stride=3)
 
 
@@ -310,7 +311,8 @@ def evaluate_command(s: Settings, run_dir: Path, adapter: Path | None) -> list[s
         command += ["--adapter", str(adapter)]
     for task in TASKS:
         command += ["--task", f"{task}={data / f'test_{task}.jsonl'}"]
-    return command + ["--batch-size", str(s.eval_batch), "--max-new-tokens", str(s.max_new_tokens),
+    return command + ["--batch-size", str(s.eval_batch), "--generate-batch-size", str(s.generate_batch),
+                      "--max-new-tokens", str(s.max_new_tokens),
                       "--out", str(run_dir / "eval.json"), "--seed", "0"]
 
 

@@ -90,7 +90,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--task", action="append", required=True, metavar="NAME=FILE",
                         help="a task: alpaca JSON/JSONL records with an 'answer' field (repeatable)")
     parser.add_argument("--max-records", type=int, default=None, help="at most N records per task (seeded sample)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="rows scored at once (log-likelihoods)")
+    parser.add_argument("--generate-batch-size", type=int, default=None,
+                        help="prompts generated at once for math tasks (default: --batch-size; can be several times "
+                             "larger, generation keeps only the last position's logits)")
     parser.add_argument("--max-new-tokens", type=int, default=160, help="generation length for math tasks")
     parser.add_argument("--out", help="write the JSON report here")
     parser.add_argument("--seed", type=int, default=0)
@@ -116,7 +119,7 @@ def run(args) -> dict:
     from recipes.evaluation import evaluate_task, load_task
     from recipes.inference import load_for_inference
 
-    for flag in ("max_records", "batch_size", "max_new_tokens"):
+    for flag in ("max_records", "batch_size", "generate_batch_size", "max_new_tokens"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')}={value}: must be at least 1")
@@ -128,7 +131,8 @@ def run(args) -> dict:
     model, tokenizer = load_for_inference(model_cfg, tokenizer_cfg, args.adapter, device)
     report = {"model": model_name(model_cfg), "adapter": args.adapter, "quantization": args.quantization, "tasks": {}}
     for task in tasks:
-        result = evaluate_task(model, tokenizer, task, args.batch_size, args.max_new_tokens, rank, world_size)
+        result = evaluate_task(model, tokenizer, task, args.batch_size, args.max_new_tokens, rank, world_size,
+                               generate_batch_size=args.generate_batch_size)
         report["tasks"][task.name] = result
         if rank == 0:
             print(f"{task.name}: {result['kind']} accuracy {result['accuracy']:.4f} (n={result['n']}) "

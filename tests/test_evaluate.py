@@ -74,6 +74,10 @@ def test_math_accuracy_by_generated_number(tmp_path, tokenizer):
     model = unigram(bias)
     result = evaluation.evaluate_task(model, tokenizer, task, batch_size=3, max_new_tokens=1)
     assert result["accuracy"] == 0.5  # gold 7 and 7.0 match, 3 and 12 do not
+    for generate_batch_size in (1, 4):  # generation's own batch changes nothing but the speed
+        again = evaluation.evaluate_task(model, tokenizer, task, batch_size=3, max_new_tokens=1,
+                                         generate_batch_size=generate_batch_size)
+        assert (again["accuracy"], again["answer_loss"]) == (result["accuracy"], result["answer_loss"])
     lse = torch.logsumexp(bias, 0).item()
     costs = [lse - bias[t].item() for record in MATH
              for t, l in zip(*inference.scored_example(record, tokenizer, record["output"])) if l != IGNORE_INDEX]
