@@ -145,3 +145,19 @@ def test_gradient_checkpointing_replays_the_adapters_rows(monkeypatch):
     calls.clear()
     loss.backward()
     assert calls == []
+
+
+def test_a_bf16_model_keeps_its_rotary_frequencies_in_float32():
+    # transformers' own bf16 loading leaves the rotary inv_freq buffer in float32; a cast of the whole model would
+    # round it to bf16 and move every position's angles.
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from recipes.modeling import preset_config
+    cfg = OmegaConf.create({"path": None, "preset": "tiny_llama", "dtype": "bfloat16", "quantization": "none",
+                            "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": "auto",
+                            "gradient_checkpointing": False, "seed": 0})
+    model, _ = load_model(cfg, torch.device("cpu"))
+    reference = AutoModelForCausalLM.from_config(AutoConfig.for_model(**preset_config("tiny_llama")),
+                                                 dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
