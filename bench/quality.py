@@ -36,7 +36,7 @@ MAX_STEPS = int(os.environ.get("QUALITY_MAX_STEPS", 300))
 COMMON = [f"train.max_steps={MAX_STEPS}", "train.micro_batch_size=16", "train.gradient_accumulation_steps=1",
           f"train.warmup_steps={min(20, MAX_STEPS // 5)}", "train.save_every=0", "train.eval_every=0", "train.export_peft=false",
           "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "data.max_length=384", "data.eval_files=[]",
-          "data.eval_fraction=0", "adapter.dropout=0.0", f"srlora.start_step={MAX_STEPS // 5}",
+          "data.eval_fraction=0", "adapter.dropout=0.0", "srlora.schedule=fixed", f"srlora.start_step={MAX_STEPS // 5}",
           f"srlora.interval={MAX_STEPS // 5}", f"srlora.end_step={4 * MAX_STEPS // 5}", "srlora.pairs_per_recomposition=2", "srlora.svd=full"]
 
 
@@ -50,8 +50,9 @@ METHODS = {
     **{f"LoRA r{r}": method("llama_lora", r, "lora") for r in (8, 16, 32)},
     **{f"SeLoRA r{r} {int(p * 100)}%": method("llama_selora", r, "selora", adapter__spectral_ratio=p)
        for r in (8, 16, 32) for p in (0.25, 0.5, 1.0)},
-    "SRLoRA r16": method("llama_srlora", 16, "srlora"),
-    "SeLoRA+SRLoRA r16 50%": method("llama_selora_srlora", 16, "srlora", adapter__spectral_ratio=0.5),
+    "SRLoRA r16": method("llama_srlora", 16, "srlora", adapter__init="default"),  # as the appendix study ran
+    "SeLoRA+SRLoRA r16 50%": method("llama_selora_srlora", 16, "srlora", adapter__spectral_ratio=0.5,
+                                    adapter__init="default"),
     "SeLoRA+DoRA r16 50%": method("llama_selora", 16, "selora", adapter__use_dora="true"),
     "SeLoRA+PiSSA r16 50%": method("llama_selora", 16, "selora", adapter__init="pissa"),
     "QLoRA r16": method("qlora_lora", 16, "lora"),

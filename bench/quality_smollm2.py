@@ -114,13 +114,17 @@ def methods(steps: int) -> dict[str, Method]:
     table.append(Method("SeDoRA_W r16 50%", "llama_selora", "selora",
                         _rank(16) + ["adapter.basis=haar", "adapter.spectral_ratio=0.5", "adapter.use_dora=true"]))
     paper = srlora_paper_schedule(steps, 16)
-    paper_overrides = ["adapter.init=pissa", f"srlora.pairs_per_recomposition={paper['pairs']}",
+    # Spelled out (schedule=fixed with the same numbers selora's schedule=paper derives), so the rows keep their
+    # meaning whatever the recipes' defaults become.
+    paper_overrides = ["adapter.init=pissa", "srlora.schedule=fixed", f"srlora.pairs_per_recomposition={paper['pairs']}",
                        f"srlora.start_step={paper['start_step']}", f"srlora.interval={paper['interval']}",
                        f"srlora.end_step={paper['end_step']}"]
     table.append(Method("SRLoRA r16 (paper)", "llama_srlora", "srlora", _rank(16) + paper_overrides, headline=True))
-    # Today's recipe as a user gets it (1 pair per layer at steps 10..50, B = 0 start): LoRA until step 10, so it
-    # takes LoRA's learning rate.
-    table.append(Method("SRLoRA r16 (defaults)", "llama_srlora", "lora", _rank(16)))
+    # The llama_srlora recipe before it took the paper's settings (1 pair per layer at steps 10..50, B = 0 start):
+    # LoRA until step 10, so it takes LoRA's learning rate.
+    table.append(Method("SRLoRA r16 (defaults)", "llama_srlora", "lora",
+                        _rank(16) + ["adapter.init=default", "srlora.schedule=fixed", "srlora.start_step=10",
+                                     "srlora.end_step=50", "srlora.interval=10", "srlora.pairs_per_recomposition=1"]))
     table.append(Method("SeLoRA_W+SRLoRA r16 50%", "llama_selora_srlora", "srlora",
                         _rank(16) + ["adapter.basis=haar", "adapter.spectral_ratio=0.5"] + paper_overrides))
     return {m.name: m for m in table}
@@ -627,7 +631,7 @@ def comparisons(records: list[dict], steps: int) -> str:
              ("SeLoRA_W r32 25%", "LoRA r8", "same parameter count, rank 32"),
              ("SeDoRA_W r16 50%", "SeLoRA_W r16 50%", "DoRA on top"),
              ("SRLoRA r16 (paper)", "LoRA r16", "SRLoRA (paper settings) vs LoRA"),
-             ("SRLoRA r16 (defaults)", "LoRA r16", "SRLoRA (today's defaults) vs LoRA"),
+             ("SRLoRA r16 (defaults)", "LoRA r16", "SRLoRA (earlier recipe defaults) vs LoRA"),
              ("SeLoRA_W+SRLoRA r16 50%", "SeLoRA_W r16 50%", "SRLoRA on top of SeLoRA_W")]
     lines = ["| comparison | A | B | math loss A - B | math acc A - B | seeds |", "|---|---|---|---|---|---|"]
     for a, b, what in pairs:

@@ -166,7 +166,7 @@ def recipe_overrides(args, engine: str, method: str) -> list[str]:
         overrides.append("train.time_breakdown=true")
     if method == "srlora":  # one recomposition inside the timed steps; its cost is amortised over the interval
         first = args.warmup + args.steps // 2
-        overrides += [f"srlora.start_step={first}", f"srlora.interval={args.srlora_interval}",
+        overrides += ["srlora.schedule=fixed", f"srlora.start_step={first}", f"srlora.interval={args.srlora_interval}",
                       f"srlora.end_step={first}", "srlora.svd=randomized"]
     return overrides
 

@@ -19,7 +19,7 @@ from recipes import finetune  # noqa: E402
 
 COMMON = ["train.max_steps=120", "train.learning_rate=2e-3", "train.save_every=0", "train.eval_every=20",
           "train.tensorboard=false", "train.export_peft=false", "adapter.r=8", "adapter.dropout=0.0",
-          "srlora.start_step=20", "srlora.interval=20", "srlora.end_step=100", "srlora.pairs_per_recomposition=2"]
+          "adapter.init=default", "srlora.schedule=fixed", "srlora.start_step=20", "srlora.interval=20", "srlora.end_step=100", "srlora.pairs_per_recomposition=2"]
 RUNS = {"LoRA r=8": "llama_lora", "SRLoRA r=8": "llama_srlora", "SeLoRA r=8": "llama_selora",
         "SeLoRA+SRLoRA r=8": "llama_selora_srlora"}
 

@@ -87,7 +87,12 @@ def srlora_config_from(cfg) -> selora.SRLoRAConfig:
 
 
 def check_srlora_schedule(srlora: selora.SRLoRAConfig, adapter: selora.LoRAConfig, total_steps: int | None) -> None:
-    """The checks selora.SRLoRA makes once it has a model, made before there is one."""
+    """The checks selora.SRLoRA makes once it has a model, made before there is one (a "paper" schedule is
+    checked once the run's length is known)."""
+    if srlora.schedule == "paper":
+        if total_steps is None:
+            return
+        srlora = srlora.for_run(adapter.r, total_steps)
     k = srlora.pairs_per_recomposition
     if k >= adapter.r:
         raise selora.ConfigValueError(f"srlora.pairs_per_recomposition={k} must be smaller than the rank "

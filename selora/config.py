@@ -132,16 +132,26 @@ class SRLoRAConfig:
     re-initialise them along unused principal directions of the pretrained weight.
 
     ema_beta / uncertainty_beta: smoothing of the sensitivity |theta * grad| and of its deviation (AdaLoRA).
+    schedule: "fixed" (the four keys above, as given) or "paper" (SRLoRA's own schedule, from a target rank: at
+    each switch ``pairs_fraction`` x r pairs are re-initialised (the paper's gamma, about 0.5), the run makes
+    N = (target_rank - r) / pairs switches, and they are spread evenly, every total_steps // N steps, the last one
+    before the final step; target_rank None means 3 r). With "paper", start_step, end_step, interval and
+    pairs_per_recomposition are derived by `for_run` once the rank and the run's length are known.
     svd: "full" or "randomized" (torch.svd_lowrank) for the principal directions.
     quantized_fusion: "residual" (default: keep fused updates as a frozen low-rank residual beside a quantized
     base; the output does not jump) or "requantize" (dequantize, add, quantize again; measured output jump on
     the test model: ~8-10% relative for nf4, see docs/srlora.md).
     """
 
+    FIXED_SCHEDULE_KEYS: ClassVar[tuple[str, ...]] = ("start_step", "end_step", "interval", "pairs_per_recomposition")
+
     start_step: int = 10
     end_step: int = 100
     interval: int = 10
     pairs_per_recomposition: int = 1
+    schedule: str = "fixed"
+    pairs_fraction: float = 0.5
+    target_rank: int | None = None
     ema_beta: float = 0.85
     uncertainty_beta: float = 0.85
     scope: str = "layer"
@@ -151,29 +161,68 @@ class SRLoRAConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.interval < 1:
-            raise ConfigValueError(f"srlora.interval={self.interval}: must be >= 1 step")
-        if self.start_step < 1:
-            raise ConfigValueError(f"srlora.start_step={self.start_step}: must be >= 1 (scores need one step of gradients)")
-        if self.end_step < self.start_step:
-            raise ConfigValueError(
-                f"srlora.end_step={self.end_step} is before start_step={self.start_step}: the schedule never fires; "
-                "set end_step >= start_step")
-        if self.start_step < self.warmup_steps:
-            raise ConfigValueError(
-                f"srlora.start_step={self.start_step} fires before the warm-up ends (warmup_steps={self.warmup_steps}); "
-                "importance scores are not meaningful yet — start at or after warm-up")
+        if self.schedule != "paper":  # "paper" derives these four in for_run (and checks the result there)
+            if self.interval < 1:
+                raise ConfigValueError(f"srlora.interval={self.interval}: must be >= 1 step")
+            if self.start_step < 1:
+                raise ConfigValueError(f"srlora.start_step={self.start_step}: must be >= 1 (scores need one step of gradients)")
+            if self.end_step < self.start_step:
+                raise ConfigValueError(
+                    f"srlora.end_step={self.end_step} is before start_step={self.start_step}: the schedule never fires; "
+                    "set end_step >= start_step")
+            if self.start_step < self.warmup_steps:
+                raise ConfigValueError(
+                    f"srlora.start_step={self.start_step} fires before the warm-up ends (warmup_steps={self.warmup_steps}); "
+                    "importance scores are not meaningful yet — start at or after warm-up")
         if self.pairs_per_recomposition < 1:
             raise ConfigValueError(f"srlora.pairs_per_recomposition={self.pairs_per_recomposition}: must be >= 1")
         for name in ("ema_beta", "uncertainty_beta"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigValueError(f"srlora.{name}={getattr(self, name)}: must be in [0, 1)")
+        if self.schedule not in ("fixed", "paper"):
+            raise ConfigValueError(f"srlora.schedule={self.schedule!r}: choose 'fixed' or 'paper'")
+        if self.schedule == "paper":
+            given = [f"{name}={getattr(self, name)}" for name in self.FIXED_SCHEDULE_KEYS
+                     if getattr(self, name) != self.__dataclass_fields__[name].default]
+            if given:
+                raise ConfigValueError(
+                    f"srlora.{', srlora.'.join(given)} not used: srlora.schedule=paper derives the steps and the pairs "
+                    "per switch from srlora.target_rank and pairs_fraction; set srlora.schedule=fixed to give them yourself")
+        if not 0.0 < self.pairs_fraction < 1.0:
+            raise ConfigValueError(f"srlora.pairs_fraction={self.pairs_fraction}: must be in (0, 1) (the paper uses 0.5)")
         if self.scope not in ("layer", "global"):
             raise ConfigValueError(f"srlora.scope={self.scope!r}: choose 'layer' or 'global'")
         if self.svd not in ("full", "randomized"):
             raise ConfigValueError(f"srlora.svd={self.svd!r}: choose 'full' or 'randomized'")
         if self.quantized_fusion not in ("requantize", "residual"):
             raise ConfigValueError(f"srlora.quantized_fusion={self.quantized_fusion!r}: choose 'requantize' or 'residual'")
+
+    def for_run(self, r: int, total_steps: int) -> "SRLoRAConfig":
+        """This config with a concrete schedule for rank ``r`` and a run of ``total_steps`` optimizer steps: itself
+        for schedule "fixed"; for "paper", pairs = round(pairs_fraction r), N = (target_rank - r) // pairs switches
+        at every total_steps // N steps strictly before the last step (a switch at the end would re-initialise
+        pairs that are never trained)."""
+        if self.schedule == "fixed":
+            return self
+        pairs = max(1, round(self.pairs_fraction * r))
+        if pairs >= r:
+            raise ConfigValueError(f"srlora.pairs_fraction={self.pairs_fraction} re-initialises all r={r} pairs at "
+                                   "once; lower it (the paper uses 0.5)")
+        target = 3 * r if self.target_rank is None else self.target_rank
+        if target < r + pairs:
+            raise ConfigValueError(f"srlora.target_rank={target} leaves no switch: it must be at least adapter.r + "
+                                   f"pairs per switch = {r} + {pairs}")
+        switches = (target - r) // pairs
+        interval = total_steps // switches
+        if interval < 1 or interval >= total_steps:
+            raise ConfigValueError(f"srlora.schedule=paper: {switches} switch(es) do not fit in {total_steps} training "
+                                   "steps; train longer or lower srlora.target_rank")
+        if interval < self.warmup_steps:
+            raise ConfigValueError(f"srlora.schedule=paper: the first of {switches} switches would come at step "
+                                   f"{interval}, before the warm-up ends (warmup_steps={self.warmup_steps}); train "
+                                   "longer, shorten the warm-up or lower srlora.target_rank")
+        return dataclasses.replace(self, schedule="fixed", pairs_per_recomposition=pairs, start_step=interval,
+                                   interval=interval, end_step=total_steps - 1)
 
     def recomposition_steps(self) -> list[int]:
         """Optimizer steps (1-based count of completed steps) at which a recomposition happens."""

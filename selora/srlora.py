@@ -31,12 +31,16 @@ class SRLoRA:
     """Owns the importance scores, the schedule and the used-direction record of every adapter layer."""
 
     def __init__(self, model: nn.Module, config: SRLoRAConfig, total_steps: int | None = None):
-        self.config = config
         self.layers: dict[str, AdapterLinear] = adapter_layers(model)
         if not self.layers:
             raise ConfigValueError("SRLoRA needs adapter layers: call selora.apply(model, config) first")
         adapter_config = model.selora_config
         self.r = adapter_config.r
+        if config.schedule == "paper":  # steps and pairs follow from the rank and the run's length
+            if total_steps is None:
+                raise ConfigValueError("srlora.schedule=paper spreads the switches over the run: pass total_steps")
+            config = config.for_run(self.r, total_steps)
+        self.config = config
         k = config.pairs_per_recomposition
         if k >= self.r:
             raise ConfigValueError(f"srlora.pairs_per_recomposition={k} must be smaller than the rank r={self.r}: "

@@ -30,7 +30,7 @@ def losses(output_dir):
 @pytest.mark.parametrize("recipe", ["llama_lora", "llama_selora_srlora"])
 def test_trains_and_exports_a_peft_adapter_that_matches(tmp_path, recipe):
     result = run(recipe, tmp_path, "train.max_steps=16", "train.learning_rate=3e-3", "train.save_every=0",
-                 "srlora.start_step=4", "srlora.interval=4", "srlora.end_step=12")
+                 "srlora.schedule=fixed", "srlora.start_step=4", "srlora.interval=4", "srlora.end_step=12")
     curve = losses(tmp_path)
     assert sorted(curve) == list(range(1, 17))
     assert sum(list(curve.values())[-4:]) < sum(list(curve.values())[:4])  # 8 epochs of 32 records: it learns
@@ -48,7 +48,7 @@ def test_trains_and_exports_a_peft_adapter_that_matches(tmp_path, recipe):
 
 
 def test_crash_then_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch):
-    common = ["train.max_steps=10", "train.save_every=4", "srlora.start_step=3", "srlora.interval=3",
+    common = ["train.max_steps=10", "train.save_every=4", "srlora.schedule=fixed", "srlora.start_step=3", "srlora.interval=3",
               "srlora.end_step=9"]
     run("llama_selora_srlora", tmp_path / "straight", *common)
     original = metrics.MetricsLogger.log

@@ -24,7 +24,7 @@ STEPS = 12
 ARGS = ["launch/train.py", "--recipe", "llama_selora_srlora", "deepspeed.config=zero3",
         "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
         f"train.max_steps={STEPS}", "train.save_every=4", "train.warmup_steps=2", "train.eval_every=6",
-        "srlora.start_step=3", "srlora.interval=3", "srlora.end_step=9", "data.max_train_records=400", *TINY_MODEL]
+        "srlora.schedule=fixed", "srlora.start_step=3", "srlora.interval=3", "srlora.end_step=9", "data.max_train_records=400", *TINY_MODEL]
 CPU = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 

@@ -322,3 +322,30 @@ def test_randomized_svd_uses_the_configured_oversampling(monkeypatch):
         assert len(seen) == 1  # one adapted projection, one SVD
         columns[oversample] = seen[0]
     assert columns[5] - columns[2] == 3  # q grew by exactly the oversampling difference
+
+
+@pytest.mark.parametrize("r, total, pairs, steps", [
+    (16, 200, 8, [50, 100, 150]),   # the SmolLM2 study: N = (48 - 16) / 8 = 4 switches, the 4th would be at the end
+    (8, 60, 4, [15, 30, 45]),       # llama_srlora's own defaults (r 8, 60 steps)
+    (8, 61, 4, [15, 30, 45, 60]),   # a switch one step before the end still has a step to train
+])
+def test_paper_schedule_from_a_target_rank(r, total, pairs, steps):
+    config = SRLoRAConfig(schedule="paper").for_run(r, total)
+    assert config.schedule == "fixed" and config.pairs_per_recomposition == pairs
+    assert config.recomposition_steps() == steps
+    explicit = SRLoRAConfig(schedule="paper", target_rank=2 * r, pairs_fraction=0.25).for_run(r, total)
+    assert explicit.pairs_per_recomposition == max(1, round(r / 4))  # (2r - r) / (r / 4) = 4 switches again
+    assert SRLoRAConfig(start_step=3, interval=3, end_step=9).for_run(r, total).recomposition_steps() == [3, 6, 9]
+
+
+def test_paper_schedule_errors_name_the_key():
+    with pytest.raises(ConfigValueError, match=r"srlora.start_step=3 not used: srlora.schedule=paper derives"):
+        SRLoRAConfig(schedule="paper", start_step=3)
+    with pytest.raises(ConfigValueError, match=r"srlora.target_rank=10 leaves no switch.*8 \+ 4"):
+        SRLoRAConfig(schedule="paper", target_rank=10).for_run(8, 100)
+    with pytest.raises(ConfigValueError, match=r"4 switch\(es\) do not fit in 3 training steps"):
+        SRLoRAConfig(schedule="paper").for_run(8, 3)
+    with pytest.raises(ConfigValueError, match=r"srlora.schedule='cyclic': choose 'fixed' or 'paper'"):
+        SRLoRAConfig(schedule="cyclic")
+    with pytest.raises(ConfigValueError, match=r"srlora.pairs_fraction=1.0: must be in \(0, 1\)"):
+        SRLoRAConfig(pairs_fraction=1.0)
