@@ -188,6 +188,20 @@ def train_steps(trainee: dict, steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def interleaved_rounds(trainees: dict, args, device: torch.device) -> dict[object, list[float]]:
+    """Seconds per step of every trainee in each of ``args.rounds`` rounds (after ``args.warmup`` steps each); a
+    round visits them in a fresh shuffled order, so drift of the machine hits every trainee alike."""
+    for trainee in trainees.values():
+        train_steps(trainee, args.warmup, device)
+    rounds = {key: [] for key in trainees}
+    order, shuffle = list(trainees), random.Random(0)
+    for _ in range(args.rounds):
+        shuffle.shuffle(order)
+        for key in order:
+            rounds[key].append(train_steps(trainees[key], args.steps, device))
+    return rounds
+
+
 def step_table(args, device: torch.device) -> list[dict]:
     l1, l2 = args.layers
     memory = {}
@@ -205,14 +219,7 @@ def step_table(args, device: torch.device) -> list[dict]:
     if args.full_depth:
         return full_depth_rows(args, device, memory)
     trainees = {(m, n): build(m, n, args, device) for m in STEP_METHODS for n in (l1, l2)}
-    for trainee in trainees.values():
-        train_steps(trainee, args.warmup, device)
-    rounds = {key: [] for key in trainees}
-    order, shuffle = list(trainees), random.Random(0)
-    for _ in range(args.rounds):
-        shuffle.shuffle(order)
-        for key in order:
-            rounds[key].append(train_steps(trainees[key], args.steps, device))
+    rounds = interleaved_rounds(trainees, args, device)
     rows = []
     for method in STEP_METHODS:
         a, b = rounds[(method, l1)], rounds[(method, l2)]
@@ -239,14 +246,7 @@ def full_depth_rows(args, device: torch.device, memory: dict) -> list[dict]:
     """The step of whole 32-layer models, all three resident, measured directly (no extrapolation): interleaved
     rounds, the ratio to LoRA's step in the same round."""
     trainees = {m: build(m, 32, args, device) for m in STEP_METHODS}
-    for trainee in trainees.values():
-        train_steps(trainee, args.warmup, device)
-    rounds = {m: [] for m in trainees}
-    order, shuffle = list(trainees), random.Random(0)
-    for _ in range(args.rounds):
-        shuffle.shuffle(order)
-        for method in order:
-            rounds[method].append(train_steps(trainees[method], args.steps, device))
+    rounds = interleaved_rounds(trainees, args, device)
     rows = []
     for method in STEP_METHODS:
         ratios = [a / b for a, b in zip(rounds[method], rounds["lora"])]
