@@ -207,12 +207,30 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def setting_differences(recorded: dict, now: dict) -> list[str]:
-    """``key=checkpoint value (now new value)`` for every setting that differs (keys either side lacks count)."""
+def library_defaults() -> dict:
+    """``section.key: default`` of every adapter and SRLoRA setting (the library's dataclass fields)."""
+    import dataclasses
+
+    import selora
+    defaults = {}
+    for section, classes in (("adapter", (selora.LoRAConfig, selora.SeLoRAConfig)), ("srlora", (selora.SRLoRAConfig,))):
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if f.default is not dataclasses.MISSING:
+                    defaults.setdefault(f"{section}.{f.name}", f.default)
+    return defaults
+
+
+def setting_differences(recorded: dict, now: dict, defaults: dict | None = None) -> list[str]:
+    """``key=checkpoint value (now new value)`` for every setting that differs (keys either side lacks count).
+    A key the checkpoint lacks but ``defaults`` has is no difference while it is at that default: a setting added
+    after the checkpoint was written, whose default keeps the behaviour the checkpoint was trained with."""
     old, new = _flat(recorded), _flat(now)
     missing = object()
+    defaults = defaults or {}
     return [f"{key}={old.get(key, missing)!r} (now {new.get(key, missing)!r})".replace(repr(missing), "unset")
-            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)
+            and not (key not in old and key in defaults and new.get(key, missing) == defaults[key])]
 
 
 def _rank0() -> bool:
@@ -246,7 +264,8 @@ def plan_resume(cfg, total_steps: int | None = None) -> Path | None:
                 "choose a new train.output_dir, or replace it with train.overwrite=true")
         return None
     record = validate_checkpoint(step_dir)
-    differences = setting_differences(record["settings"], run_settings(cfg)) if record.get("settings") else []
+    differences = (setting_differences(record["settings"], run_settings(cfg), library_defaults())
+                   if record.get("settings") else [])
     if differences:
         raise CheckpointError(
             f"checkpoint {step_dir} was trained with other settings: {', '.join(differences)}; resume with the "

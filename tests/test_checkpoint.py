@@ -88,6 +88,16 @@ def test_setting_differences_name_every_one():
         "adapter.r=8 (now 16)", "model.bnb_4bit_quant_type=unset (now 'nf4')", "model.quantization='none' (now '4bit')"]
 
 
+def test_a_setting_added_after_the_checkpoint_is_no_difference_at_its_default():
+    # srlora.schedule and its keys came after earlier checkpoints were written; at their defaults they train
+    # exactly as those checkpoints did, so a resume is not refused for them.
+    recorded = {"srlora": {"enabled": True, "start_step": 10}}
+    now = {"srlora": {"enabled": True, "start_step": 10, "schedule": "fixed", "target_rank": None}}
+    assert checkpoint.setting_differences(recorded, now, checkpoint.library_defaults()) == []
+    assert checkpoint.setting_differences(recorded, {"srlora": {**now["srlora"], "schedule": "paper"}},
+                                          checkpoint.library_defaults()) == ["srlora.schedule=unset (now 'paper')"]
+
+
 def test_output_folders_get_the_users_umask(finished):
     mode = 0o777 & ~current_umask()
     for folder in (finished / "adapter", finished / "peft_adapter", finished / "checkpoints" / "step_4" / "adapter",
