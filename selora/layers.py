@@ -247,11 +247,27 @@ class AdapterLinear(nn.Module):
         bias = self.base_layer.bias
         base_out = result - bias.to(x.dtype) if bias is not None else result
         # DoRA: m * (W + dW) / ||W + dW||_row; the norm is detached as the DoRA paper recommends (memory).
-        with torch.no_grad():
-            norm = (self.base_weight() + self.scaling * (B.float() @ A.float())).norm(dim=1)
-        scale = (self.magnitude / norm).to(x.dtype)
+        scale = (self.magnitude / self.dora_row_norms(A, B)).to(x.dtype)
         out = scale * (base_out + update)
         return out + bias.to(x.dtype) if bias is not None else out
+
+    @torch.no_grad()
+    def dora_row_norms(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Row norms of what the layer computes, W + residual + scaling B A, float32 (out,), without forming that
+        (out, in) sum: with the low-rank part written L R (L = [scaling B, residual_B], R = [A; residual_A]),
+        ||w_i + l_i R||^2 = ||w_i||^2 + 2 (W R^T)_i . l_i + l_i (R R^T) l_i^T. The base is read twice (one skinny
+        product, one squared norm) instead of being copied, added to a dense product and normed: DoRA's forward
+        costs about half the memory traffic PEFT's takes (which forms the sum)."""
+        left, right = self.scaling * B.float(), A.float()
+        if self.residual_A.shape[0]:
+            left = torch.cat([left, self.residual_B.float()], dim=1)
+            right = torch.cat([right, self.residual_A.float()], dim=0)
+        with gathered([self.base_layer.weight]):
+            weight = quant.dense_weight(self.base_layer)
+            cross = weight @ right.T  # (out, k)
+            squares = torch.linalg.vector_norm(weight, dim=1).square()
+        total = squares + 2.0 * (cross * left).sum(1) + ((left @ (right @ right.T)) * left).sum(1)
+        return total.clamp_min(0.0).sqrt()
 
     # ----- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()

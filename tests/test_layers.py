@@ -181,10 +181,8 @@ def test_coefficient_gradients_match_finite_differences(basis, use_dora):
     cB = layer.lora_B.coefficients.detach().clone()
     magnitude = layer.magnitude.detach().clone() if use_dora else None
     norm = None
-    if use_dora:  # the same detached norm the layer uses (computed as the layer does, in float32)
-        A = decode(layer.lora_A, cA)
-        B = decode(layer.lora_B, cB).T
-        norm = (layer.base_layer.weight.float() + layer.scaling * (B.float() @ A.float())).norm(dim=1)
+    if use_dora:  # the same detached norm the layer uses (float32; checked against the dense sum's row norms below)
+        norm = layer.dora_row_norms(decode(layer.lora_A, cA), decode(layer.lora_B, cB).T)
     with torch.no_grad():
         torch.testing.assert_close(explicit_output(layer, x, cA, cB, magnitude, norm), layer(x), rtol=1e-12, atol=1e-12)
 
@@ -221,3 +219,22 @@ def test_coefficient_gradients_are_the_adjoint_of_decoded_factor_gradients(basis
     for factor, grad in ((layer.lora_A, grad_A), (layer.lora_B, grad_Bt)):
         expected = factor.basis.adjoint(grad, factor.index_set.indices)
         torch.testing.assert_close(factor.coefficients.grad, expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "bf16", "4bit", "8bit"])
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+def test_dora_row_norms_equal_the_norms_of_the_dense_sum(kind, residual):
+    # DoRA's norm is computed from the base and the low-rank parts without forming W + residual + s B A; it must
+    # equal the row norms of that dense sum (what PEFT computes), on every base the layer takes.
+    layer = adapter_layer("linear" if kind == "bf16" else kind, CONFIGS["lora-dora"])
+    if kind == "bf16":
+        layer.base_layer.to(torch.bfloat16)
+    if residual:  # an exact fusion kept beside the base, as SRLoRA records it on quantized bases
+        generator = torch.Generator().manual_seed(7)
+        layer.record_base_change(torch.randn(OUT, 3, generator=generator) * 0.1,
+                                 torch.randn(3, IN, generator=generator) * 0.1, into="residual")
+    A, B = layer.factor_matrices()
+    dense = (layer.base_weight() + layer.scaling * (B @ A)).norm(dim=1)
+    norms = layer.dora_row_norms(A, B)
+    assert norms.dtype == torch.float32 and norms.shape == (OUT,)
+    assert relative_error(norms, dense) < 1e-6
