@@ -36,6 +36,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     base.add_argument("--model-path", help="base model: HF checkpoint folder or .gguf (default: the adapter's own)")
     base.add_argument("--model-preset", help="base model: a preset of configs/models/ (e.g. tiny_llama)")
     parser.add_argument("--quantization", choices=["none", "4bit", "8bit"], default="none")
+    parser.add_argument("--merge", action="store_true",
+                        help="write the adapter into the base weights first (float bases): generation then runs at "
+                             "the base model's speed, and the outputs equal the unmerged ones up to the base dtype's "
+                             "rounding")
 
 
 def model_config(args):
@@ -55,6 +59,9 @@ def model_config(args):
     elif recorded.get("preset"):
         overrides += [f"model.preset={recorded['preset']}", f"model.seed={recorded.get('seed', 0)}"]
     cfg = resolve(DEFAULT_RECIPE, overrides)
+    if getattr(args, "merge", False) and args.quantization != "none":
+        raise ConfigError(f"--merge with --quantization {args.quantization}: merging re-quantizes the base (another "
+                          "model); drop --merge, or evaluate on the float base")
     return cfg.model, cfg.tokenizer
 
 
@@ -128,7 +135,7 @@ def run(args) -> dict:
     model_cfg, tokenizer_cfg = model_config(args)
     rank, world_size, device = setup_distributed()
     torch.manual_seed(args.seed)
-    model, tokenizer = load_for_inference(model_cfg, tokenizer_cfg, args.adapter, device)
+    model, tokenizer = load_for_inference(model_cfg, tokenizer_cfg, args.adapter, device, merge=args.merge)
     report = {"model": model_name(model_cfg), "adapter": args.adapter, "quantization": args.quantization, "tasks": {}}
     for task in tasks:
         result = evaluate_task(model, tokenizer, task, args.batch_size, args.max_new_tokens, rank, world_size,

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         from recipes.inference import generate, load_for_inference, prompt_ids
         model_cfg, tokenizer_cfg = model_config(args)
         model, tokenizer = load_for_inference(model_cfg, tokenizer_cfg, args.adapter,
-                                              torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                                              torch.device("cuda" if torch.cuda.is_available() else "cpu"),
+                                              merge=args.merge)
         answers = generate(model, tokenizer, [prompt_ids(tokenizer, p, chat=args.chat) for p in prompts],
                            args.max_new_tokens)
     except user_errors() as error:

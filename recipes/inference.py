@@ -66,17 +66,23 @@ def base_model_record(model_cfg) -> dict:
     return {"preset": str(model_cfg.preset), "seed": int(model_cfg.seed)}
 
 
-def load_for_inference(model_cfg, tokenizer_cfg, adapter_dir: str | None, device: torch.device):
+def load_for_inference(model_cfg, tokenizer_cfg, adapter_dir: str | None, device: torch.device, merge: bool = False):
     """(model in eval mode, tokenizer): the base ``model_cfg`` names, with the adapter of ``adapter_dir`` on it
-    (a selora adapter through selora.load_adapter, a PEFT one through peft.PeftModel.from_pretrained)."""
+    (a selora adapter through selora.load_adapter, a PEFT one through peft.PeftModel.from_pretrained).
+    ``merge``: the adapter written into the base weights (selora.merge / PEFT's merge_and_unload), so a forward
+    costs what the base model's does (no factor decode, no DoRA norm)."""
     kind = adapter_kind(adapter_dir) if adapter_dir else None
     tokenizer = load_tokenizer(tokenizer_cfg, model_cfg)
     model, _ = load_model(model_cfg, device)
     if kind == "selora":
         selora.load_adapter(model, adapter_dir)
+        if merge:
+            selora.merge(model)
     elif kind == "peft":
         from peft import PeftModel
         model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        if merge:
+            model = model.merge_and_unload()
     return model.eval(), tokenizer
 
 

@@ -134,6 +134,7 @@ class ModelDecoder:
         self.factors = factors
         self.batched = True
         self.depth = 0  # a top-level forward called from inside itself keeps the outer call's rows
+        self.merged = False  # selora.merge wrote every adapter into its base: no layer asks for rows
         self.handed_out: tuple = ()  # ((factor, rows), ...) of the running top-level forward
 
     def groups(self) -> dict[tuple, list]:
@@ -146,7 +147,7 @@ class ModelDecoder:
 
     def before_forward(self, module, args, kwargs=None) -> None:
         self.depth += 1
-        if self.depth > 1 or not self.batched or not self.factors:
+        if self.depth > 1 or not self.batched or self.merged or not self.factors:
             return
         if any(is_partitioned(f.coefficients) for f in self.factors):
             return

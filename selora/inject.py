@@ -126,11 +126,16 @@ def initialize_adapters(model: nn.Module, svd_method: str = "full") -> dict:
 
 
 def merge(model: nn.Module) -> None:
+    """Write every adapter into its base weight; the model then computes as a plain model (no decoding)."""
     for layer in adapter_layers(model).values():
         layer.merge()
+    if getattr(model, "selora_decoder", None) is not None:
+        model.selora_decoder.merged = True
 
 
 def unmerge(model: nn.Module) -> None:
+    if getattr(model, "selora_decoder", None) is not None:
+        model.selora_decoder.merged = False
     for layer in adapter_layers(model).values():
         layer.unmerge()
 

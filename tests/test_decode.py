@@ -271,3 +271,22 @@ def test_srlora_tracks_the_same_row_gradients_when_recomputation_replays(basis, 
         assert grad_A is not None and grad_Bt is not None and grad_A.abs().sum() > 0, name
         assert relative_error(replayed[name][0], grad_A) < 1e-6, name
         assert relative_error(replayed[name][1], grad_Bt) < 1e-6, name
+
+
+def test_a_merged_model_decodes_nothing_and_unmerge_restores_decoding(input_ids, monkeypatch):
+    model = seeded_model().eval()
+    calls = count_decodes(monkeypatch)
+    with torch.no_grad():
+        expected = model(input_ids).logits
+        calls.clear()
+        selora.merge(model)
+        merged = model(input_ids).logits
+        decodes_merged = len(calls)  # merge itself decoded each factor once; the forward decoded nothing
+        calls.clear()
+        model(input_ids)
+        assert len(calls) == 0
+        selora.unmerge(model)
+        calls.clear()
+        again = model(input_ids).logits
+    assert decodes_merged == 2 * len(selora.adapter_layers(model)) and len(calls) > 0
+    assert relative_error(merged, expected) < 1e-5 and relative_error(again, expected) < 1e-5

@@ -109,6 +109,13 @@ def test_selora_and_peft_dirs_of_one_run_score_the_same(tmp_path, capsys):
         args = ["--adapter", str(out / kind), *extra] if extra is not None else ["--model-preset", "tiny_llama"]
         assert evaluate.main([*args, *tasks, "--out", str(tmp_path / f"{kind}.json")]) == 0
         reports[kind] = json.loads((tmp_path / f"{kind}.json").read_text())
+    for kind, extra in (("adapter", []), ("peft_adapter", ["--model-preset", "tiny_llama"])):  # merged first
+        args = ["--adapter", str(out / kind), *extra, "--merge", *tasks, "--out", str(tmp_path / f"{kind}_m.json")]
+        assert evaluate.main(args) == 0
+        merged = json.loads((tmp_path / f"{kind}_m.json").read_text())["tasks"]
+        for name in ("tf", "m"):  # float32 base: the same accuracy, the loss to rounding
+            assert merged[name]["accuracy"] == reports[kind]["tasks"][name]["accuracy"]
+            assert abs(merged[name]["answer_loss"] - reports[kind]["tasks"][name]["answer_loss"]) < 1e-5
     assert reports["adapter"]["model"] == "preset:tiny_llama"  # the base recorded with the selora adapter
     for name in ("tf", "m"):
         selora_result, peft_result = reports["adapter"]["tasks"][name], reports["peft_adapter"]["tasks"][name]
@@ -132,7 +139,8 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
              (["--task", f"m={no_answer}"], "field 'answer'"),
              (["--task", "no-equals-sign"], "NAME=FILE"),
              (["--adapter", str(unknown), "--task", f"m={good}"], "neither a selora adapter"),
-             (["--adapter", str(tmp_path / "nowhere"), "--task", f"m={good}"], "does not exist")]
+             (["--adapter", str(tmp_path / "nowhere"), "--task", f"m={good}"], "does not exist"),
+             (["--merge", "--quantization", "4bit", "--task", f"m={good}"], "--merge with --quantization 4bit")]
     for args, expected in cases:
         assert evaluate.main(["--model-preset", "tiny_llama", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
