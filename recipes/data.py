@@ -228,6 +228,7 @@ def pack_sequences(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
     Deterministic: ties keep the dataset's order."""
     lengths = [len(ids) for ids in ds["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    shortest = min(lengths, default=0)
     rows: list[list[int]] = []
     room: list[tuple[int, int]] = []  # (free tokens, row) of the rows that can still take something, sorted
     for index in order:
@@ -239,7 +240,7 @@ def pack_sequences(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
             free, row = room.pop(slot)
             rows[row].append(index)
             free -= lengths[index]
-        if free > 0:
+        if free >= shortest:  # a row no example can still fit in leaves the search list (keeps it short)
             bisect.insort(room, (free, row))
     columns = ds.select_columns(["input_ids", "labels", "attention_mask"]).to_dict()
     return datasets.Dataset.from_dict({key: [[token for i in row for token in values[i]] for row in rows]
