@@ -73,10 +73,8 @@ def run(cfg) -> dict:
     if srlora_config is not None:
         from selora.srlora import SRLoRA
 
-        srlora_config = srlora_config.for_run(adapter_config.r, total_steps)  # a "paper" schedule made concrete
-        say(f"SRLoRA: {srlora_config.pairs_per_recomposition} pairs per layer at steps "
-            f"{[s for s in srlora_config.recomposition_steps() if s <= total_steps]}")
-        srlora = SRLoRA(model, srlora_config, total_steps=total_steps)
+        srlora = SRLoRA(model, srlora_config, total_steps=total_steps)  # makes a "paper" schedule concrete
+        say(f"SRLoRA: {srlora.config.pairs_per_recomposition} pairs per layer at steps {srlora.schedule}")
     engine = engines.build_engine(model, cfg, total_steps, world_size)
 
     # Resume (or start fresh): engine, adapter, SRLoRA, RNG and data position exactly as the checkpoint left them.
