@@ -59,7 +59,7 @@ def model_config(args):
     elif recorded.get("preset"):
         overrides += [f"model.preset={recorded['preset']}", f"model.seed={recorded.get('seed', 0)}"]
     cfg = resolve(DEFAULT_RECIPE, overrides)
-    if getattr(args, "merge", False) and args.quantization != "none":
+    if args.merge and args.quantization != "none":
         raise ConfigError(f"--merge with --quantization {args.quantization}: merging re-quantizes the base (another "
                           "model); drop --merge, or evaluate on the float base")
     return cfg.model, cfg.tokenizer

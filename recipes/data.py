@@ -21,7 +21,6 @@ chat records (``messages``).
 from __future__ import annotations
 
 import bisect
-
 import json
 from pathlib import Path
 

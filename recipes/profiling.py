@@ -64,10 +64,9 @@ class StepProfiler:
     def write(self, profiler, steps: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         averages = profiler.key_averages()
-        device_key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         lines = [f"optimizer steps {self.first}-{self.last} ({steps}); times are totals over them", ""]
         if self.device.type == "cuda":
-            lines += ["## by self device time", averages.table(sort_by=device_key, row_limit=30), ""]
+            lines += ["## by self device time", averages.table(sort_by="self_device_time_total", row_limit=30), ""]
         lines += ["## by self host time", averages.table(sort_by="self_cpu_time_total", row_limit=30), ""]
         waits = {event.key: event.count for event in averages if any(event.key.startswith(w) for w in WAITS)}
         lines += ["## calls that wait for the device, per step"]
