@@ -10,6 +10,8 @@ Candidates for the 2-D inverse DWT (all exact linear maps; the table gives their
 
     source .whl/install.sh || exit 1; python bench/bases_speed.py                # GPU, ~5 min; docs/benchmarks/
     python bench/bases_speed.py --smoke --out /tmp/bases                         # CPU, tiny shapes, ~1 min
+    python bench/bases_speed.py --skip-decode --full-depth                      # GPU, whole 32-layer models, ~3 min;
+                                                                                # docs/benchmarks/bases_speed_full_depth.*
 """
 from __future__ import annotations
 
@@ -264,20 +266,24 @@ def full_depth_rows(args, device: torch.device, memory: dict) -> list[dict]:
 
 def write(args, device: torch.device, decode_rows: list[dict], step_rows: list[dict]) -> str:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    lines = [f"# SeLoRA bases: decode speed and training step\n",
-             f"{name}, torch {torch.__version__}; `python bench/bases_speed.py{' --smoke' if args.smoke else ''}`.\n",
-             "## Decode + adjoint (forward + backward) per factor shape, spectral ratio 0.5\n",
-             f"Median of {args.repeats} synchronized runs; `factors` = how many factors of the shape are decoded in one "
-             "batched call (the model-wide decode stacks a shape's factors; a LLaMA-7B has 32-160 per shape). "
-             "`diff` = max |output - selora haar| (an exactness check of the other Haar implementations).\n",
-             "| r | width | factors | candidate | fwd+bwd (ms) | diff |", "|---|---|---|---|---|---|"]
+    flags = "".join(flag for flag, on in ((" --smoke", args.smoke), (" --skip-decode", args.skip_decode),
+                                          (" --skip-step", args.skip_step), (" --full-depth", args.full_depth)) if on)
+    lines = ["# SeLoRA bases: decode speed and training step\n",
+             f"{name}, torch {torch.__version__}; `python bench/bases_speed.py{flags}`.\n"]
+    if decode_rows:
+        lines += ["## Decode + adjoint (forward + backward) per factor shape, spectral ratio 0.5\n",
+                  f"Median of {args.repeats} synchronized runs; `factors` = how many factors of the shape are decoded in one "
+                  "batched call (the model-wide decode stacks a shape's factors; a LLaMA-7B has 32-160 per shape). "
+                  "`diff` = max |output - selora haar| (an exactness check of the other Haar implementations).\n",
+                  "| r | width | factors | candidate | fwd+bwd (ms) | diff |", "|---|---|---|---|---|---|"]
     for row in decode_rows:
         value = f"{row['fwd_bwd_ms']:.3f}" if "fwd_bwd_ms" in row else row["error"]
         diff = f"{row['max_diff_vs_selora_haar']:.1e}" if "max_diff_vs_selora_haar" in row else ""
         lines.append(f"| {row['rank']} | {row['width']} | {row['factors']} | {row['candidate']} | {value} | {diff} |")
     l1, l2 = args.layers
     lines += ["", "## Training step: SeLoRA_W (haar) and SeLoRA_F (fft2) vs selora LoRA\n",
-              f"{'LLaMA-7B' if not args.smoke else 'tiny'}-shaped models with {l1} and {l2} decoder layers, all resident; "
+              f"{'LLaMA-7B' if not args.smoke else 'tiny'}-shaped models with "
+              f"{'32' if args.full_depth else f'{l1} and {l2}'} decoder layers, all resident; "
               f"r={args.rank}, alpha={2 * args.rank}, targets q,k,v,up,down (the paper's setting), spectral ratio 0.5, "
               f"batch {args.batch} x {args.seq}, gradient checkpointing, bf16 autocast, AdamW; {args.rounds} interleaved "
               f"rounds of {args.steps} steps after {args.warmup} warm-up steps. Ratios: median over rounds of the ratio to "
@@ -296,8 +302,9 @@ def write(args, device: torch.device, decode_rows: list[dict], step_rows: list[d
     text = "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bases_speed.md").write_text(text)
-    (out / "bases_speed.json").write_text(json.dumps({"device": name, "args": vars(args), "decode": decode_rows,
+    stem = "bases_speed_full_depth" if args.full_depth else "bases_speed"  # the two tables live side by side
+    (out / f"{stem}.md").write_text(text)
+    (out / f"{stem}.json").write_text(json.dumps({"device": name, "args": vars(args), "decode": decode_rows,
                                                       "step": step_rows}, indent=2))
     return text
 
