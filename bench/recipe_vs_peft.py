@@ -47,9 +47,14 @@ RECIPE_ROWS = [
     # A candidate, not yet measured: DeepSpeed fetches every decoder layer as one unit (one hook pair per layer
     # instead of one per submodule; a decoder layer's parameters per descendant module are below 10M at 1-7B).
     # DeepSpeed 0.19.8 fails with it on CPU (record_stream), so only the GPU can tell.
-    ("recipe ZeRO-3 LoRA, layer-granular fetch", "zero3", "lora", "llama_lora",
+    ("recipe ZeRO-3 LoRA (layer-granular fetch)", "zero3", "lora", "llama_lora",
      ["deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
       "zero_optimization: {stage3_module_granularity_threshold: 10000000}}"], False),
+    # Diagnostics for the 2026-11-25 H100 run (docs/benchmarks/README.md): does one fixed batch width remove the
+    # host time cuDNN attention takes per call, and is plain LoRA slower than SRLoRA because of its B = 0 start?
+    ("recipe plain LoRA (one batch width)", "plain", "lora", "llama_lora", ["data.pad_to_multiple_of=${data.max_length}"],
+     False),
+    ("recipe plain LoRA (PiSSA start)", "plain", "lora", "llama_lora", ["adapter.init=pissa"], False),
     ("recipe plain 4-bit LoRA", "plain", "lora", "qlora_lora", [], False),
     ("recipe plain 4-bit SeLoRA", "plain", "selora", "qlora_selora", [], False),
     ("recipe plain 4-bit SRLoRA", "plain", "srlora", "qlora_srlora", [], False),
@@ -291,6 +296,14 @@ def main() -> None:
     parser.add_argument("--profile", default=None, metavar="ROW",
                         help="also run this recipe row in-process under cProfile and print where host time goes")
     args = parser.parse_args()
+    names = [row.strip() for row in args.rows.split(",")]
+    unknown = [row for row in names if row not in ("all", "core", *(r[0] for r in RECIPE_ROWS))]
+    unknown += [args.profile] if args.profile and args.profile not in (r[0] for r in RECIPE_ROWS) else []
+    if unknown:
+        parser.error(f"--rows / --profile: no row named {unknown}; give all, core or names from: "
+                     + ", ".join(repr(r[0]) for r in RECIPE_ROWS))
+    wanted = RECIPE_ROWS if args.rows == "all" else [r for r in RECIPE_ROWS if r[5]] if args.rows == "core" else \
+        [r for r in RECIPE_ROWS if r[0] in names]
     import torch
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup, args.rank = 2, 256, 6, 3, 8
@@ -302,8 +315,6 @@ def main() -> None:
 
     anchors = {"plain PEFT loop": peft_loop(args, device, dtype), "HF Trainer + PEFT": hf_trainer(args, device, dtype)}
     rows = [{"name": key, "engine": "anchor", "method": "peft_lora", **value} for key, value in anchors.items()]
-    wanted = RECIPE_ROWS if args.rows == "all" else [r for r in RECIPE_ROWS if r[5]] if args.rows == "core" else \
-        [r for r in RECIPE_ROWS if r[0] in args.rows.split(",")]
     if device.type != "cuda":  # bitsandbytes 4-bit and DeepSpeed on CPU are covered by the tests, not timed here
         wanted = [r for r in wanted if r[1] == "plain" and "4-bit" not in r[0]]
     with tempfile.TemporaryDirectory() as work:
