@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,7 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     return row
 
 
-def profile_row(args, row, out: Path) -> None:
+def profile_row(args, row, out: Path, device, dtype) -> None:
     """Host time of one recipe row by function (cProfile, in this process): on a GPU, time the host spends
     waiting shows in the synchronising call (``item``, ``to``), time it spends issuing work everywhere else."""
     import cProfile
@@ -224,10 +225,7 @@ def profile_row(args, row, out: Path) -> None:
     from recipes import finetune
     row_name, engine, method, recipe, extra, _core = row
     args = argparse.Namespace(**{**vars(args), "breakdown": True})  # the profiled run also logs its phases
-    import shutil
-    import torch
-    peft_loop(args, torch.device("cuda" if torch.cuda.is_available() else "cpu"),
-              torch.bfloat16 if torch.cuda.is_available() else torch.float32, profile_dir=out / "peft_loop")
+    peft_loop(args, device, dtype, profile_dir=out / "peft_loop")
     with tempfile.TemporaryDirectory() as work:
         # torch.profiler over three steps after the warm-up (operators by device and host time, waits for the
         # device), beside cProfile's Python view of the whole run
@@ -333,7 +331,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.profile:
-        profile_row(args, next(r for r in RECIPE_ROWS if r[0] == args.profile), out)
+        profile_row(args, next(r for r in RECIPE_ROWS if r[0] == args.profile), out, device, dtype)
     target = out / ("recipe_vs_peft_smoke.json" if args.smoke else "recipe_vs_peft.json")
     earlier = json.loads(target.read_text())["rows"] if target.is_file() else []
     merged = [r for r in earlier if r.get("shape") != shape_label] + rows  # other scales' rows are kept
