@@ -23,6 +23,7 @@ WORK=${STUDY_WORK:-/tmp/smollm2_study}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 echo "cpus: $(nproc); wheels installed at $((SECONDS - START)) s"
+python -c "import gguf" 2>/dev/null || { echo "error: no gguf package among the carried wheels (../shared/gpu/wheels.sh does not build it); here run: pip download --no-deps 'gguf>=0.10,<1' -d .whl"; exit 1; }
 if [ ! -f "$HF/config.json" ]; then
   python bench/quality_smollm2.py convert-model --gguf "$GGUF" --out "$HF" 2>&1 | grep -v "it/s]" | tee "$OUT/convert.log" || exit 1
 fi
