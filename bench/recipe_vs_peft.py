@@ -56,6 +56,15 @@ RECIPE_ROWS = [
     ("recipe plain LoRA (one batch width)", "plain", "lora", "llama_lora", ["data.pad_to_multiple_of=${data.max_length}"],
      False),
     ("recipe plain LoRA (PiSSA start)", "plain", "lora", "llama_lora", ["adapter.init=pissa"], False),
+    # Padding-free batches (data.padding_free): each micro-batch one flat row, the examples' attention kept apart
+    # by torch's varlen flash attention (model.attention=auto on a GPU), or by SDPA with a block mask.
+    ("recipe plain LoRA (padding-free)", "plain", "lora", "llama_lora", ["data.padding_free=true"], False),
+    ("recipe plain SeLoRA (padding-free)", "plain", "selora", "llama_selora", ["data.padding_free=true"], False),
+    ("recipe plain SRLoRA (padding-free)", "plain", "srlora", "llama_srlora", ["data.padding_free=true"], False),
+    ("recipe plain LoRA (padding-free SDPA mask)", "plain", "lora", "llama_lora",
+     ["data.padding_free=true", "model.attention=sdpa"], False),
+    ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", ["data.padding_free=true"], False),
+    ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", ["data.padding_free=true"], False),
     ("recipe plain 4-bit LoRA", "plain", "lora", "qlora_lora", [], False),
     ("recipe plain 4-bit SeLoRA", "plain", "selora", "qlora_selora", [], False),
     ("recipe plain 4-bit SRLoRA", "plain", "srlora", "qlora_srlora", [], False),
@@ -205,7 +214,10 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     amortised = step + (extra_time / args.srlora_interval if recomposition_steps else 0.0)
     tokens = statistics.median(line["tokens"] for line in timed)
     row = {"tokens_per_s": tokens / amortised, "step_s": amortised,
-           "padding_share": statistics.median(line.get("padding_share", 0.0) for line in timed)}
+           "padding_share": statistics.median(line.get("padding_share", 0.0) for line in timed),
+           # same data, seed and start in every row of a method: rows that should compute the same function
+           # (padded, padding-free with either attention) must agree here up to bf16 rounding
+           "first_loss": next((line["loss"] for line in lines if line["step"] == 1), None)}
     breakdown = [line["time_breakdown"] for line in timed if "time_breakdown" in line]
     if breakdown:
         row["time_breakdown_ms"] = {key: round(1e3 * statistics.median(b[key] for b in breakdown), 2)
@@ -260,20 +272,24 @@ def markdown(document: dict) -> str:
              "`x PEFT loop` counts real tokens; `same work` compares positions computed per second (pads included), "
              "which separates the engine's speed from how well the data packs (the anchors' random rows have no pads).",
              "",
-             "| shape | row | engine | method | tokens/s | x PEFT loop | x Trainer | padding | same work | breakdown (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "`first loss` is the step-1 loss: rows of one method start from the same weights on the same examples, so "
+             "padded and padding-free rows (either attention) must agree to bf16 rounding.", "",
+             "| shape | row | engine | method | tokens/s | x PEFT loop | x Trainer | padding | same work | first loss | "
+             "breakdown (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in document["rows"]:
         if "error" in row:
             lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | failed: "
-                         f"{row['error']} | | | | | |")
+                         f"{row['error']} | | | | | | |")
             continue
         pad = "" if row.get("padding_share") is None else f"{100 * row['padding_share']:.1f}%"
         same_work = "" if row.get("padding_share") is None else \
             f"{row['ratio_to_peft_loop'] / (1.0 - row['padding_share']):.2f}"
         breakdown = ", ".join(f"{k} {v}" for k, v in row.get("time_breakdown_ms", {}).items())
+        first_loss = "" if row.get("first_loss") is None else f"{row['first_loss']:.4f}"
         lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | "
                      f"{row['tokens_per_s']:,.0f} | {row['ratio_to_peft_loop']:.2f} | {row['ratio_to_trainer']:.2f} | "
-                     f"{pad} | {same_work} | {breakdown} |")
+                     f"{pad} | {same_work} | {first_loss} | {breakdown} |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,6 +307,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset (or --shape), few steps")
     parser.add_argument("--breakdown", action="store_true",
                         help="log seconds per phase in every recipe row (synchronises the GPU between phases)")
+    parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                        help="start no recipe row after this many seconds (the table so far is written after every row)")
     parser.add_argument("--profile", default=None, metavar="ROW",
                         help="also run this recipe row in-process under cProfile and print where host time goes")
     args = parser.parse_args()
@@ -301,7 +319,7 @@ def main() -> None:
         parser.error(f"--rows / --profile: no row named {unknown}; give all, core or names from: "
                      + ", ".join(repr(r[0]) for r in RECIPE_ROWS))
     wanted = RECIPE_ROWS if args.rows == "all" else [r for r in RECIPE_ROWS if r[5]] if args.rows == "core" else \
-        [r for r in RECIPE_ROWS if r[0] in names]
+        [next(r for r in RECIPE_ROWS if r[0] == name) for name in names]  # in the order given
     import torch
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup, args.rank = 2, 256, 6, 3, 8
@@ -315,32 +333,40 @@ def main() -> None:
     rows = [{"name": key, "engine": "anchor", "method": "peft_lora", **value} for key, value in anchors.items()]
     if device.type != "cuda":  # bitsandbytes 4-bit and DeepSpeed on CPU are covered by the tests, not timed here
         wanted = [r for r in wanted if r[1] == "plain" and "4-bit" not in r[0]]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / ("recipe_vs_peft_smoke.json" if args.smoke else "recipe_vs_peft.json")
+    earlier = json.loads(target.read_text())["rows"] if target.is_file() else []
+    write_table(target, earlier, rows, anchors, shape_label, name)
+    begun = time.time()
     with tempfile.TemporaryDirectory() as work:
         for row_name, engine, method, recipe, extra, _core in wanted:
+            if args.budget is not None and time.time() - begun > args.budget:
+                print(f"{row_name}: not run (--budget {args.budget:.0f} s spent)", flush=True)
+                continue
             started = time.time()
             rows.append({"name": row_name, "engine": engine, "method": method,
                          **recipe_row(args, recipe, engine, method, extra, Path(work))})
             print(f"{row_name}: {rows[-1].get('tokens_per_s', rows[-1].get('error'))} ({time.time() - started:.0f} s)",
                   flush=True)
+            write_table(target, earlier, rows, anchors, shape_label, name)  # a call cut short keeps what finished
+    if args.profile:
+        profile_row(args, next(r for r in RECIPE_ROWS if r[0] == args.profile), out, device, dtype)
+    print(write_table(target, earlier, rows, anchors, shape_label, name))
+
+
+def write_table(target: Path, earlier: list, rows: list, anchors: dict, shape_label: str, device_name: str) -> str:
+    """Ratios to this call's anchors; the json keeps other scales' rows (``earlier``) and replaces this one's."""
     for row in rows:
         row["shape"] = shape_label
         if "tokens_per_s" in row:
             row["ratio_to_peft_loop"] = row["tokens_per_s"] / anchors["plain PEFT loop"]["tokens_per_s"]
             row["ratio_to_trainer"] = row["tokens_per_s"] / anchors["HF Trainer + PEFT"]["tokens_per_s"]
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.profile:
-        profile_row(args, next(r for r in RECIPE_ROWS if r[0] == args.profile), out, device, dtype)
-    target = out / ("recipe_vs_peft_smoke.json" if args.smoke else "recipe_vs_peft.json")
-    earlier = json.loads(target.read_text())["rows"] if target.is_file() else []
-    merged = [r for r in earlier if r.get("shape") != shape_label] + rows  # other scales' rows are kept
-    document = {"device": name, "rows": merged}
+    document = {"device": device_name, "rows": [r for r in earlier if r.get("shape") != shape_label] + rows}
     target.write_text(json.dumps(document, indent=1) + "\n")
     table = markdown(document)
     target.with_suffix(".md").write_text(table)
-    print(table)
-
+    return table
 
 if __name__ == "__main__":
     main()

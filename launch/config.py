@@ -34,6 +34,7 @@ class ModelSection:
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_compute_dtype: str = "auto"
     gradient_checkpointing: bool = False
+    attention: str = "auto"
     seed: int = 0
 
 
@@ -49,6 +50,7 @@ class DataSection:
     format: str = "auto"
     max_length: int = 256
     packing: bool = False
+    padding_free: bool = False
     pad_to_multiple_of: str = "auto"
     eval_fraction: float = 0.05
     mask_prompt: bool = True

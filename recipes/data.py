@@ -223,8 +223,9 @@ def pack_sequences(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
     them (a new row when none has), rows of at most ``max_length`` tokens; an example never straddles two rows.
     Rows come out as full as the lengths allow (greedy packing of consecutive examples leaves the gap before every
     example that did not fit): on the default data 70% full at 256 tokens (most records are over half of that) and
-    96% at 1024, against 62% and less for greedy packing. Attention is not blocked between the packed examples (the usual
-    simple packing); each keeps its own labels, so no token learns to predict across a boundary it did not see.
+    96% at 1024, against 62% and less for greedy packing. Each row carries ``position_ids`` that restart at 0 for
+    every example: the model then keeps attention inside each example (transformers builds a block-diagonal
+    causal mask from restarting positions) and each example sees the positions it would see alone.
     Deterministic: ties keep the dataset's order."""
     lengths = [len(ids) for ids in ds["input_ids"]]
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
@@ -243,6 +244,7 @@ def pack_sequences(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
         if free >= shortest:  # a row no example can still fit in leaves the search list (keeps it short)
             bisect.insort(room, (free, row))
     columns = ds.select_columns(["input_ids", "labels", "attention_mask"]).to_dict()
+    columns["position_ids"] = [list(range(n)) for n in lengths]
     return datasets.Dataset.from_dict({key: [[token for i in row for token in values[i]] for row in rows]
                                        for key, values in columns.items()})
 
@@ -291,9 +293,20 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, da
     return train, evaluation
 
 
-def make_collate_fn(pad_token_id: int, pad_to_multiple_of: int = 1, max_length: int | None = None):
-    """Right-pads a list of examples to the longest, rounded up to a multiple of ``pad_to_multiple_of`` (and
-    never past ``max_length``); labels are padded with -100.
+def make_collate_fn(pad_token_id: int, pad_to_multiple_of: int = 1, max_length: int | None = None,
+                    padding_free: bool = False):
+    """The collate function for the DataLoader.
+
+    Padded (the default): right-pads a list of examples to the longest, rounded up to a multiple of
+    ``pad_to_multiple_of`` (and never past ``max_length``); labels are padded with -100. Packed examples (rows
+    with ``position_ids``, see `pack_sequences`) bring their positions along, so attention stays inside each
+    packed example.
+
+    ``padding_free``: the whole micro-batch as one row, examples end to end with positions restarting at 0 for
+    each, so no position is spent on padding (transformers keeps attention inside each example from the
+    restarting positions, as for packed rows); only the row's end is padded, up to a multiple of
+    ``pad_to_multiple_of``. The first label of every example is -100, so no token learns to predict the start of
+    the next example; the loss is the same mean over the same target tokens as the padded batch's.
 
     The rounding keeps the number of distinct batch shapes small. On a GPU every new (batch, length) shape costs:
     torch's cuDNN attention builds an execution plan per shape (tenths of a second, forward and backward), and the
@@ -301,17 +314,49 @@ def make_collate_fn(pad_token_id: int, pad_to_multiple_of: int = 1, max_length: 
     if pad_to_multiple_of < 1:
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: must be >= 1")
 
-    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    def round_up(length: int) -> int:
+        return -(-length // pad_to_multiple_of) * pad_to_multiple_of
+
+    def positions(example: dict) -> list[int]:
+        return list(example["position_ids"]) if "position_ids" in example else list(range(len(example["input_ids"])))
+
+    def collate_flat(examples: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labels, position_ids = [], [], []
+        for example in examples:
+            where = positions(example)
+            ids += example["input_ids"]
+            labels += [IGNORE_INDEX if p == 0 else label for p, label in zip(where, example["labels"])]
+            position_ids += where
+        real, width = len(ids), round_up(len(ids))
+        pad = width - real  # one pad segment at the end, positions of its own, no labels
+        position_ids += list(range(pad))
+        starts = [i for i, p in enumerate(position_ids) if p == 0] + [width]
+        bounds = torch.tensor(starts, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(starts[:-1], starts[1:]))
+        # The examples' boundaries under transformers' flash-attention names: recipes/packed_attention.py reads them.
+        return {"input_ids": torch.tensor([ids + [pad_token_id] * pad]),
+                "labels": torch.tensor([labels + [IGNORE_INDEX] * pad]),
+                "attention_mask": torch.tensor([[1] * real + [0] * pad]),
+                "position_ids": torch.tensor([position_ids]),
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+    def collate_padded(examples: list[dict]) -> dict[str, torch.Tensor]:
         longest = max(len(e["input_ids"]) for e in examples)
-        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        width = round_up(longest)
         if max_length is not None:
             width = max(longest, min(width, max_length))
 
-        def pad(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([list(e[key]) + [value] * (width - len(e[key])) for e in examples], dtype=torch.long)
-        return {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", IGNORE_INDEX),
-                "attention_mask": pad("attention_mask", 0)}
-    return collate
+        def pad(values: list[list[int]], value: int) -> torch.Tensor:
+            return torch.tensor([list(v) + [value] * (width - len(v)) for v in values], dtype=torch.long)
+        batch = {"input_ids": pad([e["input_ids"] for e in examples], pad_token_id),
+                 "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
+                 "attention_mask": pad([e["attention_mask"] for e in examples], 0)}
+        if "position_ids" in examples[0]:  # packed rows: pads continue the last example's positions
+            batch["position_ids"] = torch.tensor(
+                [list(e["position_ids"]) + list(range(e["position_ids"][-1] + 1, e["position_ids"][-1] + 1 + width -
+                                                     len(e["position_ids"]))) for e in examples], dtype=torch.long)
+        return batch
+    return collate_flat if padding_free else collate_padded
 
 
 def pad_multiple(data_cfg, device: torch.device) -> int:

@@ -30,6 +30,7 @@ from recipes.inference import answer_prompts, base_model_record, format_comparis
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
 from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
+from recipes.packed_attention import resolve_attention, use_attention
 from recipes.validate import check_srlora_schedule, validate
 from selora.distributed import is_partitioned, world
 
@@ -54,7 +55,8 @@ def run(cfg) -> dict:
     # Data before the model: bad data fails in seconds, not after loading billions of weights.
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, train.seed)
-    collate = make_collate_fn(tokenizer.pad_token_id, pad_multiple(cfg.data, device), int(cfg.data.max_length))
+    collate = make_collate_fn(tokenizer.pad_token_id, pad_multiple(cfg.data, device), int(cfg.data.max_length),
+                              padding_free=bool(cfg.data.padding_free))
     order = DataOrder(len(train_ds), int(train.micro_batch_size), rank, world_size, int(train.seed))
     total_steps = total_optimizer_steps(train, order.batches_per_epoch)
     say(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
@@ -67,6 +69,7 @@ def run(cfg) -> dict:
     # Model, adapters, SRLoRA, engine.
     init_context = engines.zero3_init_context(cfg, total_steps, world_size)
     model, model_info = load_model(cfg.model, device, init_context=init_context)
+    use_attention(model, resolve_attention(cfg.model.attention, bool(cfg.data.padding_free), device))
     selora.apply(model, adapter_config)
     say(selora.parameter_table(model))
     srlora = None
@@ -110,7 +113,7 @@ def run(cfg) -> dict:
     while state.step < total_steps:
         profiler.before_step(state.step + 1)
         state.epoch, state.batch_in_epoch, batch = next(batches)
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         timer.lap("data")
         loss = engine(**model_inputs(batch)).loss  # the model's mean token loss (labels of -100 are ignored)
         timer.lap("forward")
@@ -253,11 +256,28 @@ class DataOrder:
 
 # ----- logging and evaluation ---------------------------------------------------------------------------------
 def model_inputs(batch: dict) -> dict:
-    """What the model is called with: token ids and labels, no attention mask. Batches are right-padded and
-    attention is causal, so no real token ever attends to a pad; pads' own outputs carry label -100. Without a
-    mask, SDPA takes its causal flash path instead of materialising a (batch, 1, seq, seq) mask per forward
-    (on an H100 that mask path cost about 3 ms of host time per attention call at the 1.3B bench shape)."""
-    return {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+    """What the model is called with: token ids, labels and, for packed or padding-free batches, the positions
+    that restart at every example (from which transformers keeps attention inside each example); no attention
+    mask. Batches are right-padded and attention is causal, so no real token ever attends to a pad; pads' own
+    outputs carry label -100. Without a mask, SDPA takes its causal flash path instead of materialising a
+    (batch, 1, seq, seq) mask per forward (on an H100 that mask path cost about 3 ms of host time per attention
+    call at the 1.3B bench shape). ``use_cache=False``: a training forward keeps no key/value cache (with one,
+    transformers would also stop reading example boundaries from the positions)."""
+    inputs = {"input_ids": batch["input_ids"], "labels": batch["labels"], "use_cache": False}
+    for key in BOUNDARY_KEYS:
+        if key in batch:
+            inputs[key] = batch[key]
+    return inputs
+
+
+# What packed and padding-free batches add: restarting positions, and (padding-free) the examples' boundaries
+# that recipes/packed_attention.py's varlen attention reads (transformers passes them through to attention).
+BOUNDARY_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch's tensors on ``device``; the boundary lengths (plain ints) as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 class LogWindow:
@@ -317,7 +337,7 @@ def evaluate(engine, eval_ds, collate, micro_batch_size: int, device: torch.devi
     engine.eval()
     totals = torch.zeros(2, device=device, dtype=torch.float64)
     for weight, batch in zip(weights, DataLoader(eval_ds, batch_sampler=batches, collate_fn=collate)):
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch = to_device(batch, device)
         loss = engine(**model_inputs(batch)).loss
         targets = (batch["labels"][:, 1:] != -100).sum()  # the model shifts labels by one
         if weight and targets > 0:

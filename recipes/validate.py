@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import selora
 from recipes import engine as engines
 from recipes.data import pad_multiple
+from recipes.packed_attention import AttentionConfigError, resolve_attention
 from recipes.profiling import profile_window
 
 # adapter.method -> the library class that holds that adapter's settings.
@@ -27,6 +28,11 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     """Check ``cfg``; returns the adapter config and the SRLoRA config (None when srlora.enabled is false)."""
     check_train(cfg.train)
     pad_multiple(cfg.data, torch.device("cpu"))  # data.pad_to_multiple_of: auto or a whole number >= 1
+    check_example_boundaries(cfg.data)
+    try:
+        resolve_attention(cfg.model.attention, bool(cfg.data.padding_free), torch.device("cpu"))
+    except AttentionConfigError as error:
+        raise RecipeConfigError(str(error)) from None
     try:
         profile_window(cfg.train.profile_steps)
     except ValueError as error:
@@ -38,6 +44,23 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     if cfg.deepspeed.config is not None:
         engines.resolve_config_path(str(cfg.deepspeed.config))
     return adapter, srlora
+
+
+def check_example_boundaries(data_cfg) -> None:
+    """data.packing and data.padding_free put several examples in one row and keep attention inside each through
+    positions that restart; transformers reads the boundaries from them since 4.53 (masking_utils). An older
+    transformers would silently let the examples attend to each other."""
+    if not (data_cfg.packing or data_cfg.get("padding_free", False)):
+        return
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices
+    except ImportError:
+        import transformers
+        key = "data.padding_free" if data_cfg.get("padding_free", False) else "data.packing"
+        raise RecipeConfigError(f"{key}=true needs transformers >= 4.53 (it keeps attention inside each example "
+                                f"from restarting positions); this is {transformers.__version__}: pip install "
+                                f"'transformers>=4.53', or set {key}=false") from None
+    del find_packed_sequence_indices  # only its presence matters
 
 
 def check_train(train) -> None:

@@ -1,22 +1,31 @@
 """The loop's own pieces: the model is called without an attention mask (right padding + causal attention gives
-the same loss), the log window's token and padding counts, and the phase timer."""
+the same loss), padding-free and packed batches give each example the loss it has alone, the log window's token
+and padding counts, and the phase timer."""
 from __future__ import annotations
 
 import torch
 
-from recipes.data import IGNORE_INDEX, make_collate_fn
+import datasets
+import pytest
+
+from recipes.data import IGNORE_INDEX, make_collate_fn, pack_sequences
 from recipes.finetune import LogWindow, model_inputs
 from recipes.metrics import PhaseTimer
 
 
-def right_padded_batch(vocab: int) -> dict:
+def examples_of(vocab: int, lengths=(12, 7, 3), prompt_share: float = 0.5) -> list[dict]:
     generator = torch.Generator().manual_seed(1)
     examples = []
-    for length in (12, 7, 3):
+    for length in lengths:
         ids = torch.randint(1, vocab, (length,), generator=generator).tolist()
-        labels = [IGNORE_INDEX] * (length // 2) + ids[length // 2:]
+        masked = int(length * prompt_share)
+        labels = [IGNORE_INDEX] * masked + ids[masked:]
         examples.append({"input_ids": ids, "labels": labels, "attention_mask": [1] * length})
-    return make_collate_fn(pad_token_id=0)(examples)
+    return examples
+
+
+def right_padded_batch(vocab: int) -> dict:
+    return make_collate_fn(pad_token_id=0)(examples_of(vocab))
 
 
 def test_loss_without_the_mask_equals_the_masked_loss_on_right_padded_batches(tiny_llama):
@@ -33,6 +42,41 @@ def test_loss_without_the_mask_equals_the_masked_loss_on_right_padded_batches(ti
     assert "attention_mask" not in model_inputs(batch)
     torch.testing.assert_close(unmasked, masked, rtol=1e-6, atol=1e-6)
     assert abs(left_unmasked.item() - left_masked.item()) > 1e-3
+
+
+def test_padding_free_batch_is_one_row_with_restarting_positions_and_the_padded_batch_loss(tiny_llama):
+    model = tiny_llama()
+    # prompt_share 0: every label is a target, so the first label of each example is the one to drop.
+    examples = examples_of(model.config.vocab_size, lengths=(12, 7, 3, 9), prompt_share=0.0)
+    padded = make_collate_fn(pad_token_id=0)(examples)
+    flat = make_collate_fn(pad_token_id=0, pad_to_multiple_of=8, padding_free=True)(examples)
+    assert flat["input_ids"].shape == (1, 32)  # 31 tokens rounded up to 8: one pad, against 17 in the padded batch
+    assert flat["position_ids"][0].tolist() == [*range(12), *range(7), *range(3), *range(9), 0]
+    assert flat["attention_mask"].sum() == padded["attention_mask"].sum() == 31
+    starts = [0, 12, 19, 22, 31]  # every example's first label and the pad's are not targets
+    assert (flat["labels"][0, starts] == IGNORE_INDEX).all() and (flat["labels"] != IGNORE_INDEX).sum() == 31 - 4
+    with torch.no_grad():
+        reference = model(**model_inputs(padded)).loss
+        loss = model(**model_inputs(flat)).loss
+        # Without the restarting positions the examples would see each other: a different loss (the check can fail).
+        leaky = model(input_ids=flat["input_ids"], labels=flat["labels"]).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    assert abs(leaky.item() - reference.item()) > 1e-3
+
+
+def test_packed_rows_keep_attention_inside_each_example(tiny_llama):
+    model = tiny_llama()
+    examples = examples_of(model.config.vocab_size, lengths=(9, 6, 5, 4))
+    packed = pack_sequences(datasets.Dataset.from_list(examples), 10)
+    assert [len(row) for row in packed["input_ids"]] == [9, 10, 5]  # [9] [6, 4] [5]: one row holds two examples
+    assert packed[1]["position_ids"] == [*range(6), *range(4)]
+    rows = make_collate_fn(pad_token_id=0)(list(packed))
+    assert rows["position_ids"][2].tolist() == list(range(10))  # pads continue the last example's positions
+    alone = make_collate_fn(pad_token_id=0)(examples)
+    with torch.no_grad():
+        loss = model(**model_inputs(rows)).loss
+        reference = model(**model_inputs(alone)).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_log_window_counts_real_tokens_and_padding():
@@ -63,3 +107,38 @@ def test_phase_timer_charges_each_phase_per_step():
     off = PhaseTimer(torch.device("cpu"), enabled=False)
     off.lap("data")
     assert off.reduce() == {}
+
+
+def test_varlen_attention_gives_each_example_its_own_attention(tiny_llama):
+    from recipes import packed_attention
+
+    model = tiny_llama()
+    examples = examples_of(model.config.vocab_size, lengths=(12, 7, 3, 9), prompt_share=0.0)
+    flat = make_collate_fn(pad_token_id=0, pad_to_multiple_of=8, padding_free=True)(examples)
+    assert flat["cu_seq_lens_q"].tolist() == [0, 12, 19, 22, 31, 32] and flat["max_length_q"] == 12
+    padded = make_collate_fn(pad_token_id=0)(examples)
+    with torch.no_grad():
+        reference = model(**model_inputs(padded)).loss
+        packed_attention.use_attention(model, packed_attention.resolve_attention("varlen", True, torch.device("cpu")))
+        assert model.config._attn_implementation == packed_attention.VARLEN
+        loss = model(**model_inputs(flat)).loss
+        # Without boundaries the same implementation is plain SDPA: a padded batch gives its usual loss.
+        unchanged = model(**model_inputs(padded)).loss
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unchanged, reference, rtol=1e-6, atol=1e-6)
+    # Left-padded generation (the end-of-training sample answers) still gets its mask: the same tokens as SDPA's.
+    ids, mask = torch.tensor([[0, 0, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6]]), torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6])
+    generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    sdpa = tiny_llama().generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, sdpa)
+
+
+def test_attention_choice_is_varlen_only_for_padding_free_batches_on_a_gpu():
+    from recipes.packed_attention import VARLEN, AttentionConfigError, resolve_attention
+
+    assert resolve_attention("auto", True, torch.device("cuda")) == VARLEN
+    assert resolve_attention("auto", False, torch.device("cuda")) == "sdpa"
+    assert resolve_attention("auto", True, torch.device("cpu")) == "sdpa"
+    assert resolve_attention("eager", True, torch.device("cuda")) == "eager"
+    with pytest.raises(AttentionConfigError, match="model.attention='flash': choose one of auto, sdpa"):
+        resolve_attention("flash", True, torch.device("cuda"))

@@ -1,0 +1,108 @@
+"""Attention for padding-free batches (``data.padding_free``): every example of the flat row attends only to
+itself, with work in proportion to its own length.
+
+transformers alone handles such rows with SDPA and a (1, 1, T, T) block-diagonal mask built from the restarting
+positions: correct, but the masked kernel computes the whole T x T product (eight examples in a row: eight times
+the attention work) and never takes the flash path. Here, on a GPU in bf16/fp16, torch's variable-length flash
+attention (``torch.nn.attention.varlen``) takes the examples' boundaries (``cu_seq_lens_q``, which the
+padding-free collate sends with each batch, as transformers' own flash-attention kwargs) and computes each
+example's causal attention alone. Elsewhere (a CPU, fp32) the same boundaries drive one causal SDPA call per
+example. Calls without boundaries (evaluation of padded batches, generation) go to transformers' SDPA unchanged.
+
+`use_attention(model, name)` switches a loaded model; `resolve_attention` turns ``model.attention: auto`` into a
+name: varlen for padding-free batches on a GPU, sdpa otherwise.
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+VARLEN = "selora_varlen"  # the name registered with transformers' attention and mask interfaces
+CHOICES = ("auto", "sdpa", "eager", "varlen")
+
+
+class AttentionConfigError(ValueError):
+    """A model.attention value the recipe cannot use."""
+
+
+def resolve_attention(choice: str, padding_free: bool, device: torch.device) -> str:
+    """model.attention -> the implementation name to give transformers."""
+    choice = str(choice)
+    if choice not in CHOICES:
+        raise AttentionConfigError(f"model.attention={choice!r}: choose one of {', '.join(CHOICES)}")
+    if choice == "auto":
+        return VARLEN if padding_free and device.type == "cuda" else "sdpa"
+    return VARLEN if choice == "varlen" else choice
+
+
+def use_attention(model: torch.nn.Module, name: str) -> None:
+    """Make ``model`` (a transformers model) attend with ``name`` from its next forward on."""
+    if name == VARLEN:
+        register()
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def register() -> None:
+    """Register the varlen attention with transformers (idempotent). Its masks are SDPA's, for the calls that
+    bring no boundaries and need one (left-padded generation)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register(VARLEN, varlen_attention)
+    AttentionMaskInterface.register(VARLEN, sdpa_mask)
+
+
+def varlen_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, cu_seq_lens_q=None,
+                     max_length_q=None, **kwargs):
+    """transformers' attention-function signature: query (1, heads, T, dim), key/value (1, kv_heads, T, dim);
+    returns ((1, T, heads, dim), None)."""
+    if cu_seq_lens_q is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"varlen attention takes one flat row per batch, got {query.shape[0]} rows")
+    if dropout and module.training:
+        raise ValueError("varlen attention has no attention dropout; set the model's attention_dropout to 0")
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (T, heads, dim)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    kernel = flash_varlen if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) else per_example_sdpa
+    out = kernel(q, k, v, cu_seq_lens_q, int(max_length_q), scale)
+    return out.unsqueeze(0), None
+
+
+def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    groups = q.shape[1] // k.shape[1]
+    return (k, v) if groups == 1 else (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
+
+
+def per_example_sdpa(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.Tensor:
+    """One causal SDPA call per example: the reference, and the path on a CPU. (T, heads, dim) in and out."""
+    k, v = _repeat_kv(q, k, v)
+    bounds = cu_seq_lens.tolist()
+    parts = [F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v)), is_causal=True,
+                                            scale=scale).transpose(0, 1)
+             for start, end in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(parts)
+
+
+def flash_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.Tensor:
+    """torch's variable-length flash attention, causal inside each example. Its arguments differ between torch
+    releases (``is_causal`` up to 2.12, ``window_size`` and ``enable_gqa`` after): read from its signature."""
+    from torch.nn.attention.varlen import varlen_attn
+    parameters = inspect.signature(varlen_attn).parameters
+    kwargs = {"scale": scale} if "scale" in parameters else {}
+    if "enable_gqa" in parameters and k.shape[1] != q.shape[1]:
+        kwargs["enable_gqa"] = True
+    else:
+        k, v = _repeat_kv(q, k, v)
+    if "is_causal" in parameters:
+        kwargs["is_causal"] = True
+    else:
+        kwargs["window_size"] = (-1, 0)
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_length, max_length, **kwargs)
