@@ -1,0 +1,79 @@
+"""Checks recipes/packed_attention.py's GPU kernel (torch's varlen flash attention) against the per-example SDPA
+reference on one flat row of examples, forward and backward, and times both beside SDPA with the block mask that
+transformers builds for the same row. Run on the GPU machine before the padding-free bench rows:
+
+    python bench/packed_attention_check.py            # bf16, 16 heads of 128 (the 1.3B bench shape; 4 kv heads to try GQA), 8 examples
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes.packed_attention import flash_varlen, per_example_sdpa  # noqa: E402
+
+
+def timed(fn, repeats: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--lengths", default="250,231,204,188,170,151,133,120")
+    args = parser.parse_args()
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
+    lengths = [int(n) for n in args.lengths.split(",")]
+    total = sum(lengths)
+    bounds = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def leaf(heads):
+        return torch.randn(total, heads, args.dim, device=device, dtype=dtype, generator=generator).requires_grad_()
+    q, k, v = leaf(args.heads), leaf(args.kv_heads), leaf(args.kv_heads)
+    grad = torch.randn(total, args.heads, args.dim, device=device, dtype=dtype, generator=generator)
+    scale = args.dim ** -0.5
+
+    def forward_backward(kernel):
+        for t in (q, k, v):
+            t.grad = None
+        out = kernel(q, k, v, bounds, max(lengths), scale)
+        out.backward(grad)
+        return out.detach().float(), [t.grad.float() for t in (q, k, v)]
+
+    reference, reference_grads = forward_backward(per_example_sdpa)
+    out, grads = forward_backward(flash_varlen)
+    errors = [((a - b).norm() / b.norm()).item() for a, b in zip([out, *grads], [reference, *reference_grads])]
+    print("relative error of varlen vs per-example SDPA (out, dq, dk, dv): " + ", ".join(f"{e:.2e}" for e in errors))
+    assert max(errors) < 2e-2, "varlen attention disagrees with the reference"
+
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    mask = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool, device=device).tril()
+
+    def masked_sdpa(q, k, v, *_):
+        groups = q.shape[1] // k.shape[1]
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask,
+                                              scale=scale)[0].transpose(0, 1)
+    for name, kernel in (("varlen flash", flash_varlen), ("SDPA + block mask", masked_sdpa),
+                         ("SDPA per example", per_example_sdpa)):
+        seconds = timed(lambda: forward_backward(kernel))
+        print(f"{name:>18}: {seconds * 1e3:.3f} ms forward+backward, one layer, {total} tokens in {len(lengths)} examples")
+
+
+if __name__ == "__main__":
+    main()
