@@ -16,8 +16,9 @@ plus the recomposition step's extra time divided by the interval.
     python bench/recipe_vs_peft.py --shape llama2_7b --batch 4 --seq 1024 --rows core
     python bench/recipe_vs_peft.py --smoke                                              # CPU, tiny, < 2 min
 
-Rows go to docs/benchmarks/recipe_vs_peft.json ({"device", "rows": [...]}, merged by row name with earlier
-scales) and recipe_vs_peft.md.
+Rows go to docs/benchmarks/recipe_vs_peft.json ({"device", "rows": [...]}; rows of other shapes are kept, this
+shape's are replaced) and recipe_vs_peft.md, rewritten after every row; ``--budget`` stops starting rows after
+that many seconds, so a call never runs into its time limit with nothing written.
 """
 from __future__ import annotations
 

@@ -269,8 +269,13 @@ def _limit(ds: datasets.Dataset, limit, seed: int) -> datasets.Dataset:
     return ds.shuffle(seed=seed).select(range(min(int(limit), len(ds)))) if limit else ds
 
 
-def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train, eval) tokenized datasets as ``data_cfg`` (the recipe's ``data`` section) describes."""
+def build_datasets(data_cfg, tokenizer, seed: int, micro_batch_size: int = 1
+                   ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """(train, eval) tokenized datasets as ``data_cfg`` (the recipe's ``data`` section) describes.
+
+    With ``data.padding_free`` the training examples are packed into rows of ``micro_batch_size x max_length``
+    tokens (best fit, attention kept inside each example), one row per micro-batch: a step sees as many tokens
+    as a full padded batch would hold, with almost none of them padding."""
     datasets.disable_progress_bars()  # small local files: the bars only clutter the log
     if not data_cfg.train_files:
         raise DataError("data.train_files is empty; name at least one alpaca or chat JSON/JSONL file")
@@ -286,7 +291,9 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> tuple[datasets.Dataset, da
     train = _limit(train, data_cfg.max_train_records, seed)
     if evaluation is not None:
         evaluation = _limit(evaluation, data_cfg.max_eval_records, seed)
-    if data_cfg.packing:
+    if data_cfg.get("padding_free", False):
+        train = pack_sequences(train, micro_batch_size * int(data_cfg.max_length))
+    elif data_cfg.packing:
         train = pack_sequences(train, int(data_cfg.max_length))
     if len(train) == 0:
         raise DataError("the training set is empty after filtering; check data.max_train_records")

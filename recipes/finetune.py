@@ -54,10 +54,12 @@ def run(cfg) -> dict:
 
     # Data before the model: bad data fails in seconds, not after loading billions of weights.
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
-    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, train.seed)
+    train_ds, eval_ds = build_datasets(cfg.data, tokenizer, train.seed, int(train.micro_batch_size))
     collate = make_collate_fn(tokenizer.pad_token_id, pad_multiple(cfg.data, device), int(cfg.data.max_length),
                               padding_free=bool(cfg.data.padding_free))
-    order = DataOrder(len(train_ds), int(train.micro_batch_size), rank, world_size, int(train.seed))
+    # Padding-free: one packed row of micro_batch_size x max_length tokens is the micro-batch.
+    rows_per_micro_batch = 1 if cfg.data.padding_free else int(train.micro_batch_size)
+    order = DataOrder(len(train_ds), rows_per_micro_batch, rank, world_size, int(train.seed))
     total_steps = total_optimizer_steps(train, order.batches_per_epoch)
     say(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
         f"{total_steps} optimizer steps")

@@ -14,6 +14,7 @@ name: varlen for padding-free batches on a GPU, sdpa otherwise.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -94,7 +95,7 @@ def flash_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.T
     """torch's variable-length flash attention, causal inside each example. Its arguments differ between torch
     releases (``is_causal`` up to 2.12, ``window_size`` and ``enable_gqa`` after): read from its signature."""
     from torch.nn.attention.varlen import varlen_attn
-    parameters = inspect.signature(varlen_attn).parameters
+    parameters = _varlen_parameters()
     kwargs = {"scale": scale} if "scale" in parameters else {}
     if "enable_gqa" in parameters and k.shape[1] != q.shape[1]:
         kwargs["enable_gqa"] = True
@@ -106,3 +107,9 @@ def flash_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.T
         kwargs["window_size"] = (-1, 0)
     cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
     return varlen_attn(q, k, v, cu, cu, max_length, max_length, **kwargs)
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_parameters() -> frozenset:
+    from torch.nn.attention.varlen import varlen_attn
+    return frozenset(inspect.signature(varlen_attn).parameters)

@@ -153,6 +153,19 @@ def test_build_datasets_from_config(tmp_path, tokenizer):
         data.build_datasets(cfg, tokenizer, seed=0)
 
 
+def test_padding_free_packs_a_micro_batch_worth_of_tokens_per_row(tmp_path, tokenizer):
+    records = [{"instruction": "word " * n, "output": "x " * n} for n in range(5, 25)] * 2
+    cfg = OmegaConf.create(dict(train_files=[write_jsonl(tmp_path / "t.jsonl", records)], eval_files=[],
+                                format="auto", max_length=128, packing=False, padding_free=True, eval_fraction=0.1,
+                                mask_prompt=True, max_train_records=None, max_eval_records=None))
+    train, _ = data.build_datasets(cfg, tokenizer, seed=0, micro_batch_size=4)
+    plain, _ = data.build_datasets(OmegaConf.merge(cfg, {"padding_free": False}), tokenizer, seed=0)
+    lengths = [len(row) for row in train["input_ids"]]
+    assert max(lengths) <= 4 * 128 and sum(lengths) == sum(map(len, plain["input_ids"]))
+    assert sum(lengths) / (len(lengths) * 4 * 128) > 0.9  # rows nearly full: a step sees ~4 x 128 real tokens
+    assert sum(p == 0 for row in train["position_ids"] for p in row) == len(plain)  # one start per example
+
+
 # ----- special tokens with real chat-template styles: never doubled ------------------------------------------------
 LLAMA2_TEMPLATE = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}{% set system_message = "
