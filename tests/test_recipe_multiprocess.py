@@ -116,15 +116,19 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(straight):
 
 
 def test_the_designs_command_runs_on_two_processes_with_zero2(tmp_path):
-    """Exactly `deepspeed launch/train.py --recipe llama_selora` plus an output dir and a step cap (the recipe's
-    own model and data): no DeepSpeed config is named, so ZeRO-2 is chosen, said once, before the model loads."""
+    """Exactly `deepspeed launch/train.py --recipe llama_selora` plus an output dir, a step cap and one sample
+    prompt instead of the recipe's three (the recipe's own model and data): no DeepSpeed config is named, so ZeRO-2
+    is chosen, said once, before the model loads; the base and fine-tuned answers are printed once, by rank 0.
+    (Three prompts' answers took 80 of this test's 150 s on two ranks sharing 2 cores.)"""
     out = tmp_path / "design"
-    process = launch(out, args=["launch/train.py", "--recipe", "llama_selora", "train.max_steps=1"])
+    process = launch(out, args=["launch/train.py", "--recipe", "llama_selora", "train.max_steps=1",
+                                "train.sample_prompts=['What is 2 plus 3?']"])
     log = (tmp_path / "design.log").read_text()
     assert process.returncode == 0, log[-3000:]
     notes = [line for line in log.splitlines() if "using ZeRO-2" in line]
     assert len(notes) == 1, notes  # rank 0 only
     assert log.index("using ZeRO-2") < log.index("trainable")  # before the parameter table
+    assert log.count("base model:") == 1 and log.count("fine-tuned:") == 1
     assert sorted(losses(out)) == [1]
     engine_files = sorted(p.name for p in (out / "checkpoints" / "step_1" / "engine").rglob("*") if p.is_file())
     assert any("zero_pp_rank_1" in name for name in engine_files), engine_files  # optimizer sharded over 2 ranks
