@@ -369,5 +369,6 @@ def write_table(target: Path, earlier: list, rows: list, anchors: dict, shape_la
     target.with_suffix(".md").write_text(table)
     return table
 
+
 if __name__ == "__main__":
     main()

@@ -359,9 +359,9 @@ def make_collate_fn(pad_token_id: int, pad_to_multiple_of: int = 1, max_length: 
                  "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
                  "attention_mask": pad([e["attention_mask"] for e in examples], 0)}
         if "position_ids" in examples[0]:  # packed rows: pads continue the last example's positions
-            batch["position_ids"] = torch.tensor(
-                [list(e["position_ids"]) + list(range(e["position_ids"][-1] + 1, e["position_ids"][-1] + 1 + width -
-                                                     len(e["position_ids"]))) for e in examples], dtype=torch.long)
+            def continued(positions: list[int]) -> list[int]:
+                return list(positions) + list(range(positions[-1] + 1, positions[-1] + 1 + width - len(positions)))
+            batch["position_ids"] = torch.tensor([continued(e["position_ids"]) for e in examples], dtype=torch.long)
         return batch
     return collate_flat if padding_free else collate_padded
 

@@ -53,14 +53,15 @@ def check_example_boundaries(data_cfg) -> None:
     if not (data_cfg.packing or data_cfg.get("padding_free", False)):
         return
     try:
-        from transformers.masking_utils import find_packed_sequence_indices
+        from transformers import masking_utils
     except ImportError:
+        masking_utils = None
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):
         import transformers
         key = "data.padding_free" if data_cfg.get("padding_free", False) else "data.packing"
         raise RecipeConfigError(f"{key}=true needs transformers >= 4.53 (it keeps attention inside each example "
                                 f"from restarting positions); this is {transformers.__version__}: pip install "
-                                f"'transformers>=4.53', or set {key}=false") from None
-    del find_packed_sequence_indices  # only its presence matters
+                                f"'transformers>=4.53', or set {key}=false")
 
 
 def check_train(train) -> None:
