@@ -1,6 +1,9 @@
-"""Checks recipes/packed_attention.py's GPU kernel (torch's varlen flash attention) against the per-example SDPA
-reference on one flat row of examples, forward and backward, and times both beside SDPA with the block mask that
-transformers builds for the same row. Run on the GPU machine before the padding-free bench rows:
+"""Checks recipes/packed_attention.py's GPU kernel (aten's varlen flash attention, called directly) and torch's
+public wrapper of the same kernels (``torch.nn.attention.varlen``) against the per-example SDPA reference on one
+flat row of examples, forward and backward, and times them beside SDPA with the block mask that transformers
+builds for the same row and beside causal SDPA on the same examples padded to rows (what a padded loop pays).
+Times are CUDA-event medians of a whole forward+backward call, launch gaps included (the step is host-bound).
+Run on the GPU machine before the padding-free bench rows:
 
     python bench/packed_attention_check.py            # bf16, 16 heads of 128 (the 1.3B bench shape; 4 kv heads to try GQA), 8 examples
 """
@@ -8,24 +11,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from recipes.packed_attention import flash_varlen, per_example_sdpa  # noqa: E402
-
-
-def timed(fn, repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / repeats
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_selora import event_time_ms  # noqa: E402
+from recipes.packed_attention import flash_varlen, per_example_sdpa, torch_varlen  # noqa: E402
 
 
 def main() -> None:
@@ -56,10 +50,11 @@ def main() -> None:
         return out.detach().float(), [t.grad.float() for t in (q, k, v)]
 
     reference, reference_grads = forward_backward(per_example_sdpa)
-    out, grads = forward_backward(flash_varlen)
-    errors = [((a - b).norm() / b.norm()).item() for a, b in zip([out, *grads], [reference, *reference_grads])]
-    print("relative error of varlen vs per-example SDPA (out, dq, dk, dv): " + ", ".join(f"{e:.2e}" for e in errors))
-    assert max(errors) < 2e-2, "varlen attention disagrees with the reference"
+    for name, kernel in (("recipe varlen", flash_varlen), ("torch varlen_attn", torch_varlen)):
+        out, grads = forward_backward(kernel)
+        errors = [((a - b).norm() / b.norm()).item() for a, b in zip([out, *grads], [reference, *reference_grads])]
+        print(f"relative error of {name} vs per-example SDPA (out, dq, dk, dv): " + ", ".join(f"{e:.2e}" for e in errors))
+        assert max(errors) < 2e-2, f"{name} disagrees with the reference"
 
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
     mask = (segment[:, None] == segment[None, :]) & torch.ones(total, total, dtype=torch.bool, device=device).tril()
@@ -69,10 +64,29 @@ def main() -> None:
         k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
         return F.scaled_dot_product_attention(*(t.transpose(0, 1)[None] for t in (q, k, v)), attn_mask=mask,
                                               scale=scale)[0].transpose(0, 1)
-    for name, kernel in (("varlen flash", flash_varlen), ("SDPA + block mask", masked_sdpa),
-                         ("SDPA per example", per_example_sdpa)):
-        seconds = timed(lambda: forward_backward(kernel))
-        print(f"{name:>18}: {seconds * 1e3:.3f} ms forward+backward, one layer, {total} tokens in {len(lengths)} examples")
+    width = max(lengths)
+    padded = [torch.randn(len(lengths), heads, width, args.dim, device=device, dtype=dtype, generator=generator)
+              .requires_grad_() for heads in (args.heads, args.heads, args.heads)]
+    padded_grad = torch.randn_like(padded[0])
+
+    def causal_padded_rows():  # the examples as padded rows, one causal SDPA call (the flash path, no mask)
+        for t in padded:
+            t.grad = None
+        F.scaled_dot_product_attention(*padded, is_causal=True, scale=scale).backward(padded_grad)
+
+    def only(kernel):  # forward + backward alone, no float copies of the results
+        def run():
+            for t in (q, k, v):
+                t.grad = None
+            kernel(q, k, v, bounds, max(lengths), scale).backward(grad)
+        return run
+    timings = [("recipe varlen (aten flash, direct)", only(flash_varlen)),
+               ("torch varlen_attn (custom op)", only(torch_varlen)),
+               ("SDPA + block mask", only(masked_sdpa)), ("SDPA per example", only(per_example_sdpa)),
+               (f"causal SDPA, {len(lengths)} padded rows of {width}", causal_padded_rows)]
+    for name, run in timings:
+        print(f"{name:>40}: {event_time_ms(run):.3f} ms forward+backward, one layer, {total} tokens in "
+              f"{len(lengths)} examples")
 
 
 if __name__ == "__main__":

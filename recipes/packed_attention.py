@@ -4,9 +4,9 @@ itself, with work in proportion to its own length.
 transformers alone handles such rows with SDPA and a (1, 1, T, T) block-diagonal mask built from the restarting
 positions: correct, but the masked kernel computes the whole T x T product (eight examples in a row: eight times
 the attention work) and never takes the flash path. Here, on a GPU in bf16/fp16, torch's variable-length flash
-attention (``torch.nn.attention.varlen``) takes the examples' boundaries (``cu_seq_lens_q``, which the
-padding-free collate sends with each batch, as transformers' own flash-attention kwargs) and computes each
-example's causal attention alone. Elsewhere (a CPU, fp32) the same boundaries drive one causal SDPA call per
+attention kernels (the ones ``torch.nn.attention.varlen`` wraps, called directly) take the examples' boundaries
+(``cu_seq_lens_q``, which the padding-free collate sends with each batch, as transformers' own flash-attention
+kwargs) and compute each example's causal attention alone. Elsewhere (a CPU, fp32) the same boundaries drive one causal SDPA call per
 example. Calls without boundaries (evaluation of padded batches, generation) go to transformers' SDPA unchanged.
 
 `use_attention(model, name)` switches a loaded model; `resolve_attention` turns ``model.attention: auto`` into a
@@ -92,15 +92,43 @@ def per_example_sdpa(q, k, v, cu_seq_lens, max_length: int, scale: float) -> tor
 
 
 def flash_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.Tensor:
-    """torch's variable-length flash attention, causal inside each example. Its arguments differ between torch
-    releases (``is_causal`` up to 2.12, ``window_size`` and ``enable_gqa`` after): read from its signature."""
+    """Variable-length flash attention, causal inside each example: the flash kernels torch ships (the ones its
+    ``torch.nn.attention.varlen`` wraps), called directly from one autograd function. The public wrapper is a
+    ``torch.library`` custom op whose dispatch costs host time on every call, and at the 1.3B bench shape the
+    training step is host-bound (docs/benchmarks/README.md)."""
+    k, v = _repeat_kv(q, k, v)
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    return _FlashVarlen.apply(q, k, v, cu, int(max_length), float(scale))
+
+
+class _FlashVarlen(torch.autograd.Function):
+    """aten's flash attention forward/backward on (T, heads, dim) rows cut at ``cu`` (no dropout)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, max_length: int, scale: float):
+        out, lse, seed, offset, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu, cu, max_length, max_length, 0.0, True, False, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, cu, seed, offset)
+        ctx.max_length, ctx.scale = max_length, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, cu, seed, offset = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_length, ctx.max_length, 0.0, True, seed,
+            offset, scale=ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def torch_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.Tensor:
+    """The same through ``torch.nn.attention.varlen.varlen_attn`` (kept for bench/packed_attention_check.py's
+    comparison). Its arguments differ between torch releases (``is_causal`` up to 2.12, ``window_size`` and
+    ``enable_gqa`` after): read from its signature."""
     from torch.nn.attention.varlen import varlen_attn
     parameters = _varlen_parameters()
     kwargs = {"scale": scale} if "scale" in parameters else {}
-    if "enable_gqa" in parameters and k.shape[1] != q.shape[1]:
-        kwargs["enable_gqa"] = True
-    else:
-        k, v = _repeat_kv(q, k, v)
+    k, v = _repeat_kv(q, k, v)
     if "is_causal" in parameters:
         kwargs["is_causal"] = True
     else:
