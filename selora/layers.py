@@ -13,6 +13,7 @@ re-applied to, and exported against, the untouched pretrained model.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -158,8 +159,9 @@ class AdapterLinear(nn.Module):
         self.register_buffer("base_delta_chunks", torch.zeros(0, dtype=torch.long), persistent=False)
         self.merged = False
         self._merge_norm: torch.Tensor | None = None
-        # SRLoRA sets this: gradients of the decoded factors are summed here during backward (no extra pass).
-        self.track_pair_gradients = False
+        self._track_pairs = False
+        self._pair_hooks: list = []  # handles of the hooks on dense factors' parameters
+        self._hooked_rows: dict[str, weakref.ref] = {}  # the decoded rows a hook was last put on, per factor
         self.grad_A: torch.Tensor | None = None
         self.grad_Bt: torch.Tensor | None = None
 
@@ -213,19 +215,53 @@ class AdapterLinear(nn.Module):
         return self.base_weight() + (0 if self.merged else self.delta_weight())
 
     # ----- forward -------------------------------------------------------------------------------------
+    @property
+    def track_pair_gradients(self) -> bool:
+        """SRLoRA sets this: the gradients of the decoded factors (A's rows, B^T's rows) are summed into grad_A /
+        grad_Bt during the normal backward, over micro-batches, until SRLoRA reads and clears them.
+
+        A dense factor's rows are its parameter: one hook on the parameter, put on here, sees every backward's
+        gradient (before any engine accumulates, clips or partitions it). A spectral factor's rows are decoded per
+        forward, so each forward's rows get a hook (`_track`); per call that costs host time, which at the 1B
+        scale shows in the step time."""
+        return self._track_pairs
+
+    @track_pair_gradients.setter
+    def track_pair_gradients(self, on: bool) -> None:
+        for handle in self._pair_hooks:
+            handle.remove()
+        self._pair_hooks, self._hooked_rows, self._track_pairs = [], {}, bool(on)
+        if on:
+            for factor, add in ((self.lora_A, self._add_grad_A), (self.lora_B, self._add_grad_Bt)):
+                if isinstance(factor, DenseFactor):
+                    self._pair_hooks.append(factor.weight.register_hook(add))
+
+    # The first gradient is copied (one float32 copy): autograd may reuse its buffer as the parameter's .grad.
+    def _add_grad_A(self, grad: torch.Tensor) -> None:
+        grad = grad.detach()
+        self.grad_A = grad.to(torch.float32, copy=True) if self.grad_A is None else self.grad_A.add_(grad)
+
+    def _add_grad_Bt(self, grad: torch.Tensor) -> None:
+        grad = grad.detach()
+        self.grad_Bt = grad.to(torch.float32, copy=True) if self.grad_Bt is None else self.grad_Bt.add_(grad)
+
     def _track(self, A: torch.Tensor, Bt: torch.Tensor) -> None:
-        if not (self.track_pair_gradients and torch.is_grad_enabled() and A.requires_grad):
+        """Hooks on this call's decoded rows of spectral factors. Rows the model's decoder handed out are hooked
+        once per top-level forward: a checkpoint recomputation replays the same rows, and a hook on the replay's
+        tensors would never fire (backward runs through the original forward's graph)."""
+        if not (self._track_pairs and torch.is_grad_enabled()):
             return
-
-        # The first gradient is copied: autograd may reuse its buffer as the parameter's .grad and add to it.
-        def add_A(grad: torch.Tensor) -> None:
-            self.grad_A = grad.detach().float().clone() if self.grad_A is None else self.grad_A.add_(grad.detach())
-
-        def add_Bt(grad: torch.Tensor) -> None:
-            self.grad_Bt = grad.detach().float().clone() if self.grad_Bt is None else self.grad_Bt.add_(grad.detach())
-
-        A.register_hook(add_A)
-        Bt.register_hook(add_Bt)
+        for side, factor, rows, add in (("A", self.lora_A, A, self._add_grad_A),
+                                        ("B", self.lora_B, Bt, self._add_grad_Bt)):
+            if isinstance(factor, DenseFactor) or not rows.requires_grad:
+                continue
+            decoded = factor.decoded
+            if decoded is not None:
+                hooked = self._hooked_rows.get(side)
+                if hooked is not None and hooked() is decoded:
+                    continue
+                self._hooked_rows[side] = weakref.ref(decoded)
+            rows.register_hook(add)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)

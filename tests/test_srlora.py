@@ -349,3 +349,25 @@ def test_paper_schedule_errors_name_the_key():
         SRLoRAConfig(schedule="cyclic")
     with pytest.raises(ConfigValueError, match=r"srlora.pairs_fraction=1.0: must be in \(0, 1\)"):
         SRLoRAConfig(pairs_fraction=1.0)
+
+
+def test_pair_gradient_tracking_of_dense_factors_switches_on_and_off():
+    """Dense factors are tracked by one hook on each parameter: on, every backward's gradient is summed into
+    grad_A / grad_Bt (equal to the parameter's own gradient); off, the hooks are gone and nothing is recorded."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6))
+    selora.apply(model, selora.LoRAConfig(r=2, target_modules=("0",)))
+    layer = selora.adapter_layers(model)["0"]
+    with torch.no_grad():
+        layer.lora_B.param.normal_()
+    x = torch.randn(5, 8)
+    layer.track_pair_gradients = True
+    layer.track_pair_gradients = True  # switching on twice keeps one hook per factor
+    for _ in range(2):
+        model(x).pow(2).sum().backward()
+    assert torch.allclose(layer.grad_A, layer.lora_A.param.grad)
+    assert torch.allclose(layer.grad_Bt, layer.lora_B.param.grad)
+    layer.track_pair_gradients = False
+    layer.grad_A = layer.grad_Bt = None
+    model(x).pow(2).sum().backward()
+    assert layer.grad_A is None and layer.grad_Bt is None
