@@ -9,6 +9,7 @@ engine is built, a checkpoint is resumed if there is one, the loop runs, the ada
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
 import random
@@ -112,6 +113,10 @@ def run(cfg) -> dict:
     last = {"loss": None, "eval_loss": None}
     engine.train()
     batches = order.micro_batches(train_ds, collate, state.epoch, state.batch_in_epoch)
+    # Everything built so far (model, data, tokenizer) lives for the whole run: moved out of the garbage
+    # collector's sight, the collections that the step's short-lived objects trigger stop re-scanning it.
+    gc.collect()
+    gc.freeze()
     while state.step < total_steps:
         profiler.before_step(state.step + 1)
         state.epoch, state.batch_in_epoch, batch = next(batches)
@@ -138,7 +143,8 @@ def run(cfg) -> dict:
         if (train.log_every and step % train.log_every == 0) or step == total_steps:
             line.update(window.reduce(), lr=lr)
             last["loss"] = line["loss"]
-            progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{line['tokens_per_s']:.0f}")
+            progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{line['tokens_per_s']:.0f}",
+                                 refresh=False)  # drawn with the next update (tqdm's own rate), not every line
             if timer.enabled:
                 line["time_breakdown"] = timer.reduce()
         if eval_ds is not None and len(eval_ds) and train.eval_every and (step % train.eval_every == 0 or step == total_steps):
@@ -157,6 +163,7 @@ def run(cfg) -> dict:
         profiler.after_step(step)
     progress.close()
     metrics.close()
+    gc.unfreeze()
 
     # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
     outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),
