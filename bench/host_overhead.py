@@ -28,23 +28,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from recipe_vs_peft import build_peft_model  # noqa: E402
+from recipe_vs_peft import PeftLoop  # noqa: E402
 
 
 def peft_step(args, device, dtype, ids):
-    model = build_peft_model(args.shape, args.rank, device, dtype)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
-    model.train()
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item()
-    return step
+    """bench/recipe_vs_peft.py's plain PEFT loop, one step on ``ids`` per call."""
+    loop = PeftLoop(argparse.Namespace(**{**vars(args), "warmup": 0, "steps": 0}), device, dtype)
+    loop.model.train()
+    return lambda: loop.step(ids)
 
 
 def recipe_step(args, device, attention: str, inputs: dict, recipe: str = "llama_lora"):

@@ -119,6 +119,16 @@ class PeftLoop:
         self.batches = random_batches(args.warmup + args.steps, args.batch, args.seq, self.model.config.vocab_size,
                                       device)
 
+    def step(self, ids) -> float:
+        """One optimizer step on token ids (batch, seq); returns the loss."""
+        import torch
+        loss = self.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
     def time(self, profile_dir: Path | None = None) -> dict:
         """Warm-up plus timed steps; ``profile_dir``: also torch-profile three steps after the warm-up (the same
         tables as a recipe's train.profile_steps) into profile_dir/profile/ops.txt."""
@@ -132,12 +142,7 @@ class PeftLoop:
         for step, ids in enumerate(self.batches, 1):
             profiler.before_step(step)
             start = time.perf_counter()
-            loss = self.model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.item()
+            self.step(ids)
             times.append(time.perf_counter() - start)
             profiler.after_step(step)
         if self.device.type == "cuda":
