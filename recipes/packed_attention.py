@@ -6,8 +6,9 @@ positions: correct, but the masked kernel computes the whole T x T product (eigh
 the attention work) and never takes the flash path. Here, on a GPU in bf16/fp16, torch's variable-length flash
 attention kernels (the ones ``torch.nn.attention.varlen`` wraps, called directly) take the examples' boundaries
 (``cu_seq_lens_q``, which the padding-free collate sends with each batch, as transformers' own flash-attention
-kwargs) and compute each example's causal attention alone. Elsewhere (a CPU, fp32) the same boundaries drive one causal SDPA call per
-example. Calls without boundaries (evaluation of padded batches, generation) go to transformers' SDPA unchanged.
+kwargs) and compute each example's causal attention alone. Elsewhere (a CPU, fp32) the same boundaries drive one
+causal SDPA call per example. Calls without boundaries (evaluation of padded batches, generation) go to
+transformers' SDPA unchanged.
 
 `use_attention(model, name)` switches a loaded model; `resolve_attention` turns ``model.attention: auto`` into a
 name: varlen for padding-free batches on a GPU, sdpa otherwise.

@@ -115,15 +115,15 @@ class SRLoRA:
 
     def _stacked_factors(self, members: list[AdapterLinear]) -> tuple[torch.Tensor, torch.Tensor]:
         """(layers, r, in) A and (layers, r, out) B^T of same-shape layers, float32 on the scores' device: the
-        parameters stacked and decoded in one batched call (factors of one shape share their index set), or, when
-        ZeRO-3 partitions them, gathered layer by layer."""
+        parameters stacked and decoded in one batched call, or, when they cannot be (`_decode_together`), gathered
+        and decoded layer by layer."""
         device = self.importance.device
-        if any(is_partitioned(p) for layer in members for p in (layer.lora_A.param, layer.lora_B.param)):
-            rows = torch.stack([layer.pair_rows().to(device) for layer in members])
-            return rows[..., :members[0].in_features], rows[..., members[0].in_features:]
-        return tuple(getattr(members[0], side).decode_value(
-            torch.stack([getattr(layer, side).param.detach() for layer in members])).to(device)
-            for side in ("lora_A", "lora_B"))
+        if _decode_together(members):
+            return tuple(getattr(members[0], side).decode_value(
+                torch.stack([getattr(layer, side).param.detach() for layer in members])).to(device)
+                for side in ("lora_A", "lora_B"))
+        rows = torch.stack([layer.pair_rows().to(device) for layer in members])
+        return rows[..., :members[0].in_features], rows[..., members[0].in_features:]
 
     def _summed(self, grad: torch.Tensor | None, length: int) -> torch.Tensor:
         """A layer's summed (r, length) gradient, zeros where none arrived (every rank must still contribute)."""
@@ -197,3 +197,20 @@ class SRLoRA:
         self.uncertainty.copy_(state["srlora.uncertainty"])
         self.used = [[int(j) for j in row if j >= 0] for row in state["srlora.used_directions"]]
         self.steps_done = int(state["srlora.steps_done"])
+
+
+def _decode_together(layers: list[AdapterLinear]) -> bool:
+    """Whether these layers' factors can be stacked and decoded in one call: none partitioned by ZeRO-3, and each
+    side's factors of one kind (dense, or spectral with one basis and one shared index set; adapters saved by
+    selora < 0.2 carry an index set per factor)."""
+    for side in ("lora_A", "lora_B"):
+        factors = [getattr(layer, side) for layer in layers]
+        if any(is_partitioned(f.param) for f in factors):
+            return False
+        first = factors[0]
+        if any(type(f) is not type(first) for f in factors):
+            return False
+        if any(getattr(f, "index_set", None) is not getattr(first, "index_set", None) or
+               getattr(f, "basis_name", None) != getattr(first, "basis_name", None) for f in factors):
+            return False
+    return True

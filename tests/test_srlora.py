@@ -371,3 +371,33 @@ def test_pair_gradient_tracking_of_dense_factors_switches_on_and_off():
     layer.grad_A = layer.grad_Bt = None
     model(x).pow(2).sum().backward()
     assert layer.grad_A is None and layer.grad_Bt is None
+
+
+@pytest.mark.parametrize("config", [selora.LoRAConfig(r=3), selora.SeLoRAConfig(r=3, spectral_ratio=0.5)])
+def test_scores_decode_same_shape_layers_together_or_one_by_one_alike(config):
+    """SRLoRA scores stacked same-shape layers: their factors, decoded in one batched call, are each layer's own
+    decoded factors; with a factor whose index set is its own (adapters from selora < 0.2) it decodes layer by
+    layer, with the same result."""
+    from selora.decode import IndexSet
+    from selora.srlora import _decode_together
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(12, 10))
+    selora.apply(model, config.__class__(**{**config.__dict__, "target_modules": ("0", "1")}))
+    layers = list(selora.adapter_layers(model).values())
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.param.normal_()
+    rec = SRLoRA(model, SRLoRAConfig(start_step=50, end_step=50), total_steps=50)
+
+    def expected():
+        rows = torch.stack([layer.pair_rows() for layer in layers])
+        return rows[..., :12], rows[..., 12:]
+    assert _decode_together(layers)
+    for got, want in zip(rec._stacked_factors(layers), expected()):
+        assert torch.allclose(got, want, atol=1e-6)
+    if isinstance(config, selora.SeLoRAConfig):
+        factor = layers[1].lora_A
+        factor.index_set = IndexSet.draw(factor.basis_name, factor.rows, factor.length, factor.index_set.count, seed=7)
+        assert not _decode_together(layers)
+        for got, want in zip(rec._stacked_factors(layers), expected()):
+            assert torch.allclose(got, want, atol=1e-6)
