@@ -117,53 +117,56 @@ def run(cfg) -> dict:
     # collector's sight, the collections that the step's short-lived objects trigger stop re-scanning it.
     gc.collect()
     gc.freeze()
-    while state.step < total_steps:
-        profiler.before_step(state.step + 1)
-        state.epoch, state.batch_in_epoch, batch = next(batches)
-        batch = to_device(batch, device)
-        timer.lap("data")
-        loss = engine(**model_inputs(batch)).loss  # the model's mean token loss (labels of -100 are ignored)
-        timer.lap("forward")
-        engine.backward(loss)
-        timer.lap("backward")
-        lr = engine.current_lr()
-        window.add_micro_batch(loss, batch["attention_mask"])
-        stepped = engine.step()
-        timer.lap("optimizer")
-        if not stepped:
-            continue
-        state.step += 1
-        window.end_step()
-        progress.update(1)
-        step = state.step
-        events = srlora.step(step, engine.optimizer) if srlora is not None else []
-        timer.lap("srlora")
+    try:
+        while state.step < total_steps:
+            profiler.before_step(state.step + 1)
+            state.epoch, state.batch_in_epoch, batch = next(batches)
+            batch = to_device(batch, device)
+            timer.lap("data")
+            loss = engine(**model_inputs(batch)).loss  # the model's mean token loss (labels of -100 are ignored)
+            timer.lap("forward")
+            engine.backward(loss)
+            timer.lap("backward")
+            lr = engine.current_lr()
+            window.add_micro_batch(loss, batch["attention_mask"])
+            stepped = engine.step()
+            timer.lap("optimizer")
+            if not stepped:
+                continue
+            state.step += 1
+            window.end_step()
+            progress.update(1)
+            step = state.step
+            events = srlora.step(step, engine.optimizer) if srlora is not None else []
+            timer.lap("srlora")
 
-        line = {}
-        if (train.log_every and step % train.log_every == 0) or step == total_steps:
-            line.update(window.reduce(), lr=lr)
-            last["loss"] = line["loss"]
-            progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{line['tokens_per_s']:.0f}",
-                                 refresh=False)  # drawn with the next update (tqdm's own rate), not every line
-            if timer.enabled:
-                line["time_breakdown"] = timer.reduce()
-        if eval_ds is not None and len(eval_ds) and train.eval_every and (step % train.eval_every == 0 or step == total_steps):
-            eval_loss = evaluate(engine, eval_ds, collate, int(train.micro_batch_size), device)
-            line["eval_loss"] = last["eval_loss"] = eval_loss
-            if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
-                state.best_eval_loss = eval_loss
-            engine.train()
-        if events:
-            line["srlora"] = events
-        if line:
-            metrics.log(step, **line)
-        if train.save_every and (step % train.save_every == 0 or step == total_steps):
-            checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
-        timer.lap("log")
-        profiler.after_step(step)
+            line = {}
+            if (train.log_every and step % train.log_every == 0) or step == total_steps:
+                line.update(window.reduce(), lr=lr)
+                last["loss"] = line["loss"]
+                progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{line['tokens_per_s']:.0f}",
+                                     refresh=False)  # drawn with the next update (tqdm's own rate), not every line
+                if timer.enabled:
+                    line["time_breakdown"] = timer.reduce()
+            evaluate_now = train.eval_every and (step % train.eval_every == 0 or step == total_steps)
+            if eval_ds is not None and len(eval_ds) and evaluate_now:
+                eval_loss = evaluate(engine, eval_ds, collate, int(train.micro_batch_size), device)
+                line["eval_loss"] = last["eval_loss"] = eval_loss
+                if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
+                    state.best_eval_loss = eval_loss
+                engine.train()
+            if events:
+                line["srlora"] = events
+            if line:
+                metrics.log(step, **line)
+            if train.save_every and (step % train.save_every == 0 or step == total_steps):
+                checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
+            timer.lap("log")
+            profiler.after_step(step)
+    finally:
+        gc.unfreeze()  # also when the loop raises: an in-process caller (a test) gets its collector back
     progress.close()
     metrics.close()
-    gc.unfreeze()
 
     # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
     outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),

@@ -82,3 +82,22 @@ def test_broken_checkpoints_fail_early_and_partial_ones_are_ignored(tmp_path, ca
                  f"train.resume={checkpoints}", *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "step_4" in err[0] and f"train.resume={checkpoints / 'step_2'}" in err[0], err
+
+
+def test_the_loop_freezes_setup_out_of_the_collector_and_gives_it_back_even_when_it_raises(tmp_path, monkeypatch):
+    """Objects built before the loop are frozen out of the garbage collector's rescans while it runs; a loop that
+    raises still unfreezes them (in-process callers, like these tests, get their collector back)."""
+    import gc
+    frozen_during_steps = []
+    real_step = finetune.engines.PlainEngine.step
+
+    def step(self):
+        frozen_during_steps.append(gc.get_freeze_count())
+        if len(frozen_during_steps) == 2:
+            raise RuntimeError("injected failure in the second step")
+        return real_step(self)
+    monkeypatch.setattr(finetune.engines.PlainEngine, "step", step)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run("llama_lora", tmp_path, "train.max_steps=4", "train.save_every=0", "train.eval_every=0")
+    assert frozen_during_steps[0] > 0
+    assert gc.get_freeze_count() == 0
