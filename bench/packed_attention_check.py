@@ -10,6 +10,7 @@ Run on the GPU machine before the padding-free bench rows:
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -19,7 +20,20 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_selora import event_time_ms  # noqa: E402
-from recipes.packed_attention import flash_varlen, per_example_sdpa, torch_varlen  # noqa: E402
+from recipes.packed_attention import flash_varlen, per_example_sdpa, repeat_kv  # noqa: E402
+
+
+def torch_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.Tensor:
+    """The recipe's varlen attention through torch's public wrapper, ``torch.nn.attention.varlen.varlen_attn``
+    (what the recipe called before it called the kernels directly). Its arguments differ between torch releases
+    (``is_causal`` up to 2.12, ``window_size`` after): read from its signature."""
+    from torch.nn.attention.varlen import varlen_attn
+    parameters = inspect.signature(varlen_attn).parameters
+    kwargs = {"scale": scale} if "scale" in parameters else {}
+    kwargs.update({"is_causal": True} if "is_causal" in parameters else {"window_size": (-1, 0)})
+    k, v = repeat_kv(q, k, v)
+    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    return varlen_attn(q, k, v, cu, cu, max_length, max_length, **kwargs)
 
 
 def main() -> None:

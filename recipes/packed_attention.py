@@ -15,9 +15,6 @@ name: varlen for padding-free batches on a GPU, sdpa otherwise.
 """
 from __future__ import annotations
 
-import functools
-import inspect
-
 import torch
 import torch.nn.functional as F
 
@@ -77,14 +74,14 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.unsqueeze(0), None
 
 
-def _repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def repeat_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     groups = q.shape[1] // k.shape[1]
     return (k, v) if groups == 1 else (k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1))
 
 
 def per_example_sdpa(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.Tensor:
     """One causal SDPA call per example: the reference, and the path on a CPU. (T, heads, dim) in and out."""
-    k, v = _repeat_kv(q, k, v)
+    k, v = repeat_kv(q, k, v)
     bounds = cu_seq_lens.tolist()
     parts = [F.scaled_dot_product_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v)), is_causal=True,
                                             scale=scale).transpose(0, 1)
@@ -97,7 +94,7 @@ def flash_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.T
     ``torch.nn.attention.varlen`` wraps), called directly from one autograd function. The public wrapper is a
     ``torch.library`` custom op whose dispatch costs host time on every call, and at the 1.3B bench shape the
     training step is host-bound (docs/benchmarks/README.md)."""
-    k, v = _repeat_kv(q, k, v)
+    k, v = repeat_kv(q, k, v)
     cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
     return _FlashVarlen.apply(q, k, v, cu, int(max_length), float(scale))
 
@@ -120,25 +117,3 @@ class _FlashVarlen(torch.autograd.Function):
             grad_out.contiguous(), q, k, v, out, lse, cu, cu, ctx.max_length, ctx.max_length, 0.0, True, seed,
             offset, scale=ctx.scale)
         return dq, dk, dv, None, None, None
-
-
-def torch_varlen(q, k, v, cu_seq_lens, max_length: int, scale: float) -> torch.Tensor:
-    """The same through ``torch.nn.attention.varlen.varlen_attn`` (kept for bench/packed_attention_check.py's
-    comparison). Its arguments differ between torch releases (``is_causal`` up to 2.12, ``window_size`` and
-    ``enable_gqa`` after): read from its signature."""
-    from torch.nn.attention.varlen import varlen_attn
-    parameters = _varlen_parameters()
-    kwargs = {"scale": scale} if "scale" in parameters else {}
-    k, v = _repeat_kv(q, k, v)
-    if "is_causal" in parameters:
-        kwargs["is_causal"] = True
-    else:
-        kwargs["window_size"] = (-1, 0)
-    cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
-    return varlen_attn(q, k, v, cu, cu, max_length, max_length, **kwargs)
-
-
-@functools.lru_cache(maxsize=1)
-def _varlen_parameters() -> frozenset:
-    from torch.nn.attention.varlen import varlen_attn
-    return frozenset(inspect.signature(varlen_attn).parameters)
