@@ -50,7 +50,7 @@ def check_example_boundaries(data_cfg) -> None:
     """data.packing and data.padding_free put several examples in one row and keep attention inside each through
     positions that restart; transformers reads the boundaries from them since 4.53 (masking_utils). An older
     transformers would silently let the examples attend to each other."""
-    if not (data_cfg.packing or data_cfg.get("padding_free", False)):
+    if not (data_cfg.packing or data_cfg.padding_free):
         return
     try:
         from transformers import masking_utils
@@ -58,7 +58,7 @@ def check_example_boundaries(data_cfg) -> None:
         masking_utils = None
     if not hasattr(masking_utils, "find_packed_sequence_indices"):
         import transformers
-        key = "data.padding_free" if data_cfg.get("padding_free", False) else "data.packing"
+        key = "data.padding_free" if data_cfg.padding_free else "data.packing"
         raise RecipeConfigError(f"{key}=true needs transformers >= 4.53 (it keeps attention inside each example "
                                 f"from restarting positions); this is {transformers.__version__}: pip install "
                                 f"'transformers>=4.53', or set {key}=false")
