@@ -79,6 +79,7 @@ class SRLoRA:
         for index, layer in enumerate(self.layer_list):
             self.shape_groups.setdefault((layer.in_features, layer.out_features), []).append(index)
         device = next(iter(self.layers.values())).base_delta_A.device
+        self._score_groups: list[ScoreGroup] | None = None  # made at the first scoring, once the engine exists
         self.importance = torch.zeros(len(self.layers), self.r, device=device)
         self.uncertainty = torch.zeros(len(self.layers), self.r, device=device)
         self.used = [list(range(first_free)) for _ in self.layers]
@@ -95,41 +96,31 @@ class SRLoRA:
         """(layers, r) mean |theta * grad| per pair, from the gradients summed since the last step.
 
         Layers of one shape are scored together: their factors and gradients are stacked, reduced across ranks and
-        scored in a few tensor operations per shape, not per layer (a LLaMA-7B has 224 adapted projections in 3
-        shapes; per-layer operations cost ~0.3 ms of host time each, and the step is host-bound at 1B scale)."""
+        scored in a few tensor operations per shape, not per layer. The step is host-bound at 1B scale, where a
+        LLaMA has 112-224 adapted projections in 3 shapes: what runs per layer is a list read and a clear."""
         device, world_size = self.importance.device, world()[1]
         sensitivity = torch.empty(len(self.layers), self.r, device=device)
-        for (n_in, n_out), indices in self.shape_groups.items():
-            members = [self.layer_list[i] for i in indices]
-            grads_A = torch.stack([self._summed(layer.grad_A, n_in) for layer in members])
-            grads_Bt = torch.stack([self._summed(layer.grad_Bt, n_out) for layer in members])
+        for group in self.score_groups():
+            grads_A, grads_Bt = group.stacked_grads(device)
             if world_size > 1:
                 grads_A, grads_Bt = all_reduce_sum(grads_A), all_reduce_sum(grads_Bt)
-            theta_A, theta_Bt = self._stacked_factors(members)
+            theta_A, theta_Bt = group.stacked_factors(device)
             total = torch.linalg.vector_norm(theta_A * grads_A, ord=1, dim=2)
             total += torch.linalg.vector_norm(theta_Bt * grads_Bt, ord=1, dim=2)
-            sensitivity[indices] = total / (world_size * (n_in + n_out))
-            for layer in members:
-                layer.grad_A = layer.grad_Bt = None
+            sensitivity.index_copy_(0, group.rows, total / (world_size * (group.n_in + group.n_out)))
+            for held in group.pair_grads:
+                held.clear()
         return sensitivity
 
-    def _stacked_factors(self, members: list[AdapterLinear]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(layers, r, in) A and (layers, r, out) B^T of same-shape layers, float32 on the scores' device: the
-        parameters stacked and decoded in one batched call, or, when they cannot be (`_decode_together`), gathered
-        and decoded layer by layer."""
-        device = self.importance.device
-        if _decode_together(members):
-            return tuple(getattr(members[0], side).decode_value(
-                torch.stack([getattr(layer, side).param.detach() for layer in members])).to(device)
-                for side in ("lora_A", "lora_B"))
-        rows = torch.stack([layer.pair_rows().to(device) for layer in members])
-        return rows[..., :members[0].in_features], rows[..., members[0].in_features:]
-
-    def _summed(self, grad: torch.Tensor | None, length: int) -> torch.Tensor:
-        """A layer's summed (r, length) gradient, zeros where none arrived (every rank must still contribute)."""
-        if grad is None:
-            return torch.zeros(self.r, length, device=self.importance.device)
-        return grad.to(self.importance.device, torch.float32)
+    def score_groups(self) -> list[ScoreGroup]:
+        """The same-shape layer groups, made on first use: by then the engine has partitioned what ZeRO-3
+        partitions, which decides whether a group's factors can be decoded together."""
+        if self._score_groups is None:
+            device = self.importance.device
+            self._score_groups = [ScoreGroup(shape, [self.layer_list[i] for i in indices],
+                                             torch.tensor(indices, device=device), self.r)
+                                  for shape, indices in self.shape_groups.items()]
+        return self._score_groups
 
     @torch.no_grad()
     def update_scores(self) -> None:
@@ -197,6 +188,39 @@ class SRLoRA:
         self.uncertainty.copy_(state["srlora.uncertainty"])
         self.used = [[int(j) for j in row if j >= 0] for row in state["srlora.used_directions"]]
         self.steps_done = int(state["srlora.steps_done"])
+
+
+class ScoreGroup:
+    """Adapter layers of one shape, scored together: their rows of the score tables (a device tensor: writing
+    rows named by a Python list copies the list to the device and waits for it), their gradient holders, and
+    whether their factors are stacked and decoded in one call (`_decode_together`) or gathered layer by layer."""
+
+    def __init__(self, shape: tuple[int, int], members: list[AdapterLinear], rows: torch.Tensor, r: int):
+        self.n_in, self.n_out = shape
+        self.members, self.rows, self.r = members, rows, r
+        self.pair_grads = [layer.pair_grads for layer in members]
+        self.together = _decode_together(members)
+        self.factors = [[getattr(layer, side) for layer in members] for side in ("lora_A", "lora_B")]
+
+    def stacked_grads(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, r, in) and (layers, r, out) float32: the summed gradients, zeros where none arrived (every rank
+        must still contribute). Stacked as they came (bf16 on a bf16 model), converted once."""
+        return (self._stack([held.A for held in self.pair_grads], self.n_in, device),
+                self._stack([held.Bt for held in self.pair_grads], self.n_out, device))
+
+    def _stack(self, grads: list, length: int, device) -> torch.Tensor:
+        if any(grad is None or grad.dtype != grads[0].dtype for grad in grads):
+            grads = [torch.zeros(self.r, length, device=device) if grad is None else grad.to(device, torch.float32)
+                     for grad in grads]
+        return torch.stack(grads).to(device, torch.float32)
+
+    def stacked_factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(layers, r, in) A and (layers, r, out) B^T, float32."""
+        if self.together:
+            return tuple(factors[0].decode_value(torch.stack([f.param.detach() for f in factors])).to(device)
+                         for factors in self.factors)
+        rows = torch.stack([layer.pair_rows().to(device) for layer in self.members])
+        return rows[..., :self.n_in], rows[..., self.n_in:]
 
 
 def _decode_together(layers: list[AdapterLinear]) -> bool:

@@ -264,7 +264,7 @@ def test_srlora_tracks_the_same_row_gradients_when_recomputation_replays(basis, 
         for layer in layers.values():
             layer.track_pair_gradients = True
         loss_and_grads(model, input_ids)
-        return {name: (layer.grad_A, layer.grad_Bt) for name, layer in layers.items()}
+        return {name: (layer.pair_grads.A, layer.pair_grads.Bt) for name, layer in layers.items()}
 
     expected, replayed = tracked(None), tracked("selora")
     for name, (grad_A, grad_Bt) in expected.items():

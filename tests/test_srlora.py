@@ -353,7 +353,9 @@ def test_paper_schedule_errors_name_the_key():
 
 def test_pair_gradient_tracking_of_dense_factors_switches_on_and_off():
     """Dense factors are tracked by one hook on each parameter: on, every backward's gradient is summed into
-    grad_A / grad_Bt (equal to the parameter's own gradient); off, the hooks are gone and nothing is recorded."""
+    pair_grads (equal to the parameter's own gradient); off, the hooks are gone and nothing is recorded. The held
+    gradient is never the parameter's .grad storage (the hook keeps autograd's tensor without copying it; autograd
+    must then copy rather than hand it on), so summing into .grad in place cannot change what SRLoRA holds."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 6))
     selora.apply(model, selora.LoRAConfig(r=2, target_modules=("0",)))
@@ -363,14 +365,20 @@ def test_pair_gradient_tracking_of_dense_factors_switches_on_and_off():
     x = torch.randn(5, 8)
     layer.track_pair_gradients = True
     layer.track_pair_gradients = True  # switching on twice keeps one hook per factor
-    for _ in range(2):
-        model(x).pow(2).sum().backward()
-    assert torch.allclose(layer.grad_A, layer.lora_A.param.grad)
-    assert torch.allclose(layer.grad_Bt, layer.lora_B.param.grad)
-    layer.track_pair_gradients = False
-    layer.grad_A = layer.grad_Bt = None
     model(x).pow(2).sum().backward()
-    assert layer.grad_A is None and layer.grad_Bt is None
+    held_A, held_Bt = layer.pair_grads.A, layer.pair_grads.Bt
+    first_A, first_Bt = held_A.clone(), held_Bt.clone()
+    assert held_A.data_ptr() != layer.lora_A.param.grad.data_ptr()
+    assert held_Bt.data_ptr() != layer.lora_B.param.grad.data_ptr()
+    model(x * 0.5).pow(2).sum().backward()  # a second micro-batch: .grad summed in place
+    assert torch.equal(held_A, first_A) and torch.equal(held_Bt, first_Bt)
+    assert torch.allclose(layer.pair_grads.A, layer.lora_A.param.grad)
+    assert torch.allclose(layer.pair_grads.Bt, layer.lora_B.param.grad)
+    assert layer.pair_grads.A.dtype == torch.float32
+    layer.track_pair_gradients = False
+    layer.pair_grads.clear()
+    model(x).pow(2).sum().backward()
+    assert layer.pair_grads.A is None and layer.pair_grads.Bt is None
 
 
 @pytest.mark.parametrize("config", [selora.LoRAConfig(r=3), selora.SeLoRAConfig(r=3, spectral_ratio=0.5)])
@@ -379,7 +387,7 @@ def test_scores_decode_same_shape_layers_together_or_one_by_one_alike(config):
     decoded factors; with a factor whose index set is its own (adapters from selora < 0.2) it decodes layer by
     layer, with the same result."""
     from selora.decode import IndexSet
-    from selora.srlora import _decode_together
+    from selora.srlora import ScoreGroup
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.Linear(12, 10))
     selora.apply(model, config.__class__(**{**config.__dict__, "target_modules": ("0", "1")}))
@@ -388,16 +396,19 @@ def test_scores_decode_same_shape_layers_together_or_one_by_one_alike(config):
         for layer in layers:
             layer.lora_B.param.normal_()
     rec = SRLoRA(model, SRLoRAConfig(start_step=50, end_step=50), total_steps=50)
+    group = rec.score_groups()[0]
+    assert group.members == layers and group.rows.tolist() == [0, 1]
 
     def expected():
         rows = torch.stack([layer.pair_rows() for layer in layers])
         return rows[..., :12], rows[..., 12:]
-    assert _decode_together(layers)
-    for got, want in zip(rec._stacked_factors(layers), expected()):
+    assert group.together
+    for got, want in zip(group.stacked_factors("cpu"), expected()):
         assert torch.allclose(got, want, atol=1e-6)
     if isinstance(config, selora.SeLoRAConfig):
         factor = layers[1].lora_A
         factor.index_set = IndexSet.draw(factor.basis_name, factor.rows, factor.length, factor.index_set.count, seed=7)
-        assert not _decode_together(layers)
-        for got, want in zip(rec._stacked_factors(layers), expected()):
+        group = ScoreGroup((12, 10), layers, torch.tensor([0, 1]), 3)
+        assert not group.together
+        for got, want in zip(group.stacked_factors("cpu"), expected()):
             assert torch.allclose(got, want, atol=1e-6)
