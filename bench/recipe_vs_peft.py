@@ -65,10 +65,24 @@ RECIPE_ROWS = [
     ("recipe plain LoRA (padding-free SDPA mask)", "plain", "lora", "llama_lora",
      ["data.padding_free=true", "model.attention=sdpa"], False),
     ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", ["data.padding_free=true"], False),
+    # ZeRO-2 settings for adapter training, where the gradients are a few tens of MB: is overlapping their
+    # reduction with the backward worth its per-backward device synchronisation and per-gradient stream work?
+    ("recipe ZeRO-2 LoRA (padding-free no overlap_comm)", "zero2", "lora", "llama_lora",
+     ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
+      "zero_optimization: {overlap_comm: false}}"], False),
+    ("recipe ZeRO-2 LoRA (padding-free no overlap_comm one bucket)", "zero2", "lora", "llama_lora",
+     ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
+      "zero_optimization: {overlap_comm: false, reduce_bucket_size: 500000000}}"], False),
     ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", ["data.padding_free=true"], False),
     ("recipe ZeRO-3 LoRA (padding-free layer-granular fetch)", "zero3", "lora", "llama_lora",
      ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
       "zero_optimization: {stage3_module_granularity_threshold: 10000000}}"], False),
+    # The layer-granular fetch with a prefetch window of several decoder layers (the default, 0.9 h^2 elements,
+    # is less than one layer) and no release of parameters the checkpoint recomputation needs again.
+    ("recipe ZeRO-3 LoRA (padding-free layer-granular fetch deep prefetch)", "zero3", "lora", "llama_lora",
+     ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
+      "zero_optimization: {stage3_module_granularity_threshold: 10000000, stage3_prefetch_bucket_size: 500000000}}"],
+     False),
     ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", ["data.padding_free=true"], False),
     ("recipe plain 4-bit SRLoRA (padding-free)", "plain", "srlora", "qlora_srlora", ["data.padding_free=true"], False),
     ("recipe plain 4-bit LoRA", "plain", "lora", "qlora_lora", [], False),
@@ -252,42 +266,51 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     return row
 
 
-def profile_row(args, row, out: Path, device, dtype) -> None:
-    """Host time of one recipe row by function (cProfile, in this process): on a GPU, time the host spends
-    waiting shows in the synchronising call (``item``, ``to``), time it spends issuing work everywhere else."""
+def profile_rows(args, rows, out: Path, device, dtype) -> None:
+    """Where each row's step time goes: the row run in this process under cProfile (Python host time by function;
+    on a GPU, time the host spends waiting shows in the synchronising call: ``item``, ``to``) and torch.profiler
+    over three steps after the warm-up (operators by device and host time, calls that wait for the device, kernel
+    launches). The PEFT loop is profiled once beside them. Files: recipe_vs_peft_profile_<row>.txt (cProfile,
+    phases, then the torch.profiler tables) and recipe_vs_peft_ops_peft_loop.txt."""
     import cProfile
     import io
     import pstats
     from launch.config import resolve
     from recipes import finetune
-    row_name, engine, method, recipe, extra, _core = row
+    from recipes.metrics import read_metrics
     args = argparse.Namespace(**{**vars(args), "breakdown": True})  # the profiled run also logs its phases
-    PeftLoop(args, device, dtype).time(profile_dir=out / "peft_loop")
     with tempfile.TemporaryDirectory() as work:
-        # torch.profiler over three steps after the warm-up (operators by device and host time, waits for the
-        # device), beside cProfile's Python view of the whole run
-        profiled = [f"train.profile_steps=[{args.warmup + 1},{args.warmup + 3}]"]
-        cfg = resolve(recipe, [*recipe_overrides(args, engine, method), *extra, *profiled,
-                               f"train.output_dir={work}/run"])
-        profiler = cProfile.Profile()
-        profiler.enable()
-        finetune.run(cfg)
-        profiler.disable()
-        from recipes.metrics import read_metrics
-        phases = [line["time_breakdown"] for line in read_metrics(Path(work) / "run" / "metrics.jsonl")
-                  if "time_breakdown" in line and line["step"] > args.warmup]
-        (out / "recipe" / "profile").mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(work) / "run" / "profile" / "ops.txt", out / "recipe" / "profile" / "ops.txt")
-    text = io.StringIO()
-    if phases:
-        text.write("seconds per step by phase (median): " + ", ".join(
-            f"{key} {statistics.median(p[key] for p in phases) * 1e3:.1f} ms" for key in phases[0]) + "\n")
-    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
-    (out / "recipe_vs_peft_profile.txt").write_text(f"{row_name}, {args.shape} {args.batch}x{args.seq}\n{text.getvalue()}")
-    print(text.getvalue()[:6000])
-    for name in ("peft_loop", "recipe"):  # the waits and launches per step, side by side in the log
-        ops = (out / name / "profile" / "ops.txt").read_text()
-        print(f"--- {name}: " + ops[ops.index("## calls that wait"):])
+        PeftLoop(args, device, dtype).time(profile_dir=Path(work) / "peft_loop")
+        loop_ops = (Path(work) / "peft_loop" / "profile" / "ops.txt").read_text()
+        (out / "recipe_vs_peft_ops_peft_loop.txt").write_text(loop_ops)
+        print("--- plain PEFT loop: " + loop_ops[loop_ops.index("## calls that wait"):])
+        for row_name, engine, method, recipe, extra, _core in rows:
+            run_dir = Path(work) / slug(row_name)
+            profiled = [f"train.profile_steps=[{args.warmup + 1},{args.warmup + 3}]"]
+            cfg = resolve(recipe, [*recipe_overrides(args, engine, method), *extra, *profiled,
+                                   f"train.output_dir={run_dir}"])
+            profiler = cProfile.Profile()
+            profiler.enable()
+            finetune.run(cfg)
+            profiler.disable()
+            phases = [line["time_breakdown"] for line in read_metrics(run_dir / "metrics.jsonl")
+                      if "time_breakdown" in line and line["step"] > args.warmup]
+            text = io.StringIO()
+            text.write(f"{row_name}, {args.shape} {args.batch}x{args.seq}\n")
+            if phases:
+                text.write("seconds per step by phase (median): " + ", ".join(
+                    f"{key} {statistics.median(p[key] for p in phases) * 1e3:.1f} ms" for key in phases[0]) + "\n")
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+            ops = (run_dir / "profile" / "ops.txt").read_text()
+            (out / f"recipe_vs_peft_profile_{slug(row_name)}.txt").write_text(text.getvalue() + "\n" + ops)
+            print(text.getvalue()[:6000])
+            print(f"--- {row_name}: " + ops[ops.index("## calls that wait"):])
+
+
+def slug(row_name: str) -> str:
+    """A row name as a file name: recipe plain SRLoRA (padding-free) -> plain_srlora_padding-free."""
+    words = row_name.removeprefix("recipe ").lower().replace("(", "").replace(")", "").split()
+    return "_".join(words)
 
 
 # ----- table -------------------------------------------------------------------------------------------------
@@ -338,12 +361,14 @@ def main() -> None:
                         help="log seconds per phase in every recipe row (synchronises the GPU between phases)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="start no recipe row after this many seconds (the table so far is written after every row)")
-    parser.add_argument("--profile", default=None, metavar="ROW",
-                        help="also run this recipe row in-process under cProfile and print where host time goes")
+    parser.add_argument("--profile", default=None, metavar="ROWS",
+                        help="comma-separated recipe rows to run again in-process under cProfile and torch.profiler "
+                             "(where host and device time go); files recipe_vs_peft_profile_<row>.txt")
     args = parser.parse_args()
     names = [row.strip() for row in args.rows.split(",")]
+    profiled = [row.strip() for row in args.profile.split(",")] if args.profile else []
     unknown = [row for row in names if row not in ("all", "core", *(r[0] for r in RECIPE_ROWS))]
-    unknown += [args.profile] if args.profile and args.profile not in (r[0] for r in RECIPE_ROWS) else []
+    unknown += [row for row in profiled if row not in (r[0] for r in RECIPE_ROWS)]
     if unknown:
         parser.error(f"--rows / --profile: no row named {unknown}; give all, core or names from: "
                      + ", ".join(repr(r[0]) for r in RECIPE_ROWS))
@@ -385,8 +410,8 @@ def main() -> None:
             print(f"{row_name}: {rows[-1].get('tokens_per_s', rows[-1].get('error'))} ({time.time() - started:.0f} s)",
                   flush=True)
             write_table(target, earlier, rows, anchors, shape_label, name)  # a call cut short keeps what finished
-    if args.profile:
-        profile_row(args, next(r for r in RECIPE_ROWS if r[0] == args.profile), out, device, dtype)
+    if profiled:
+        profile_rows(args, [next(r for r in RECIPE_ROWS if r[0] == name) for name in profiled], out, device, dtype)
     print(write_table(target, earlier, rows, anchors, shape_label, name))
 
 
