@@ -62,6 +62,10 @@ RECIPE_ROWS = [
     ("recipe plain LoRA (padding-free)", "plain", "lora", "llama_lora", ["data.padding_free=true"], False),
     ("recipe plain SeLoRA (padding-free)", "plain", "selora", "llama_selora", ["data.padding_free=true"], False),
     ("recipe plain SRLoRA (padding-free)", "plain", "srlora", "llama_srlora", ["data.padding_free=true"], False),
+    # The same without the recipe's PiSSA start, whose full SVDs of 224 weights take minutes at 7B (the step
+    # itself does not depend on the start).
+    ("recipe plain SRLoRA (padding-free default start)", "plain", "srlora", "llama_srlora",
+     ["data.padding_free=true", "adapter.init=default"], False),
     ("recipe plain LoRA (padding-free SDPA mask)", "plain", "lora", "llama_lora",
      ["data.padding_free=true", "model.attention=sdpa"], False),
     ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", ["data.padding_free=true"], False),

@@ -82,6 +82,8 @@ def run(cfg) -> dict:
         srlora = SRLoRA(model, srlora_config, total_steps=total_steps)  # makes a "paper" schedule concrete
         say(f"SRLoRA: {srlora.config.pairs_per_recomposition} pairs per layer at steps {srlora.schedule}")
     engine = engines.build_engine(model, cfg, total_steps, world_size)
+    if getattr(engine, "fetch_units", None):
+        say(f"ZeRO-3 gathers each {' and '.join(engine.fetch_units)} whole (one gather per layer)")
 
     # Resume (or start fresh): engine, adapter, SRLoRA, RNG and data position exactly as the checkpoint left them.
     state = TrainerState(world_size=world_size)
