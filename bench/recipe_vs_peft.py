@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,10 +45,10 @@ RECIPE_ROWS = [
     ("recipe ZeRO-2 SeLoRA", "zero2", "selora", "llama_selora", [], False),
     ("recipe ZeRO-3 LoRA", "zero3", "lora", "llama_lora", [], True),
     ("recipe ZeRO-3 SeLoRA", "zero3", "selora", "llama_selora", [], False),
-    # A candidate, not yet measured: DeepSpeed fetches every decoder layer as one unit (one hook pair per layer
-    # instead of one per submodule; a decoder layer's parameters per descendant module are below 10M at 1-7B).
-    # DeepSpeed 0.19.8 fails with it on CPU (record_stream), so only the GPU can tell.
-    ("recipe ZeRO-3 LoRA (layer-granular fetch)", "zero3", "lora", "llama_lora",
+    # DeepSpeed's own granularity rule instead of the engine's whole-layer fetch (recipes/engine.py): the outermost
+    # module under 1e7 parameters per descendant and 1e9 in all is fetched as one unit; at the 1.3B shape that is
+    # the whole model. DeepSpeed 0.19.8 fails with it on CPU (record_stream).
+    ("recipe ZeRO-3 LoRA (granularity threshold 1e7)", "zero3", "lora", "llama_lora",
      ["deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
       "zero_optimization: {stage3_module_granularity_threshold: 10000000}}"], False),
     # Diagnostics for the 2026-11-25 H100 run (docs/benchmarks/README.md): does one fixed batch width remove the
@@ -71,19 +70,19 @@ RECIPE_ROWS = [
     ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", ["data.padding_free=true"], False),
     # ZeRO-2 settings for adapter training, where the gradients are a few tens of MB: is overlapping their
     # reduction with the backward worth its per-backward device synchronisation and per-gradient stream work?
-    ("recipe ZeRO-2 LoRA (padding-free no overlap_comm)", "zero2", "lora", "llama_lora",
+    # (zero2.json has it off since the 2026-12-02 measurements; this row turns it back on.)
+    ("recipe ZeRO-2 LoRA (padding-free overlap_comm on)", "zero2", "lora", "llama_lora",
      ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
-      "zero_optimization: {overlap_comm: false}}"], False),
+      "zero_optimization: {overlap_comm: true}}"], False),
     ("recipe ZeRO-2 LoRA (padding-free no overlap_comm one bucket)", "zero2", "lora", "llama_lora",
      ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
       "zero_optimization: {overlap_comm: false, reduce_bucket_size: 500000000}}"], False),
     ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", ["data.padding_free=true"], False),
-    ("recipe ZeRO-3 LoRA (padding-free layer-granular fetch)", "zero3", "lora", "llama_lora",
+    ("recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7)", "zero3", "lora", "llama_lora",
      ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
       "zero_optimization: {stage3_module_granularity_threshold: 10000000}}"], False),
-    # The layer-granular fetch with a prefetch window of several decoder layers (the default, 0.9 h^2 elements,
-    # is less than one layer) and no release of parameters the checkpoint recomputation needs again.
-    ("recipe ZeRO-3 LoRA (padding-free layer-granular fetch deep prefetch)", "zero3", "lora", "llama_lora",
+    # The same with a prefetch window of several decoder layers (the default, 0.9 h^2 elements, is less than one).
+    ("recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7 deep prefetch)", "zero3", "lora", "llama_lora",
      ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
       "zero_optimization: {stage3_module_granularity_threshold: 10000000, stage3_prefetch_bucket_size: 500000000}}"],
      False),

@@ -128,7 +128,7 @@ def make_factor(config: LoRAConfig, length: int, zero: bool, generator: torch.Ge
 class PairGradients:
     """The gradients of one adapter layer's decoded factors (A's rows, B^T's rows), summed since SRLoRA last read
     and cleared them (None: none arrived). A plain object rather than module attributes: SRLoRA writes 448 of
-    these per step at 1B-7B scale, and each nn.Module attribute write costs microseconds of host time."""
+    these per step at 7B scale, and each nn.Module attribute write costs microseconds of host time."""
 
     __slots__ = ("A", "Bt")
 
@@ -250,8 +250,8 @@ class AdapterLinear(nn.Module):
                 if isinstance(factor, DenseFactor):
                     self._pair_hooks.append(factor.weight.register_hook(add))
 
-    # The hook keeps the gradient tensor itself: no copy, no kernel (448 of them per step on a 1B LLaMA cost more
-    # host time than the rest of SRLoRA). Holding a reference is what makes that safe: autograd hands a gradient
+    # The hook keeps the gradient tensor itself: no copy, no kernel (224 of them per step at the 1.3B shape, 448 at
+    # 7B, cost more host time than the rest of SRLoRA). Holding a reference is what makes that safe: autograd hands a gradient
     # on as a parameter's .grad, or sums into it in place, only when nothing else refers to it (else it copies).
     # A second gradient (more micro-batches, or a replay) starts a new float32 sum: the held ones are never
     # written to.
