@@ -36,6 +36,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# DeepSpeed's FusedAdam needs a JIT build on the GPU machine; torch's own Adam keeps the comparison about the loop.
+TORCH_ADAM = "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}}"
+
+
+def zero_overrides(**zero) -> str:
+    """TORCH_ADAM plus these zero_optimization settings, as one deepspeed.overrides argument."""
+    settings = ", ".join(f"{key}: {str(value).lower() if isinstance(value, bool) else value}"
+                         for key, value in zero.items())
+    return TORCH_ADAM[:-1] + ", zero_optimization: {" + settings + "}}"
+
+
 # (row name, engine, method, recipe, extra overrides); "core" rows are the ones the targets are stated for.
 RECIPE_ROWS = [
     ("recipe plain LoRA", "plain", "lora", "llama_lora", [], True),
@@ -49,8 +60,7 @@ RECIPE_ROWS = [
     # module under 1e7 parameters per descendant and 1e9 in all is fetched as one unit; at the 1.3B shape that is
     # the whole model. DeepSpeed 0.19.8 fails with it on CPU (record_stream).
     ("recipe ZeRO-3 LoRA (granularity threshold 1e7)", "zero3", "lora", "llama_lora",
-     ["deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
-      "zero_optimization: {stage3_module_granularity_threshold: 10000000}}"], False),
+     [zero_overrides(stage3_module_granularity_threshold=10000000)], False),
     # Diagnostics for the 2026-11-25 H100 run (docs/benchmarks/README.md): does one fixed batch width remove the
     # host time cuDNN attention takes per call, and is plain LoRA slower than SRLoRA because of its B = 0 start?
     ("recipe plain LoRA (one batch width)", "plain", "lora", "llama_lora", ["data.pad_to_multiple_of=${data.max_length}"],
@@ -72,19 +82,16 @@ RECIPE_ROWS = [
     # reduction with the backward worth its per-backward device synchronisation and per-gradient stream work?
     # (zero2.json has it off since the 2026-12-02 measurements; this row turns it back on.)
     ("recipe ZeRO-2 LoRA (padding-free overlap_comm on)", "zero2", "lora", "llama_lora",
-     ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
-      "zero_optimization: {overlap_comm: true}}"], False),
+     ["data.padding_free=true", zero_overrides(overlap_comm=True)], False),
     ("recipe ZeRO-2 LoRA (padding-free no overlap_comm one bucket)", "zero2", "lora", "llama_lora",
-     ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
-      "zero_optimization: {overlap_comm: false, reduce_bucket_size: 500000000}}"], False),
+     ["data.padding_free=true", zero_overrides(overlap_comm=False, reduce_bucket_size=500000000)], False),
     ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", ["data.padding_free=true"], False),
     ("recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7)", "zero3", "lora", "llama_lora",
-     ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
-      "zero_optimization: {stage3_module_granularity_threshold: 10000000}}"], False),
+     ["data.padding_free=true", zero_overrides(stage3_module_granularity_threshold=10000000)], False),
     # The same with a prefetch window of several decoder layers (the default, 0.9 h^2 elements, is less than one).
     ("recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7 deep prefetch)", "zero3", "lora", "llama_lora",
-     ["data.padding_free=true", "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}, "
-      "zero_optimization: {stage3_module_granularity_threshold: 10000000, stage3_prefetch_bucket_size: 500000000}}"],
+     ["data.padding_free=true",
+      zero_overrides(stage3_module_granularity_threshold=10000000, stage3_prefetch_bucket_size=500000000)],
      False),
     ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", ["data.padding_free=true"], False),
     ("recipe plain 4-bit SRLoRA (padding-free)", "plain", "srlora", "qlora_srlora", ["data.padding_free=true"], False),
@@ -92,8 +99,6 @@ RECIPE_ROWS = [
     ("recipe plain 4-bit SeLoRA", "plain", "selora", "qlora_selora", [], False),
     ("recipe plain 4-bit SRLoRA", "plain", "srlora", "qlora_srlora", [], False),
 ]
-# DeepSpeed's FusedAdam needs a JIT build on the GPU machine; torch's own Adam keeps the comparison about the loop.
-TORCH_ADAM = "deepspeed.overrides={optimizer: {params: {torch_adam: true, adam_w_mode: true}}}"
 
 
 def preset(name: str) -> dict:
