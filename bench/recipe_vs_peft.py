@@ -218,14 +218,17 @@ def hf_trainer(args, device, dtype) -> dict:
 
 
 # ----- the recipe --------------------------------------------------------------------------------------------
-def recipe_overrides(args, engine: str, method: str) -> list[str]:
+def recipe_overrides(args, engine: str, method: str, extra: list[str]) -> list[str]:
+    """The row's recipe settings, then its ``extra``; padded rows are packed (data.packing), padding-free rows
+    pack by themselves (the recipe refuses both at once)."""
     steps = args.warmup + args.steps
+    packing = "data.packing=false" if "data.padding_free=true" in extra else "data.packing=true"
     overrides = [
         f"model.preset={args.shape}", "model.path=null", "model.gradient_checkpointing=true",
         f"train.max_steps={steps}", f"train.micro_batch_size={args.batch}", "train.gradient_accumulation_steps=1",
         "train.warmup_steps=0", "train.save_every=0", "train.eval_every=0", "train.export_peft=false",
         "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "train.log_every=1", "train.max_grad_norm=1.0",
-        f"data.max_length={args.seq}", "data.packing=true", "data.eval_files=[]", "data.eval_fraction=0",
+        f"data.max_length={args.seq}", packing, "data.eval_files=[]", "data.eval_fraction=0",
         f"adapter.r={args.rank}", f"adapter.alpha={2 * args.rank}", "adapter.dropout=0.0",
     ]
     if engine != "plain":
@@ -236,13 +239,13 @@ def recipe_overrides(args, engine: str, method: str) -> list[str]:
         first = args.warmup + args.steps // 2
         overrides += ["srlora.schedule=fixed", f"srlora.start_step={first}", f"srlora.interval={args.srlora_interval}",
                       f"srlora.end_step={first}", "srlora.svd=randomized"]
-    return overrides
+    return overrides + list(extra)
 
 
 def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], work: Path) -> dict:
     from recipes.metrics import read_metrics
     output = work / f"{recipe}_{engine}"
-    command = [sys.executable, "launch/train.py", "--recipe", recipe, *recipe_overrides(args, engine, method), *extra,
+    command = [sys.executable, "launch/train.py", "--recipe", recipe, *recipe_overrides(args, engine, method, extra),
                f"train.output_dir={output}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -295,7 +298,7 @@ def profile_rows(args, rows, out: Path, device, dtype) -> None:
         for row_name, engine, method, recipe, extra, _core in rows:
             run_dir = Path(work) / slug(row_name)
             profiled = [f"train.profile_steps=[{args.warmup + 1},{args.warmup + 3}]"]
-            cfg = resolve(recipe, [*recipe_overrides(args, engine, method), *extra, *profiled,
+            cfg = resolve(recipe, [*recipe_overrides(args, engine, method, extra), *profiled,
                                    f"train.output_dir={run_dir}"])
             profiler = cProfile.Profile()
             profiler.enable()

@@ -47,11 +47,15 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
 
 
 def check_example_boundaries(data_cfg) -> None:
-    """data.packing and data.padding_free put several examples in one row and keep attention inside each through
-    positions that restart; transformers reads the boundaries from them since 4.53 (masking_utils). An older
-    transformers would silently let the examples attend to each other."""
+    """data.packing and data.padding_free (one or the other) put several examples in one row and keep attention
+    inside each through positions that restart; transformers reads the boundaries from them since 4.53
+    (masking_utils). An older transformers would silently let the examples attend to each other."""
     if not (data_cfg.packing or data_cfg.padding_free):
         return
+    if data_cfg.packing and data_cfg.padding_free:
+        raise RecipeConfigError("data.packing=true and data.padding_free=true: choose one (padding_free already packs "
+                                "each micro-batch's examples end to end into one row; packing fills micro_batch_size "
+                                "rows of max_length)")
     try:
         from transformers import masking_utils
     except ImportError:
