@@ -253,9 +253,8 @@ class AdapterLinear(nn.Module):
     # The hook keeps the gradient tensor itself: no copy, no kernel (224 of them per step at the 1.3B shape, 448 at
     # 7B, cost more host time than the rest of SRLoRA). Holding a reference is what makes that safe: autograd hands
     # a gradient on as a parameter's .grad, or sums into it in place, only when nothing else refers to it (else it
-    # copies).
-    # A second gradient (more micro-batches, or a replay) starts a new float32 sum: the held ones are never
-    # written to.
+    # copies). A second gradient (more micro-batches, or a replay) starts a new float32 sum: the held ones are
+    # never written to.
     def _add_grad_A(self, grad: torch.Tensor) -> None:
         held = self.pair_grads
         held.A = grad if held.A is None else held.A.float() + grad

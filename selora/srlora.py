@@ -75,9 +75,6 @@ class SRLoRA:
         self.directions, self.svd_stats = sharded_principal_directions(
             self.layers, counts, method=config.svd, seed=adapter_config.seed, oversample=config.svd_oversample)
         self.layer_list = list(self.layers.values())
-        self.shape_groups: dict[tuple[int, int], list[int]] = {}
-        for index, layer in enumerate(self.layer_list):
-            self.shape_groups.setdefault((layer.in_features, layer.out_features), []).append(index)
         device = next(iter(self.layers.values())).base_delta_A.device
         self._score_groups: list[ScoreGroup] | None = None  # made at the first scoring, once the engine exists
         self.importance = torch.zeros(len(self.layers), self.r, device=device)
@@ -116,10 +113,12 @@ class SRLoRA:
         """The same-shape layer groups, made on first use: by then the engine has partitioned what ZeRO-3
         partitions, which decides whether a group's factors can be decoded together."""
         if self._score_groups is None:
-            device = self.importance.device
+            shapes: dict[tuple[int, int], list[int]] = {}
+            for index, layer in enumerate(self.layer_list):
+                shapes.setdefault((layer.in_features, layer.out_features), []).append(index)
             self._score_groups = [ScoreGroup(shape, [self.layer_list[i] for i in indices],
-                                             torch.tensor(indices, device=device), self.r)
-                                  for shape, indices in self.shape_groups.items()]
+                                             torch.tensor(indices, device=self.importance.device), self.r)
+                                  for shape, indices in shapes.items()]
         return self._score_groups
 
     @torch.no_grad()
