@@ -10,7 +10,7 @@
 All models have random weights of a preset's shape (nothing can be downloaded). Tokens/s counts real (non-pad)
 tokens; the recipe's rows come from packed instruction data, so their padding share is reported too. A row's
 throughput is the median over its timed steps (after ``--warmup`` steps); SRLoRA's is amortised: the median step
-plus the recomposition step's extra time divided by the interval.
+after a recomposition at the first timed step, plus that step's extra time divided by the interval.
 
     python bench/recipe_vs_peft.py --shape llama_1b_bench --batch 8 --seq 256          # one GPU call per scale
     python bench/recipe_vs_peft.py --shape llama2_7b --batch 4 --seq 1024 --rows core
@@ -235,8 +235,10 @@ def recipe_overrides(args, engine: str, method: str, extra: list[str]) -> list[s
         overrides += [f"deepspeed.config={engine}", TORCH_ADAM]
     if args.breakdown:
         overrides.append("train.time_breakdown=true")
-    if method == "srlora":  # one recomposition inside the timed steps; its cost is amortised over the interval
-        first = args.warmup + args.steps // 2
+    if method == "srlora":  # one recomposition, at the first timed step; its cost is amortised over the interval.
+        # The steps after it carry what a run carries from its first recomposition on (on a quantized base, the
+        # fused pairs beside it), so the median step is a recomposing run's.
+        first = args.warmup + 1
         overrides += ["srlora.schedule=fixed", f"srlora.start_step={first}", f"srlora.interval={args.srlora_interval}",
                       f"srlora.end_step={first}", "srlora.svd=randomized"]
     return overrides + list(extra)

@@ -178,6 +178,7 @@ class AdapterLinear(nn.Module):
         self._pair_hooks: list = []  # handles of the hooks on dense factors' parameters
         self._hooked_rows: dict[str, weakref.ref] = {}  # the decoded rows a hook was last put on, per factor
         self.pair_grads = PairGradients()
+        self._residual_cache: tuple | None = None  # (residual tensors, their versions and dtype, the pair made)
 
     # ----- factors -------------------------------------------------------------------------------------
     def factor_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,14 +289,20 @@ class AdapterLinear(nn.Module):
         A_rows, Bt_rows = self.lora_A(x.dtype), self.lora_B(x.dtype)
         self._track(A_rows, Bt_rows)
         A, B = A_rows.to(x.dtype), Bt_rows.to(x.dtype).T
-        hidden = F.linear(self.dropout(x), A)
+        dropped = self.dropout(x)
         if self.residual_A.shape[0]:
-            # The residual (exact fusions beside a quantized base) rides in the adapter's own second matmul:
-            # a skinny (tokens, r + k) product, instead of one more full-size (tokens, out) output and sum.
-            hidden = torch.cat([hidden * self.scaling, F.linear(x, self.residual_A.to(x.dtype))], dim=-1)
-            update = F.linear(hidden, torch.cat([B, self.residual_B.to(x.dtype)], dim=1))
+            # The residual (exact fusions beside a quantized base) rides in the adapter's own matmuls, as k more
+            # pairs: a skinny (tokens, r + k) product instead of one more full-size (tokens, out) output and sum.
+            # Without dropout both sides see x, so A and the residual's rows make one matrix.
+            residual_A, residual_B = self._residual_in(x.dtype)
+            if dropped is x:
+                hidden = F.linear(x, torch.cat([A, residual_A]))
+            else:
+                hidden = torch.cat([F.linear(dropped, A), F.linear(x, residual_A)], dim=-1)
+            columns = torch.cat([B, residual_B], dim=1)
         else:
-            update = F.linear(hidden, B) * self.scaling
+            hidden, columns = F.linear(dropped, A), B
+        update = F.linear(hidden, columns) * self.scaling
         if not self.use_dora:
             return result + update
         bias = self.base_layer.bias
@@ -322,6 +329,21 @@ class AdapterLinear(nn.Module):
             squares = torch.linalg.vector_norm(weight, dim=1).square()
         total = squares + 2.0 * (cross * left).sum(1) + ((left @ (right @ right.T)) * left).sum(1)
         return total.clamp_min(0.0).sqrt()
+
+    def _residual_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual's (k, in) rows and (out, k) columns in the compute dtype, the columns divided by
+        ``scaling`` (forward multiplies the adapter's and the residual's sum by it once). Made once per change
+        of the residual, not per call: on a 4-bit base, casting them in every forward cost SRLoRA 2 launches per
+        layer and call."""
+        sources = (self.residual_A, self.residual_B)
+        stamp = (self.residual_A._version, self.residual_B._version, dtype, self.scaling)
+        cached = self._residual_cache
+        if cached is not None and cached[0][0] is sources[0] and cached[0][1] is sources[1] and cached[1] == stamp:
+            return cached[2]
+        pair = (self.residual_A.to(dtype), (self.residual_B / self.scaling).to(dtype))
+        if not torch.is_inference_mode_enabled():  # an inference tensor could not be saved for a later backward
+            self._residual_cache = (sources, stamp, pair)
+        return pair
 
     # ----- merge ---------------------------------------------------------------------------------------
     @torch.no_grad()

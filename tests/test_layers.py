@@ -238,3 +238,36 @@ def test_dora_row_norms_equal_the_norms_of_the_dense_sum(kind, residual):
     norms = layer.dora_row_norms(A, B)
     assert norms.dtype == torch.float32 and norms.shape == (OUT,)
     assert relative_error(norms, dense) < 1e-6
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["no-dropout", "dropout"])
+def test_forward_with_a_residual_adds_it_undropped_and_follows_each_change(dropout):
+    # SRLoRA's exact fusions beside a quantized base ride in the adapter's matmuls (one matrix with A when there
+    # is no dropout, a second product when there is: dropout never touches the residual). The forward must equal
+    # base(x) + residual_B residual_A x + scaling B A dropout(x), with its compute-dtype copy of the residual
+    # remade after each change (a second fusion, a load) and kept between changes.
+    config = selora.LoRAConfig(r=RANK, alpha=3 * RANK, dropout=dropout)  # scaling 3: not a power of two
+    layer = adapter_layer("4bit", config).train()
+    x, generator = inputs(), torch.Generator().manual_seed(7)
+    A, B = layer.factor_matrices()
+
+    def expected(seed):
+        torch.manual_seed(seed)
+        dropped = layer.dropout(x)
+        return (layer.base_layer(x) + x @ (layer.residual_B @ layer.residual_A).T
+                + layer.scaling * dropped @ (B @ A).T)
+
+    def forward(seed):
+        torch.manual_seed(seed)
+        return layer(x)
+
+    for change in range(2):
+        layer.record_base_change(torch.randn(OUT, 3, generator=generator) * 0.1,
+                                 torch.randn(3, IN, generator=generator) * 0.1, into="residual")
+        assert relative_error(forward(change), expected(change)) < 1e-6, change
+        cached = layer._residual_in(x.dtype)
+        assert all(a is b for a, b in zip(cached, layer._residual_in(x.dtype)))  # kept while nothing changes
+    assert layer._residual_in(x.dtype)[0].shape == (6, IN)
+    loaded = {"residual_A": layer.residual_A.clone(), "residual_B": 2 * layer.residual_B.clone()}
+    layer.residual_A, layer.residual_B = loaded["residual_A"], loaded["residual_B"]  # what a load assigns
+    assert relative_error(forward(5), expected(5)) < 1e-6
