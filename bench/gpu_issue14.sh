@@ -5,7 +5,7 @@
 #   bash bench/gpu_issue14.sh diagnose   # 1.3B: plain/SRLoRA/ZeRO-2/ZeRO-3 rows + ZeRO-2 and ZeRO-3 tuning rows, profiles
 #                                        # (run 2026-12-02 before the config changes, when overlap_comm was on by default)
 #   bash bench/gpu_issue14.sh confirm    # 1.3B: the same rows with the tuned ZeRO configs and cheaper SRLoRA scoring
-#   bash bench/gpu_issue14.sh quantized  # 1.3B: 4-bit LoRA vs SRLoRA after the residual change, bf16 rows beside, profile
+#   bash bench/gpu_issue14.sh quantized  # 1.3B: 4-bit LoRA vs SRLoRA after the residual change, plain LoRA beside, 3 interleaved rounds
 #   bash bench/gpu_issue14.sh 7b ROWS    # 7B (4 x 1024): the given comma-separated rows
 set -euo pipefail
 OUT=${OUT:-/tmp/out}
@@ -20,10 +20,9 @@ case "${1:-}" in
     python bench/recipe_vs_peft.py --shape llama_1b_bench --batch 8 --seq 256 --steps 15 --out "$OUT" --budget 330 \
       --rows "recipe plain LoRA (padding-free),recipe plain SRLoRA (padding-free),recipe ZeRO-2 LoRA (padding-free),recipe ZeRO-3 LoRA (padding-free),recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7),recipe plain 4-bit LoRA (padding-free),recipe plain 4-bit SRLoRA (padding-free)" \
       --profile "recipe ZeRO-3 LoRA (padding-free)" ;;
-  quantized)
-    python bench/recipe_vs_peft.py --shape llama_1b_bench --batch 8 --seq 256 --steps 15 --out "$OUT" --budget 330 \
-      --rows "recipe plain 4-bit LoRA (padding-free),recipe plain 4-bit SRLoRA (padding-free),recipe plain LoRA (padding-free),recipe plain SRLoRA (padding-free default start),recipe plain SeLoRA (padding-free)" \
-      --profile "recipe plain 4-bit SRLoRA (padding-free)" ;;
+  quantized)  # first run (one round, with a profile) 2026-12-02 fourth session: docs/benchmarks/recipe_vs_peft_4bit_one_round.md
+    python bench/recipe_vs_peft.py --shape llama_1b_bench --batch 8 --seq 256 --steps 15 --out "$OUT" --budget 430 \
+      --rounds 3 --rows "recipe plain 4-bit LoRA (padding-free),recipe plain 4-bit SRLoRA (padding-free),recipe plain LoRA (padding-free)" ;;
   7b)
     python bench/recipe_vs_peft.py --shape llama2_7b --batch 4 --seq 1024 --steps 15 --out "$OUT" --budget "${BUDGET:-420}" --rows "$2" ;;
   *) echo "usage: $0 diagnose | confirm | 7b ROWS" >&2; exit 2 ;;

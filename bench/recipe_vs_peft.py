@@ -299,7 +299,8 @@ def profile_rows(args, rows, out: Path, device, dtype) -> None:
         print("--- plain PEFT loop: " + loop_ops[loop_ops.index("## calls that wait"):])
         for row_name, engine, method, recipe, extra, _core in rows:
             run_dir = Path(work) / slug(row_name)
-            profiled = [f"train.profile_steps=[{args.warmup + 1},{args.warmup + 3}]"]
+            # after the first timed step, where SRLoRA rows recompose (its cost is measured apart, amortised)
+            profiled = [f"train.profile_steps=[{args.warmup + 2},{args.warmup + 4}]"]
             cfg = resolve(recipe, [*recipe_overrides(args, engine, method, extra), *profiled,
                                    f"train.output_dir={run_dir}"])
             profiler = cProfile.Profile()
@@ -355,7 +356,29 @@ def markdown(document: dict) -> str:
         lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | "
                      f"{row['tokens_per_s']:,.0f} | {beside} | {row['ratio_to_peft_loop']:.2f} | {row['ratio_to_trainer']:.2f} | "
                      f"{pad} | {same_work} | {first_loss} | {breakdown} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + rounds_table(document["rows"])) + "\n"
+
+
+def rounds_table(rows: list) -> list[str]:
+    """Each row run in several interleaved rounds (--rounds): the median of its ratios, with their range."""
+    runs: dict[tuple, list] = {}
+    for row in rows:
+        if "round" in row and "tokens_per_s" in row:
+            runs.setdefault((row["shape"], row["name"]), []).append(row)
+    if not runs:
+        return []
+    lines = ["", "Rows run in interleaved rounds: medians [range] over the rounds.", "",
+             "| shape | row | rounds | tokens/s | x PEFT loop | step (ms) |", "|---|---|---|---|---|---|"]
+    for (shape, name), group in runs.items():
+        def cell(key, scale=1.0, digits=2):
+            values = [scale * row[key] for row in group if key in row]
+            if not values:
+                return ""
+            return (f"{statistics.median(values):,.{digits}f} [{min(values):,.{digits}f}-"
+                    f"{max(values):,.{digits}f}]")
+        lines.append(f"| {shape} | {name} | {len(group)} | {cell('tokens_per_s', digits=0)} | "
+                     f"{cell('ratio_to_peft_loop')} | {cell('step_s', 1e3, 1)} |")
+    return lines
 
 
 def main() -> None:
@@ -374,6 +397,8 @@ def main() -> None:
                         help="log seconds per phase in every recipe row (synchronises the GPU between phases)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="start no recipe row after this many seconds (the table so far is written after every row)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the rows this many times, interleaved; the table adds each row's median over them")
     parser.add_argument("--profile", default=None, metavar="ROWS",
                         help="comma-separated recipe rows to run again in-process under cProfile and torch.profiler "
                              "(where host and device time go); files recipe_vs_peft_profile_<row>.txt")
@@ -408,8 +433,10 @@ def main() -> None:
     earlier = json.loads(target.read_text())["rows"] if target.is_file() else []
     write_table(target, earlier, rows, anchors, shape_label, name)
     begun = time.time()
+    # Rounds interleave the rows (A B A B ...), so a drift of the host's speed falls on every row alike.
+    order = [(round_index, row) for round_index in range(1, args.rounds + 1) for row in wanted]
     with tempfile.TemporaryDirectory() as work:
-        for row_name, engine, method, recipe, extra, _core in wanted:
+        for round_index, (row_name, engine, method, recipe, extra, _core) in order:
             if args.budget is not None and time.time() - begun > args.budget:
                 print(f"{row_name}: not run (--budget {args.budget:.0f} s spent)", flush=True)
                 continue
@@ -417,6 +444,8 @@ def main() -> None:
             before = rows[-1].get("peft_loop_after", anchors["plain PEFT loop"]["tokens_per_s"])
             row = {"name": row_name, "engine": engine, "method": method,
                    **recipe_row(args, recipe, engine, method, extra, Path(work))}
+            if args.rounds > 1:
+                row["round"] = round_index
             row["peft_loop_after"] = loop.time()["tokens_per_s"]
             row["peft_loop_tokens_per_s"] = (before + row["peft_loop_after"]) / 2  # the loop just before and after
             rows.append(row)
