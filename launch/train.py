@@ -42,11 +42,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     import selora
     from recipes.data import DataError
     from recipes.checkpoint import CheckpointError
+    from recipes.finetune import TrainingDiverged
     from recipes.engine import EngineConfigError
     from recipes.modeling import ModelLoadError
     from recipes.validate import RecipeConfigError
     return (ConfigError, RecipeConfigError, DataError, ModelLoadError, CheckpointError, EngineConfigError,
-            selora.ConfigValueError, selora.TargetModuleError, selora.AdapterFileError, FileNotFoundError)
+            selora.ConfigValueError, selora.TargetModuleError, selora.AdapterFileError, FileNotFoundError,
+            TrainingDiverged)
 
 
 def main(argv: list[str] | None = None) -> int:

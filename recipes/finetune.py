@@ -145,6 +145,9 @@ def run(cfg) -> dict:
             line = {}
             if (train.log_every and step % train.log_every == 0) or step == total_steps:
                 line.update(window.reduce(), lr=lr)
+                if not math.isfinite(line["loss"]):
+                    metrics.log(step, **line)
+                    raise TrainingDiverged(step, line["loss"], lr, output_dir)
                 last["loss"] = line["loss"]
                 progress.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{line['tokens_per_s']:.0f}",
                                      refresh=False)  # drawn with the next update (tqdm's own rate), not every line
@@ -162,12 +165,14 @@ def run(cfg) -> dict:
             if line:
                 metrics.log(step, **line)
             if train.save_every and (step % train.save_every == 0 or step == total_steps):
+                if not window.finite():  # steps not logged yet: a diverged state is never saved over a good one
+                    raise TrainingDiverged(step, float("nan"), lr, output_dir)
                 checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
             timer.lap("log")
             profiler.after_step(step)
     finally:
         gc.unfreeze()  # also when the loop raises: an in-process caller (a test) gets its collector back
-    progress.close()
+        progress.close()  # and an error message starts on a line of its own
     metrics.close()
 
     # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
@@ -294,6 +299,19 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss stopped being a number. The engines take every step as it comes (no skipped steps, as in
+    a plain PyTorch loop; DeepSpeed's overflow check is off in configs/deepspeed), so the run stops here, before a
+    checkpoint of the diverged state is written."""
+
+    def __init__(self, step: int, loss: float, lr: float, output_dir):
+        super().__init__(
+            f"step {step}: the training loss is {loss} (training diverged); nothing from this point was saved, "
+            f"the checkpoints in {output_dir}/checkpoints are from before it. Lower train.learning_rate (now {lr:.3g}), keep "
+            "train.max_grad_norm set, or look for broken records in the data; then rerun: train.resume=auto "
+            "continues from the last checkpoint")
+
+
 class LogWindow:
     """Loss and tokens since the last log line; reduced over ranks only when a line is written."""
 
@@ -318,6 +336,13 @@ class LogWindow:
         self.steps += 1
         self.step_loss.zero_()
         self.micro = 0
+
+    def finite(self) -> bool:
+        """Whether every step's loss since the last `reduce` is finite, on every rank (a collective)."""
+        flag = torch.isfinite(self.loss_sum).float()
+        if world()[1] > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
 
     def reduce(self) -> dict:
         """Since the last call, over all ranks: mean step loss, real tokens per second, real tokens per optimizer

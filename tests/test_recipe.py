@@ -101,3 +101,37 @@ def test_the_loop_freezes_setup_out_of_the_collector_and_gives_it_back_even_when
         run("llama_lora", tmp_path, "train.max_steps=4", "train.save_every=0", "train.eval_every=0")
     assert frozen_during_steps[0] > 0
     assert gc.get_freeze_count() == 0
+
+
+@pytest.mark.parametrize("log_every,save_every", [(1, 3), (0, 2)], ids=["at-its-log-line", "at-its-checkpoint"])
+def test_a_diverged_run_stops_with_a_clear_error_before_saving_it(tmp_path, monkeypatch, capsys, log_every, save_every):
+    """The engines take every step (no overflow skipping): when the loss stops being a number, the run stops at the
+    next log line or checkpoint, whichever comes first, with a one-line error, and never saves the diverged state
+    (the last checkpoint stays the one to resume from)."""
+    real_step = finetune.engines.PlainEngine.step
+    steps = []
+
+    def step_then_poison_after_the_third(self):
+        stepped = real_step(self)
+        steps.append(stepped)
+        if sum(steps) == 3:  # the adapter's weights turn NaN: every later forward's loss is NaN
+            with torch.no_grad():
+                for param in self.params:
+                    param.fill_(float("nan"))
+        return stepped
+    monkeypatch.setattr(finetune.engines.PlainEngine, "step", step_then_poison_after_the_third)
+    from launch.train import main
+    capsys.readouterr()
+    code = main(["--recipe", "llama_lora", f"train.output_dir={tmp_path}", "train.max_steps=8", f"train.save_every={save_every}",
+                 f"train.log_every={log_every}", *SMALL])
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # past the progress bar
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: step 4: the training loss is nan") and "train.learning_rate" in err[0], err
+    checkpoints = tmp_path / "checkpoints"
+    last_good = f"step_{save_every}"  # saved before the NaN step (4); nothing after it
+    assert (checkpoints / "latest").read_text().strip() == last_good
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [last_good]
+    assert not (tmp_path / "adapter").exists()
+    if log_every:  # the diverged step's line is in the metrics, for the plots
+        assert [(l["step"], l["loss"] == l["loss"]) for l in map(json.loads, (tmp_path / "metrics.jsonl").read_text()
+                                                                 .splitlines()) if "loss" in l][-2:] == [(3, True), (4, False)]
