@@ -14,6 +14,7 @@ from . import bases
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INIT_CHOICES = ("default", "pissa")
+INIT_SVD_CHOICES = ("full", "randomized")
 
 
 class ConfigValueError(ValueError):
@@ -30,6 +31,10 @@ class LoRAConfig:
     use_dora: add DoRA's trainable per-output magnitude vector.
     init: "default" (A random, B zero) or "pissa" (factors from the base weight's top-r singular directions,
     base replaced by its residual so the model's function is unchanged).
+    init_svd: how PiSSA finds those directions: "full" (torch.linalg.svd of each weight: minutes for the 224
+    projections of a 7B model on one GPU) or "randomized" (torch.svd_lowrank, 4 power iterations: seconds; the
+    top-r directions of a pretrained weight agree closely; PEFT's "pissa_niter_4"). Either way the base keeps the
+    exact residual, so the model's function is unchanged.
     """
 
     method: ClassVar[str] = "lora"
@@ -41,6 +46,7 @@ class LoRAConfig:
     use_rslora: bool = False
     use_dora: bool = False
     init: str = "default"
+    init_svd: str = "full"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -57,6 +63,8 @@ class LoRAConfig:
             raise ConfigValueError("target_modules is empty: name at least one module, e.g. ('q_proj', 'v_proj')")
         if self.init not in INIT_CHOICES:
             raise ConfigValueError(f"init={self.init!r}: choose one of {INIT_CHOICES}")
+        if self.init_svd not in INIT_SVD_CHOICES:
+            raise ConfigValueError(f"init_svd={self.init_svd!r}: choose one of {INIT_SVD_CHOICES}")
 
     @property
     def scaling(self) -> float:

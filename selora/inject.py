@@ -109,10 +109,12 @@ def apply(model: nn.Module, config: LoRAConfig, *, initialize: bool = True) -> n
 
 
 @torch.no_grad()
-def initialize_adapters(model: nn.Module, svd_method: str = "full") -> dict:
-    """Data-dependent init: PiSSA directions (if configured; the SVDs spread over ranks under ZeRO), then
-    DoRA magnitudes. Every rank must call it. Returns SVD statistics ({"computed_here": n, "owners": ...})."""
+def initialize_adapters(model: nn.Module, svd_method: str | None = None) -> dict:
+    """Data-dependent init: PiSSA directions (if configured; the SVDs spread over ranks under ZeRO; ``svd_method``
+    defaults to the config's ``init_svd``), then DoRA magnitudes. Every rank must call it. Returns SVD statistics
+    ({"computed_here": n, "owners": ...})."""
     config: LoRAConfig = model.selora_config
+    svd_method = svd_method or config.init_svd
     layers = adapter_layers(model)
     stats = {"computed_here": 0, "owners": {}}
     if config.init == "pissa":

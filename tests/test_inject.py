@@ -89,6 +89,34 @@ def test_pissa_init_keeps_function_and_weights(tiny_llama, input_ids, config):
         assert (residual + layer.delta_weight() - weight).abs().max() < 1e-5, name
 
 
+def test_pissa_with_a_randomized_svd_keeps_the_function_and_finds_the_leading_directions(tiny_llama, input_ids):
+    """init_svd="randomized" (PEFT's pissa_niter_4): the base still keeps the exact residual, so the function is
+    unchanged; on weights whose spectrum falls off, as pretrained ones do, the adapters it starts from are those of
+    the full SVD."""
+    torch.manual_seed(0)
+    original = tiny_llama()
+    with torch.no_grad():  # pretrained-like spectra: singular values falling off as 1 / (1 + i)^1.5
+        for layer in selora.adapter_layers(selora.apply(tiny_llama(), selora.LoRAConfig(r=4))):
+            weight = original.get_submodule(layer).weight
+            U, _, Vh = torch.linalg.svd(weight, full_matrices=False)
+            weight.copy_(U @ torch.diag(1.0 / (1.0 + torch.arange(len(Vh))) ** 1.5) @ Vh)
+    reference = logits(original, input_ids)
+    models = {svd: selora.apply(_copy_of(original, tiny_llama), selora.LoRAConfig(r=4, init="pissa", init_svd=svd))
+              for svd in ("full", "randomized")}
+    assert relative_error(logits(models["randomized"], input_ids), reference) < 1e-5
+    full, fast = (selora.adapter_layers(models[svd]) for svd in ("full", "randomized"))
+    errors = [relative_error(fast[name].delta_weight(), full[name].delta_weight()) for name in full]
+    assert 0 < max(errors) < 1e-3, errors  # close, and not the full SVD's bits (it really took the other route)
+    with pytest.raises(ConfigValueError, match="init_svd='fast'.*'randomized'"):
+        selora.LoRAConfig(r=4, init="pissa", init_svd="fast")
+
+
+def _copy_of(model, build):
+    copy = build()
+    copy.load_state_dict(model.state_dict())
+    return copy
+
+
 def test_rslora_scaling(tiny_llama):
     plain = selora.apply(tiny_llama(), selora.LoRAConfig(r=4, alpha=8))
     stable = selora.apply(tiny_llama(), selora.LoRAConfig(r=4, alpha=8, use_rslora=True))
