@@ -36,6 +36,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
     attention: str = "auto"
     seed: int = 0
+    gguf_cache: bool = True
 
 
 @dataclass

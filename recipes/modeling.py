@@ -15,6 +15,8 @@ from torch import nn
 import selora
 from selora import quant
 
+from recipes import gguf_cache
+
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
 DEFAULT_TOKENIZER = ROOT / "configs" / "tokenizer"
@@ -160,7 +162,7 @@ def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.M
         # memory: both are built unsharded and deepspeed.initialize partitions what it can afterwards (ZeRO-3).
         build_context = init_context if kind == "preset" and quantization == "none" else contextlib.nullcontext()
         with build_context:
-            model = _load_gguf(path, dtype) if kind == "gguf" else _build_preset(model_cfg)
+            model = _load_gguf(path, dtype, bool(model_cfg.gguf_cache)) if kind == "gguf" else _build_preset(model_cfg)
         model = cast_parameters(model, dtype)
         if quantization != "none":  # on the target device first: bitsandbytes quantizes where the weight lives
             model = quantize_linears(model.to(device), quantization, dtype, model_cfg.bnb_4bit_quant_type)
@@ -195,7 +197,17 @@ def _build_preset(model_cfg) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> nn.Module:
+def _load_gguf(path: Path, dtype: torch.dtype, use_cache: bool) -> nn.Module:
+    """The .gguf's model de-quantized to ``dtype``: from selora's cache of it (recipes/gguf_cache.py), made on first
+    use, or read from the file itself."""
+    from transformers import AutoModelForCausalLM
+    if not use_cache:
+        return _read_gguf(path, dtype)
+    folder = gguf_cache.cached_checkpoint(path, _convert_gguf)
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+
+def _read_gguf(path: Path, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoModelForCausalLM, GgufConfig
     try:
         return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
@@ -206,13 +218,28 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> nn.Module:
                              "selora reads LLaMA/Mistral/Qwen2 GGUF files") from None
 
 
+def _read_gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def _convert_gguf(path: Path, folder: Path) -> None:
+    """The .gguf's model (float32: what its blocks de-quantize to, exactly) and tokenizer as a Hugging Face folder."""
+    _read_gguf(path, torch.float32).save_pretrained(folder)
+    _read_gguf_tokenizer(path).save_pretrained(folder)
+
+
 def load_tokenizer(tokenizer_cfg, model_cfg):
     """tokenizer.path, else the checkpoint's own tokenizer (model.path, or the .gguf's), else configs/tokenizer."""
     from transformers import AutoTokenizer
     if not tokenizer_cfg.path:
         kind, gguf = model_source(model_cfg)
         if kind == "gguf":  # the tokenizer and chat template stored in the .gguf
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+            if model_cfg.gguf_cache:
+                folder = gguf_cache.cached_checkpoint(gguf, _convert_gguf)
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            else:
+                tokenizer = _read_gguf_tokenizer(gguf)
             if tokenizer.pad_token_id is None:
                 tokenizer.pad_token = tokenizer.eos_token
             return tokenizer

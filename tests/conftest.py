@@ -1,6 +1,9 @@
 """Shared fixtures: a tiny seeded LLaMA (64 wide, 2 layers, grouped-query attention) and a fixed batch of ids."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -34,6 +37,19 @@ def quantize_projections(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     from recipes.modeling import quantize_linears
 
     return quantize_linears(model, kind, torch.float32, "nf4")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def selora_cache(tmp_path_factory):
+    """The test session's own cache of converted .gguf files (recipes/gguf_cache.py), for every process it starts:
+    each run starts cold, and the user's ~/.cache is never touched."""
+    previous = os.environ.get("SELORA_CACHE")
+    os.environ["SELORA_CACHE"] = str(tmp_path_factory.mktemp("selora_cache"))
+    yield Path(os.environ["SELORA_CACHE"])
+    if previous is None:
+        del os.environ["SELORA_CACHE"]
+    else:
+        os.environ["SELORA_CACHE"] = previous
 
 
 @pytest.fixture
