@@ -22,6 +22,10 @@ from typing import Callable
 COMPLETE = "selora_gguf_source.txt"  # written last into an entry: which .gguf it was made from
 
 
+class CacheUnavailable(OSError):
+    """The cache folder cannot be created or locked here (a read-only home, a file in its place)."""
+
+
 def cache_root() -> Path:
     if os.environ.get("SELORA_CACHE"):
         return Path(os.environ["SELORA_CACHE"]) / "gguf"
@@ -44,8 +48,12 @@ def cached_checkpoint(gguf: Path, convert: Callable[[Path, Path], None]) -> Path
     entry = root / entry_name(gguf)
     if (entry / COMPLETE).is_file():
         return entry
-    root.mkdir(parents=True, exist_ok=True)
-    with _locked(root / ".lock"):
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = open(root / ".lock", "a")
+    except OSError as error:
+        raise CacheUnavailable(f"{root}: {error.strerror or error}") from None
+    with lock, _locked(lock):
         if (entry / COMPLETE).is_file():  # another process made it while this one waited
             return entry
         for stale in root.glob(f".{entry.name}.*"):  # staging folders of conversions that were killed
@@ -63,10 +71,9 @@ def cached_checkpoint(gguf: Path, convert: Callable[[Path, Path], None]) -> Path
 
 
 @contextmanager
-def _locked(path: Path):
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _locked(handle):
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -201,10 +202,21 @@ def _load_gguf(path: Path, dtype: torch.dtype, use_cache: bool) -> nn.Module:
     """The .gguf's model de-quantized to ``dtype``: from selora's cache of it (recipes/gguf_cache.py), made on first
     use, or read from the file itself."""
     from transformers import AutoModelForCausalLM
-    if not use_cache:
+    folder = _cached_gguf(path) if use_cache else None
+    if folder is None:
         return _read_gguf(path, dtype)
-    folder = gguf_cache.cached_checkpoint(path, _convert_gguf)
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+
+
+def _cached_gguf(path: Path) -> Path | None:
+    """The cache's Hugging Face folder of the .gguf (made on first use); None, after a warning, where no cache can
+    be written."""
+    try:
+        return gguf_cache.cached_checkpoint(path, _convert_gguf)
+    except gguf_cache.CacheUnavailable as error:
+        print(f"warning: cannot keep a de-quantized copy of {path.name} ({error}); reading the .gguf itself "
+              "(set SELORA_CACHE to a writable folder, or model.gguf_cache=false)", file=sys.stderr, flush=True)
+        return None
 
 
 def _read_gguf(path: Path, dtype: torch.dtype) -> nn.Module:
@@ -235,8 +247,8 @@ def load_tokenizer(tokenizer_cfg, model_cfg):
     if not tokenizer_cfg.path:
         kind, gguf = model_source(model_cfg)
         if kind == "gguf":  # the tokenizer and chat template stored in the .gguf
-            if model_cfg.gguf_cache:
-                folder = gguf_cache.cached_checkpoint(gguf, _convert_gguf)
+            folder = _cached_gguf(gguf) if model_cfg.gguf_cache else None
+            if folder is not None:
                 tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
             else:
                 tokenizer = _read_gguf_tokenizer(gguf)

@@ -87,3 +87,17 @@ def test_gguf_cache_false_reads_the_file_itself(tmp_path, monkeypatch, tiny_llam
     cfg = resolve("llama_selora", ["model.gguf_cache=false"]).model
     modeling.load_model(cfg, torch.device("cpu"))
     assert read == [(modeling.model_source(cfg)[1], torch.float32)] and not (tmp_path / "cache").exists()
+
+
+def test_where_no_cache_can_be_written_the_file_is_read_after_a_warning(tmp_path, monkeypatch, capsys, tiny_llama):
+    from launch.config import resolve
+    from recipes import modeling
+    (tmp_path / "not_a_folder").write_text("")
+    monkeypatch.setenv("SELORA_CACHE", str(tmp_path / "not_a_folder"))  # its gguf/ can never be made
+    read = []
+    monkeypatch.setattr(modeling, "_read_gguf", lambda path, dtype: read.append(path) or tiny_llama())
+    cfg = resolve("llama_selora").model
+    modeling.load_model(cfg, torch.device("cpu"))
+    assert read == [modeling.model_source(cfg)[1]]
+    err = capsys.readouterr().err
+    assert "warning: cannot keep a de-quantized copy of SmolLM2-135M-Instruct.Q4_1.gguf" in err and "SELORA_CACHE" in err
