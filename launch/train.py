@@ -45,10 +45,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from recipes.finetune import TrainingDiverged
     from recipes.engine import EngineConfigError
     from recipes.modeling import ModelLoadError
+    from recipes.shared_build import BuildFailed
     from recipes.validate import RecipeConfigError
     return (ConfigError, RecipeConfigError, DataError, ModelLoadError, CheckpointError, EngineConfigError,
             selora.ConfigValueError, selora.TargetModuleError, selora.AdapterFileError, FileNotFoundError,
-            TrainingDiverged)
+            TrainingDiverged, BuildFailed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,28 +2,24 @@
 so later runs start in a second instead of the ~35 s transformers takes to read SmolLM2-135M's .gguf on a CPU.
 
 The folder is keyed by the file (resolved path, size, modification time) and the transformers version that
-converted it, so an edited or replaced file, or a new converter, makes a new entry. Entries are written to a
-temporary folder and renamed into place, one process at a time (a lock file): ranks of one launch that all miss the
-cache convert once, and a killed conversion leaves nothing a later run would read. Where: ``$SELORA_CACHE/gguf``,
-else ``$XDG_CACHE_HOME/selora/gguf``, else ``~/.cache/selora/gguf``; ``model.gguf_cache=false`` reads the .gguf
+converted it, so an edited or replaced file, or a new converter, makes a new entry. It is made through
+recipes/shared_build.py: one process per node converts (under a file lock, into a staging folder renamed into
+place), the others wait, and an entry is used only when its manifest checks out (config, weights and tokenizer,
+with their sizes); anything less is rebuilt with one warning line. Where: ``$SELORA_CACHE/gguf``, else
+``$XDG_CACHE_HOME/selora/gguf``, else ``~/.cache/selora/gguf``; ``model.gguf_cache=false`` reads the .gguf
 directly every time. An entry of SmolLM2-135M takes 0.5 GB (float32, what the .gguf de-quantizes to exactly).
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-COMPLETE = "selora_gguf_source.txt"  # written last into an entry: which .gguf it was made from
+from recipes.shared_build import build_once
 
-
-class CacheUnavailable(OSError):
-    """The cache folder cannot be created or locked here (a read-only home, a file in its place)."""
+# What a converted entry must hold to be used: the model's config and weights and the tokenizer.
+REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
 def cache_root() -> Path:
@@ -41,39 +37,8 @@ def entry_name(gguf: Path) -> str:
     return f"{resolved.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def cached_checkpoint(gguf: Path, convert: Callable[[Path, Path], None]) -> Path:
+def cached_checkpoint(gguf: Path, convert: Callable[[Path, Path], None], required=REQUIRED) -> Path:
     """The folder holding ``gguf`` as a Hugging Face checkpoint (config, safetensors, tokenizer), made by
-    ``convert(gguf, folder)`` on the first call."""
-    root = cache_root()
-    entry = root / entry_name(gguf)
-    if (entry / COMPLETE).is_file():
-        return entry
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".lock", "a")
-    except OSError as error:
-        raise CacheUnavailable(f"{root}: {error.strerror or error}") from None
-    with lock, _locked(lock):
-        if (entry / COMPLETE).is_file():  # another process made it while this one waited
-            return entry
-        for stale in root.glob(f".{entry.name}.*"):  # staging folders of conversions that were killed
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=root))
-        try:
-            convert(gguf, staging)
-            (staging / COMPLETE).write_text(f"{gguf.resolve()}\n")
-            if entry.exists():  # an entry without its marker: left by a copy interrupted outside selora
-                shutil.rmtree(entry)
-            staging.rename(entry)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return entry
-
-
-@contextmanager
-def _locked(handle):
-    fcntl.flock(handle, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
+    ``convert(gguf, folder)`` on the first call. Under torch.distributed every rank must call it together."""
+    return build_once(cache_root() / entry_name(gguf), lambda folder: convert(gguf, folder),
+                      what=f"the de-quantized copy of {gguf.name}", required=required, scope="node")

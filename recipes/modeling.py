@@ -17,6 +17,7 @@ import selora
 from selora import quant
 
 from recipes import gguf_cache
+from recipes.shared_build import BuildUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
@@ -213,7 +214,7 @@ def _cached_gguf(path: Path) -> Path | None:
     be written."""
     try:
         return gguf_cache.cached_checkpoint(path, _convert_gguf)
-    except gguf_cache.CacheUnavailable as error:
+    except BuildUnavailable as error:
         print(f"warning: cannot keep a de-quantized copy of {path.name} ({error}); reading the .gguf itself "
               "(set SELORA_CACHE to a writable folder, or model.gguf_cache=false)", file=sys.stderr, flush=True)
         return None
@@ -236,9 +237,29 @@ def _read_gguf_tokenizer(path: Path):
 
 
 def _convert_gguf(path: Path, folder: Path) -> None:
-    """The .gguf's model (float32: what its blocks de-quantize to, exactly) and tokenizer as a Hugging Face folder."""
-    _read_gguf(path, torch.float32).save_pretrained(folder)
+    """The .gguf's model (float32: what its blocks de-quantize to, exactly) and tokenizer as a Hugging Face folder.
+
+    Written here, not by ``model.save_pretrained``: under torch.distributed that writes on global rank 0 only, and
+    the process converting is whichever rank builds the cache (recipes/shared_build.py)."""
+    from safetensors.torch import save_file
+    model = _read_gguf(path, torch.float32)
+    model.config.save_pretrained(folder)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(folder)
+    save_file(_unshared_state(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     _read_gguf_tokenizer(path).save_pretrained(folder)
+
+
+def _unshared_state(model: nn.Module) -> dict:
+    """The state dict with each storage once, under its first name (a tied lm_head is kept as the embedding it
+    shares, and tied again on load), contiguous, as safetensors requires."""
+    state, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key not in seen:
+            seen.add(key)
+            state[name] = tensor.detach().contiguous()
+    return state
 
 
 def load_tokenizer(tokenizer_cfg, model_cfg):

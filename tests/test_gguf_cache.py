@@ -28,6 +28,8 @@ class Converter:
         (folder / "model.safetensors").write_bytes(gguf.read_bytes())
         if self.fail:
             raise RuntimeError("conversion killed half-way")
+        for name in set(gguf_cache.REQUIRED) - {"model.safetensors"}:
+            (folder / name).write_text("{}")
 
 
 def test_converted_once_per_version_of_the_file(tmp_path, monkeypatch):
@@ -101,3 +103,64 @@ def test_where_no_cache_can_be_written_the_file_is_read_after_a_warning(tmp_path
     assert read == [modeling.model_source(cfg)[1]]
     err = capsys.readouterr().err
     assert "warning: cannot keep a de-quantized copy of SmolLM2-135M-Instruct.Q4_1.gguf" in err and "SELORA_CACHE" in err
+
+
+def test_a_poisoned_entry_is_rebuilt_with_one_warning(tmp_path, monkeypatch, capsys):
+    """The entry a two-process cold start used to leave (transformers wrote the tokenizer on rank 1 but the model
+    only on rank 0): exactly those files, the old completion marker, no config and no weights."""
+    monkeypatch.setenv("SELORA_CACHE", str(tmp_path / "cache"))
+    gguf, convert = fake_gguf(tmp_path / "model"), Converter()
+    poisoned = gguf_cache.cache_root() / gguf_cache.entry_name(gguf)
+    poisoned.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "selora_gguf_source.txt"):
+        (poisoned / name).write_text("{}")
+    entry = gguf_cache.cached_checkpoint(gguf, convert)
+    assert entry == poisoned and convert.calls == 1 and (entry / "model.safetensors").read_bytes() == b"weights"
+    assert not (entry / "selora_gguf_source.txt").exists()  # the old entry was replaced whole
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: the de-quantized copy of model.gguf in {entry} is incomplete (no manifest); "
+                        "rebuilding it"]
+    # A truncated weight file (a full disk, a copy cut short) is caught by its size and rebuilt too.
+    (entry / "model.safetensors").write_bytes(b"wei")
+    assert gguf_cache.cached_checkpoint(gguf, convert) == entry and convert.calls == 2
+    assert "model.safetensors has 3 bytes, the manifest says 7" in capsys.readouterr().err
+    assert gguf_cache.cached_checkpoint(gguf, convert) == entry and convert.calls == 2  # complete: reused
+
+
+def test_a_conversion_that_writes_no_weights_is_an_error_not_an_entry(tmp_path, monkeypatch):
+    from recipes.shared_build import BuildFailed
+    monkeypatch.setenv("SELORA_CACHE", str(tmp_path / "cache"))
+    gguf = fake_gguf(tmp_path / "model")
+
+    def tokenizer_only(gguf, folder):  # what save_pretrained on a rank other than 0 used to leave
+        (folder / "tokenizer.json").write_text("{}")
+
+    with pytest.raises(BuildFailed, match="wrote no config.json, model.safetensors, tokenizer_config.json"):
+        gguf_cache.cached_checkpoint(gguf, tokenizer_only)
+    assert os.listdir(tmp_path / "cache" / "gguf") == [".lock"]
+
+
+def test_conversion_writes_weights_on_a_rank_other_than_0(tmp_path, monkeypatch, tiny_llama):
+    """transformers' save_pretrained writes nothing unless it runs on global rank 0; the converter does not use it
+    for the weights, so the rank that builds the cache writes a loadable model whatever its number."""
+    from transformers import AutoModelForCausalLM
+    from transformers.distributed import mixin
+    from recipes import modeling
+    model = tiny_llama(tie_word_embeddings=True)
+    monkeypatch.setattr(modeling, "_read_gguf", lambda path, dtype: model)
+    monkeypatch.setattr(modeling, "_read_gguf_tokenizer", lambda path: _Tokenizer())
+    monkeypatch.setattr(mixin, "_is_torch_distributed_initialized", lambda: True)  # as on rank 1 of a group
+    monkeypatch.setattr(mixin, "_get_torch_distributed_rank", lambda: 1)
+    folder = tmp_path / "entry"
+    folder.mkdir()
+    modeling._convert_gguf(tmp_path / "m.gguf", folder)
+    loaded = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    for (name, a), (_, b) in zip(loaded.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()  # tied again
+
+
+class _Tokenizer:
+    def save_pretrained(self, folder):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (Path(folder) / name).write_text("{}")
