@@ -212,6 +212,54 @@ def resolve_config_path(name: str) -> Path:
     return path
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EngineConfigError(f"deepspeed.config={str(path)!r} is not valid JSON ({error}); fix the file") from None
+    if not isinstance(config, dict):
+        raise EngineConfigError(f"deepspeed.config={str(path)!r} holds a {type(config).__name__}, not a JSON object")
+    return config
+
+
+def check_deepspeed_config(cfg, total_steps: int, world_size: int) -> None:
+    """What DeepSpeed would refuse at deepspeed.initialize, after the model has loaded, refused now: the resolved
+    config (file, overrides, filled "auto" values) goes through DeepSpeed's own parser, and the optimizer and
+    scheduler types through its lists of known ones."""
+    import pydantic
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
+    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
+    config = deepspeed_config(cfg, total_steps, world_size)
+    where = f"deepspeed.config={str(cfg.deepspeed.config)!r} (with deepspeed.overrides)"
+    # DeepSpeed takes its own optimizers (any case) and any torch.optim class by name; schedulers by exact name.
+    optimizer = config.get("optimizer", {}).get("type")
+    if optimizer is not None and optimizer.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, optimizer):
+        raise EngineConfigError(f"{where}: optimizer.type={optimizer!r} is not one DeepSpeed knows; choose one of "
+                                f"{DEEPSPEED_OPTIMIZERS} or a torch.optim class")
+    scheduler = config.get("scheduler", {}).get("type")
+    if scheduler is not None and scheduler not in VALID_LR_SCHEDULES:
+        raise EngineConfigError(f"{where}: scheduler.type={scheduler!r} is not one DeepSpeed knows; choose one of "
+                                f"{VALID_LR_SCHEDULES}")
+    try:
+        DeepSpeedConfig(copy.deepcopy(config))
+    except pydantic.ValidationError as error:
+        first = error.errors()[0]
+        raise EngineConfigError(f"{where}: DeepSpeed refuses {_json_key(config, first['loc'], error.title)} = "
+                                f"{first.get('input')!r}: {first['msg']}; fix or remove that key") from None
+    except Exception as error:  # noqa: BLE001 - DeepSpeed's own checks raise assorted types; each means bad input
+        raise EngineConfigError(f"{where}: DeepSpeed refuses it: {str(error).splitlines()[0]}") from None
+
+
+def _json_key(config: dict, loc: tuple, model_name: str) -> str:
+    """The dotted JSON key of a pydantic error's location, which DeepSpeed reports inside one section's model."""
+    def holds(tree, path) -> bool:
+        return not path or (isinstance(tree, dict) and path[0] in tree and holds(tree[path[0]], path[1:]))
+
+    path = [str(part) for part in loc]
+    sections = [name for name, value in config.items() if holds(value, path)]
+    return ".".join([sections[0] if sections else model_name, *path])
+
+
 def _merge(base: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -233,7 +281,7 @@ def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | 
     e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}.
     """
     train = cfg.train
-    config = json.loads(resolve_config_path(str(cfg.deepspeed.config)).read_text())
+    config = _read_json(resolve_config_path(str(cfg.deepspeed.config)))
     overrides = OmegaConf.select(cfg, "deepspeed.overrides", default=None)
     if overrides is not None:
         _merge(config, OmegaConf.to_container(overrides, resolve=True))

@@ -156,8 +156,12 @@ def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.M
         if quantization != "none":
             kwargs["quantization_config"] = _bnb_config(model_cfg, dtype)
             kwargs["device_map"] = {"": device}
-        with init_context:
-            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        try:
+            with init_context:
+                model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        except Exception as error:  # noqa: BLE001 - a damaged checkpoint surfaces as assorted library errors
+            raise ModelLoadError(f"cannot load model.path={str(path)!r} ({_first_line(error)}); point model.path at "
+                                 "a complete Hugging Face checkpoint folder (config.json and its weights)") from None
         name = str(path)
     else:
         # Quantizing needs whole weights, and a .gguf (small weights meant for local use) is de-quantized whole in
@@ -282,11 +286,17 @@ def load_tokenizer(tokenizer_cfg, model_cfg):
         raise ModelLoadError(f"tokenizer.path={str(path)!r} is not a directory holding a tokenizer; fix tokenizer.path")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - transformers and tokenizers raise assorted types for bad files
+        raise ModelLoadError(f"cannot load a tokenizer from {str(path)!r} ({_first_line(error)}); point "
+                             "tokenizer.path at a folder written by a tokenizer's save_pretrained") from None
     if tokenizer.pad_token_id is None:  # LLaMA tokenizers ship without one; padding is masked anyway
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
 def _has_tokenizer(path: Path) -> bool:

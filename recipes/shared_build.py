@@ -19,6 +19,7 @@ import fcntl
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -126,7 +127,8 @@ def _build_or_reuse(target: Path, build, what: str, required: Sequence[str]) -> 
 def _write_manifest(folder: Path, what: str) -> None:
     files = {str(path.relative_to(folder)): path.stat().st_size
              for path in sorted(folder.rglob("*")) if path.is_file()}
-    (folder / MANIFEST).write_text(json.dumps({"what": what, "files": files}, indent=1) + "\n")
+    made_by = {"host": socket.gethostname(), "pid": os.getpid(), "rank": os.environ.get("RANK")}
+    (folder / MANIFEST).write_text(json.dumps({"what": what, "made_by": made_by, "files": files}, indent=1) + "\n")
 
 
 def _local_rank() -> int:

@@ -1,11 +1,12 @@
 """Every check of a recipe config that needs neither data nor weights, in one place, run before anything is
 read or loaded: cfg.train's numbers and choices, the adapter and SRLoRA settings (built into the library's own
-dataclasses, which validate themselves), the DeepSpeed config name. A bad value raises one error whose message
+dataclasses, which validate themselves), the DeepSpeed config (through DeepSpeed's own parser). A bad value raises one error whose message
 names the key, the value and the fix. (The output directory and the checkpoint to resume are checked by
 recipes/checkpoint.py's `plan_resume`.)"""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -41,8 +42,8 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     srlora = srlora_config_from(cfg) if cfg.srlora.enabled else None
     if srlora is not None:
         check_srlora_schedule(srlora, adapter, int(cfg.train.max_steps or 0) or None)
-    if cfg.deepspeed.config is not None:
-        engines.resolve_config_path(str(cfg.deepspeed.config))
+    if cfg.deepspeed.config is not None:  # what DeepSpeed would refuse once the model is loaded, refused now
+        engines.check_deepspeed_config(cfg, int(cfg.train.max_steps or 1), int(os.environ.get("WORLD_SIZE", "1")))
     return adapter, srlora
 
 

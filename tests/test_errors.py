@@ -64,6 +64,15 @@ def places(tmp_path_factory, finished_run) -> dict[str, Path]:
     folder.mkdir()
     (folder / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b"\n')
     (folder / "empty.jsonl").write_text("")
+    # Files only a library can judge: DeepSpeed's config parser, transformers' tokenizer and model loaders.
+    (folder / "ds_typo.json").write_text('{"zero_optimization": {"stage": 2, "stagee": 2}}')
+    (folder / "ds_broken.json").write_text('{zero_optimization: 2}')
+    (folder / "broken_tokenizer").mkdir()
+    (folder / "broken_tokenizer" / "tokenizer.json").write_text('{"model": {}}')  # no "added_tokens"
+    (folder / "broken_tokenizer" / "tokenizer_config.json").write_text("{}")
+    (folder / "broken_model").mkdir()
+    (folder / "broken_model" / "config.json").write_text('{"model_type": "llama", "hidden_size": "wide"}')
+    (folder / "broken_model" / "model.safetensors").write_bytes(b"not safetensors")
     return {"run": run, "corrupt": corrupt, "bare": bare, "file": base / "file", "data": folder, "base": base}
 
 

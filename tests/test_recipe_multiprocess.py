@@ -121,10 +121,12 @@ def test_the_designs_command_runs_on_two_processes_with_zero2(tmp_path):
     is chosen, said once, before the model loads; the base and fine-tuned answers are printed once, by rank 0.
     (Three prompts' answers took 80 of this test's 150 s on two ranks sharing 2 cores.)"""
     out = tmp_path / "design"
+    cache = tmp_path / "cold_cache"  # a fresh machine's: the model cache starts empty, whatever ran before
     process = launch(out, args=["launch/train.py", "--recipe", "llama_selora", "train.max_steps=1",
-                                "train.sample_prompts=['What is 2 plus 3?']"])
+                                "train.sample_prompts=['What is 2 plus 3?']"], extra_env={"SELORA_CACHE": str(cache)})
     log = (tmp_path / "design.log").read_text()
     assert process.returncode == 0, log[-3000:]
+    assert smollm2_entry_made_by(cache) == "0" and "warning" not in log  # local rank 0 converted, rank 1 waited
     notes = [line for line in log.splitlines() if "using ZeRO-2" in line]
     assert len(notes) == 1, notes  # rank 0 only
     assert log.index("using ZeRO-2") < log.index("trainable")  # before the parameter table
@@ -133,3 +135,47 @@ def test_the_designs_command_runs_on_two_processes_with_zero2(tmp_path):
     engine_files = sorted(p.name for p in (out / "checkpoints" / "step_1" / "engine").rglob("*") if p.is_file())
     assert any("zero_pp_rank_1" in name for name in engine_files), engine_files  # optimizer sharded over 2 ranks
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def smollm2_entry_made_by(cache: Path) -> str:
+    """The rank that converted the default model into ``cache``; the entry must be complete."""
+    from launch.config import resolve
+    from recipes import gguf_cache
+    from recipes.modeling import model_source
+    from recipes.shared_build import MANIFEST, incomplete
+    entry = cache / "gguf" / gguf_cache.entry_name(model_source(resolve("llama_selora").model)[1])
+    assert incomplete(entry) is None, incomplete(entry)
+    files = json.loads((entry / MANIFEST).read_text())["files"]
+    assert set(gguf_cache.REQUIRED) <= set(files) and files["model.safetensors"] > 500e6  # float32 SmolLM2
+    return json.loads((entry / MANIFEST).read_text())["made_by"]["rank"]
+
+
+def test_two_nodes_on_one_cache_with_rank_1_first_repair_a_poisoned_entry(tmp_path):
+    """Two one-process "nodes" (each its node's local rank 0, so each may build) share one cache folder holding the
+    half entry the old cold start left. Rank 0 is held back before the lock, so rank 1 converts: the entry is
+    repaired with one warning line, written by rank 1 (transformers would have saved no weights there), and rank 0
+    reads it. Plain processes with the launcher's variables, no launcher: the cheapest two-process run."""
+    from launch.config import resolve
+    from recipes import gguf_cache
+    from recipes.modeling import model_source
+    cache = tmp_path / "cache"
+    poisoned = cache / "gguf" / gguf_cache.entry_name(model_source(resolve("llama_selora").model)[1])
+    poisoned.mkdir(parents=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "selora_gguf_source.txt"):
+        (poisoned / name).write_text("{}")
+    out, port = tmp_path / "run", str(29500 + os.getpid() % 200)
+    env = {**os.environ, **CPU, "SELORA_CACHE": str(cache), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SELORA_DELAY_LOCK_RANK": "0",
+           "PYTHONPATH": f"{ROOT / 'tests' / 'fault_injection'}{os.pathsep}{ROOT}"}
+    args = ["launch/train.py", "--recipe", "llama_selora", "train.max_steps=1", "train.sample_prompts=[]",
+            "data.max_train_records=8", "train.export_peft=false", f"train.output_dir={out}"]
+    logs = [tmp_path / f"rank{rank}.log" for rank in range(2)]
+    processes = [subprocess.Popen(["python", *args], cwd=ROOT, env={**env, "RANK": str(rank)},
+                                  stdout=open(logs[rank], "w"), stderr=subprocess.STDOUT) for rank in range(2)]
+    codes = [process.wait(timeout=600) for process in processes]
+    text = [log.read_text() for log in logs]
+    assert codes == [0, 0], "\n".join(t[-2000:] for t in text)
+    assert smollm2_entry_made_by(cache) == "1"
+    warnings = [line for t in text for line in t.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "incomplete (no manifest); rebuilding it" in warnings[0], warnings
+    assert sorted(losses(out)) == [1]
