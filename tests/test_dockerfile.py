@@ -37,11 +37,26 @@ def test_dockerfile_default_command_is_readmes_default_job():
     assert 'CMD ["python", "launch/train.py", "--recipe", "llama_selora"]' in (ROOT / "Dockerfile").read_text()
 
 
+def test_readmes_commands_install_the_pinned_set():
+    assert all("-c constraints.txt" in command for command in readme_commands())
+    pins = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line and not line.startswith("#")]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.\-]+==\S+", pin) for pin in pins), pins
+    names = {pin.split("==")[0].lower().replace("_", "-") for pin in pins}
+    assert {"transformers", "deepspeed", "bitsandbytes", "datasets", "peft"} <= names and "torch" not in names
+
+
 def test_ci_runs_readmes_test_command_in_a_fresh_venv():
     script = (ROOT / ".ci" / "run").read_text()
     lines = [line.strip() for line in script.splitlines() if line.strip() and not line.strip().startswith("#")]
     assert readme_commands()[1] in lines, "the last step of .ci/run must be README's test command, verbatim"
     assert lines[-1] == readme_commands()[1]  # last: its exit status is CI's
+    # First contact before the tests, on an empty HOME: the design's two-process command, then the default job.
+    default_job = lines.index(readme_commands()[0])
+    readme_install = f"pip install torch==2.13.0 && {install_steps(readme_commands()[0])} && "
+    design = next(i for i, line in enumerate(lines) if line.startswith(readme_install)
+                  and "deepspeed --num_gpus 2 launch/train.py --recipe llama_selora" in line)
+    home = next(i for i, line in enumerate(lines) if line.startswith("export HOME="))
+    assert home < design < default_job < len(lines) - 1
     assert "set -euo pipefail" in lines
     venv = next(i for i, line in enumerate(lines) if re.search(r"python3? -m venv ", line))
     activate = next(i for i, line in enumerate(lines) if re.search(r"(source|\.) .*/bin/activate", line))
