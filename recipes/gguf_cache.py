@@ -37,8 +37,8 @@ def entry_name(gguf: Path) -> str:
     return f"{resolved.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def cached_checkpoint(gguf: Path, convert: Callable[[Path, Path], None], required=REQUIRED) -> Path:
+def cached_checkpoint(gguf: Path, convert: Callable[[Path, Path], None]) -> Path:
     """The folder holding ``gguf`` as a Hugging Face checkpoint (config, safetensors, tokenizer), made by
     ``convert(gguf, folder)`` on the first call. Under torch.distributed every rank must call it together."""
     return build_once(cache_root() / entry_name(gguf), lambda folder: convert(gguf, folder),
-                      what=f"the de-quantized copy of {gguf.name}", required=required, scope="node")
+                      what=f"the de-quantized copy of {gguf.name}", required=REQUIRED, scope="node")
