@@ -240,8 +240,12 @@ def check_deepspeed_config(cfg, total_steps: int, world_size: int) -> None:
     if scheduler is not None and scheduler not in VALID_LR_SCHEDULES:
         raise EngineConfigError(f"{where}: scheduler.type={scheduler!r} is not one DeepSpeed knows; choose one of "
                                 f"{VALID_LR_SCHEDULES}")
+    # DeepSpeed's parser checks the batch sizes against the process group it sees, none yet (one process): the
+    # world size was checked by deepspeed_config above, so the copy it parses states one process's batch.
+    parsed = copy.deepcopy(config)
+    parsed["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
     try:
-        DeepSpeedConfig(copy.deepcopy(config))
+        DeepSpeedConfig(parsed)
     except pydantic.ValidationError as error:
         first = error.errors()[0]
         raise EngineConfigError(f"{where}: DeepSpeed refuses {_json_key(config, first['loc'], error.title)} = "

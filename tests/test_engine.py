@@ -4,6 +4,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from recipes import engine
+from conftest import TINY_MODEL
 from recipes.modeling import preset_config
 
 
@@ -34,3 +35,16 @@ def test_per_module_fetch_is_left_alone(tiny_llama, monkeypatch, case):
         zero["stage3_module_granularity_threshold"] = 1000
     assert engine.whole_layer_fetch(tiny_llama, {"zero_optimization": zero}) == []
     assert leaves(tiny_llama) == []
+
+
+def test_deepspeeds_parser_judges_a_config_for_several_processes_before_their_group_exists():
+    """validate runs before torch.distributed starts, where DeepSpeed's parser sees one process: a valid config for
+    four ranks passes, and a key DeepSpeed refuses is named whatever the world size."""
+    from launch.config import resolve
+    from recipes.engine import EngineConfigError, check_deepspeed_config
+    for world_size in (1, 4):
+        check_deepspeed_config(resolve("llama_selora", ["deepspeed.config=zero3", *TINY_MODEL]), 10, world_size)
+        bad = resolve("llama_selora", ["deepspeed.config=zero2", *TINY_MODEL,
+                                       "deepspeed.overrides={zero_optimization: {offload_param: {device: gpu}}}"])
+        with pytest.raises(EngineConfigError, match=r"zero_optimization\.offload_param\.device = 'gpu'"):
+            check_deepspeed_config(bad, 10, world_size)
