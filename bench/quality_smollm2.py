@@ -8,6 +8,9 @@ every run through the recipe entry point, learning rates chosen per family on he
     python bench/quality_smollm2.py run --model-path DIR    # GPU: sweep, then the grid; resumable; prints timings
     python bench/quality_smollm2.py report --results R.jsonl  # tables, plots and docs/quality.md's marked sections
 
+Every command takes ``--study srlora`` for the SRLoRA study (issue 28): ranks 2 and 4, 800 steps, 3,562 training
+records, its own data folder (.quality/srlora/data), report folder (docs/quality/srlora) and marked sections.
+
 `run` starts each run as its own process (`one`), ``--parallel`` at a time (SmolLM2-135M runs are bound by the host's
 kernel launches, so several share one GPU well), appends every finished run to ``WORK/results.jsonl`` (and copies
 it to ``--out``) and skips runs already there, so a call cut off by its time limit loses only the runs in flight.
@@ -61,13 +64,28 @@ class Settings:
     model_preset: str | None = None
     data: str = str(DATA)
     seeds: tuple[int, ...] = (0, 1, 2)
-    sweep_stride: int = 1          # every sweep_stride-th rate of SWEEP (the smoke takes the two ends)
+    sweep_stride: int = 1          # every sweep_stride-th rate of the sweep (the smoke takes the two ends)
+    sweep_steps: int | None = None  # steps of a learning-rate sweep run (None: steps)
+    study: str = "main"            # which grid: "main" (the method comparison) or "srlora" (SRLoRA at small ranks)
 
     @classmethod
     def load(cls, path: Path) -> "Settings":
         values = json.loads(path.read_text())
         values["seeds"] = tuple(values["seeds"])
         return cls(**values)
+
+
+# The SRLoRA study (issue 28): small ranks, 4x longer runs, 3x the commonsense records; rates swept on shorter runs.
+STUDY_SETTINGS = {"main": {}, "srlora": dict(steps=800, sweep_steps=300, train_choice=1000, test_math=200, test_choice=150,
+                                             data=str(ROOT / ".quality" / "srlora" / "data"), study="srlora")}
+STUDY = "main"  # the grid this process plans, runs and reports (use_study)
+
+
+def use_study(name: str) -> None:
+    global STUDY
+    if name not in STUDY_SETTINGS:
+        raise SystemExit(f"error: --study {name}: choose one of {', '.join(STUDY_SETTINGS)}")
+    STUDY = name
 
 
 SMOKE = dict(steps=12, micro_batch=2, max_length=320, warmup=2, train_choice=4, heldout_math=4, test_math=3,
@@ -103,7 +121,35 @@ def _rank(r: int) -> list[str]:
 
 
 def methods(steps: int) -> dict[str, Method]:
-    """Every row of the study, in the order the tables show them."""
+    """Every row of the active study, in the order the tables show them."""
+    return srlora_methods() if STUDY == "srlora" else main_methods(steps)
+
+
+def srlora_methods() -> dict[str, Method]:
+    """SRLoRA where its argument (recomposition adds directions beyond the rank) should matter: ranks 2 and 4 against
+    LoRA at the same rank and at r_target = 3 r, the PiSSA start alone, recomposition from the B = 0 start, two
+    schedules the paper leaves open, and SeLoRA_W with and without SRLoRA. Paper schedule: at r 4 over 800 steps,
+    2 pairs per layer at steps 200, 400, 600."""
+    def srlora(r: int, start: str = "pissa", **keys) -> list[str]:
+        return _rank(r) + [f"adapter.init={start}", "srlora.schedule=paper"] + [f"srlora.{k}={v}" for k, v in keys.items()]
+    table = [Method("LoRA r4", "llama_lora", "lora", _rank(4), headline=True),
+             Method("LoRA r12", "llama_lora", "lora", _rank(12), headline=True),  # SRLoRA r4's r_target
+             Method("PiSSA r4", "llama_lora", "srlora", _rank(4) + ["adapter.init=pissa"], headline=True),
+             Method("SRLoRA r4 (paper)", "llama_srlora", "srlora", srlora(4), headline=True),
+             Method("SRLoRA r4 (B=0 start)", "llama_srlora", "lora", srlora(4, "default"), headline=True),
+             Method("SRLoRA r4 (r_target 8r)", "llama_srlora", "srlora", srlora(4, target_rank=32)),  # 13 switches
+             Method("SRLoRA r4 (1 pair per switch)", "llama_srlora", "srlora", srlora(4, pairs_fraction=0.25)),  # 7
+             Method("LoRA r2", "llama_lora", "lora", _rank(2)),
+             Method("LoRA r6", "llama_lora", "lora", _rank(6)),
+             Method("SRLoRA r2 (paper)", "llama_srlora", "srlora", srlora(2)),
+             Method("SeLoRA_W r4 50%", "llama_selora", "selora", _rank(4) + ["adapter.basis=haar", "adapter.spectral_ratio=0.5"]),
+             Method("SeLoRA_W+SRLoRA r4 50%", "llama_selora_srlora", "srlora",
+                    srlora(4) + ["adapter.basis=haar", "adapter.spectral_ratio=0.5"])]
+    return {m.name: m for m in table}
+
+
+def main_methods(steps: int) -> dict[str, Method]:
+    """Every row of the method comparison, in the order the tables show them."""
     table: list[Method] = [Method(f"LoRA r{r}", "llama_lora", "lora", _rank(r), headline=r in (8, 16)) for r in (8, 16, 32)]
     for label, basis in (("SeLoRA_W", "haar"), ("SeLoRA_F", "fft2"), ("DCT-rows", "dct_rows")):
         for r in (16, 32):
@@ -134,7 +180,14 @@ def methods(steps: int) -> dict[str, Method]:
 SWEEP = {"lora": ("LoRA r16", (5e-4, 1e-3, 2e-3)),
          "selora": ("SeLoRA_W r16 50%", (1e-3, 2e-3, 4e-3)),
          "srlora": ("SRLoRA r16 (paper)", (1e-4, 3e-4, 1e-3))}
+SRLORA_SWEEP = {"lora": ("LoRA r4", (1e-3, 2e-3, 4e-3)),
+                "selora": ("SeLoRA_W r4 50%", (2e-3, 4e-3, 8e-3)),
+                "srlora": ("SRLoRA r4 (paper)", (1e-4, 3e-4, 1e-3))}
 BASE_ROW = "SmolLM2-135M-Instruct (no fine-tuning)"
+
+
+def sweeps() -> dict[str, tuple[str, tuple[float, ...]]]:
+    return SRLORA_SWEEP if STUDY == "srlora" else SWEEP
 
 
 # ----- data ------------------------------------------------------------------------------------------------------
@@ -233,7 +286,7 @@ def job_id(job: dict) -> str:
 
 
 def sweep_rates(family: str, stride: int = 1) -> tuple[float, ...]:
-    return SWEEP[family][1][::stride]
+    return sweeps()[family][1][::stride]
 
 
 def plan(table: dict[str, Method], seeds: tuple[int, ...], only: list[str] | None = None, stride: int = 1) -> list[dict]:
@@ -241,12 +294,16 @@ def plan(table: dict[str, Method], seeds: tuple[int, ...], only: list[str] | Non
     the rest, then the other seeds of the headline rows (so a study cut short still covers every method once).
     ``only``: these methods (and the base model) after the whole sweep."""
     jobs = [{"kind": "sweep", "method": name, "family": family, "seed": seeds[0], "lr": lr}
-            for family, (name, _) in SWEEP.items() for lr in sweep_rates(family, stride)]
-    jobs.append({"kind": "base", "method": BASE_ROW, "family": None, "seed": seeds[0], "lr": None})
+            for family, (name, _) in sweeps().items() for lr in sweep_rates(family, stride)]
+    if STUDY == "main":  # the SRLoRA study's test sets are the same kind; the base's row is in the main one
+        jobs.append({"kind": "base", "method": BASE_ROW, "family": None, "seed": seeds[0], "lr": None})
     first = sorted(table.values(), key=lambda m: not m.headline)
-    jobs += [{"kind": "test", "method": m.name, "family": m.family, "seed": seeds[0], "lr": None} for m in first]
-    jobs += [{"kind": "test", "method": m.name, "family": m.family, "seed": seed, "lr": None}
-             for seed in seeds[1:] for m in table.values() if m.headline]
+    tests = [{"kind": "test", "method": m.name, "family": m.family, "seed": seeds[0], "lr": None} for m in first]
+    tests += [{"kind": "test", "method": m.name, "family": m.family, "seed": seed, "lr": None}
+              for seed in seeds[1:] for m in table.values() if m.headline]
+    if STUDY == "srlora":  # its headline rows need their three seeds more than the side rows need one
+        tests.sort(key=lambda j: not table[j["method"]].headline)
+    jobs += tests
     if only:
         jobs = [j for j in jobs if j["method"] in only or j["kind"] in ("sweep", "base")]
     for job in jobs:
@@ -257,7 +314,7 @@ def plan(table: dict[str, Method], seeds: tuple[int, ...], only: list[str] | Non
 def choose_lr(records: list[dict], family: str, stride: int = 1, rates: tuple[float, ...] | None = None) -> dict | None:
     """The family's rate with the lowest held-out loss, once every rate of its sweep has a finished run (a
     diverged run, NaN loss, counts as finished and is never chosen). None while the sweep is incomplete."""
-    name, rates = SWEEP[family][0], rates or sweep_rates(family, stride)
+    name, rates = sweeps()[family][0], rates or sweep_rates(family, stride)
     losses = {r["lr"]: r["heldout_loss"] for r in records if r.get("kind") == "sweep" and r["method"] == name}
     if not all(rate in losses for rate in rates):
         return None
@@ -290,12 +347,13 @@ def model_overrides(s: Settings) -> list[str]:
 def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> list[str]:
     data = Path(s.data)
     heldout = job["kind"] == "sweep"
+    steps = s.sweep_steps if heldout and s.sweep_steps else s.steps
     return [*model_overrides(s), f"data.train_files=[{data / 'train.jsonl'}]",
             f"data.eval_files=[{data / 'heldout_math.jsonl'}]" if heldout else "data.eval_files=[]",
             "data.eval_fraction=0", "data.max_eval_records=100000", f"data.max_length={s.max_length}",
-            f"train.max_steps={s.steps}", f"train.micro_batch_size={s.micro_batch}",
+            f"train.max_steps={steps}", f"train.micro_batch_size={s.micro_batch}",
             "train.gradient_accumulation_steps=1", f"train.warmup_steps={s.warmup}", "train.lr_scheduler=cosine",
-            f"train.eval_every={s.steps if heldout else 0}", "train.save_every=0", "train.export_peft=false",
+            f"train.eval_every={steps if heldout else 0}", "train.save_every=0", "train.export_peft=false",
             "train.tensorboard=false", "train.resume=never", "train.overwrite=true", "train.log_every=1", f"train.learning_rate={job['lr']}",
             f"train.seed={job['seed']}", f"train.output_dir={run_dir}", "adapter.dropout=0.0",
             f"adapter.seed={job['seed']}", "srlora.svd=full",
@@ -448,7 +506,7 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
           f"budget {budget_s:.0f} s", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    running, failures, durations = [], [], []
+    running, failures, durations = [], [], {}  # durations: finished runs' seconds per kind (a sweep run is shorter)
 
     def save(record: dict) -> None:
         records.append(record)
@@ -458,7 +516,6 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
             shutil.copy(results_path, out / "results.jsonl")
 
     while pending or running:
-        expected = statistics.median(durations) if durations else 0.0
         while len(running) < parallel:
             startable = [(i, r) for i, j in enumerate(pending) if (r := ready(j, records, s.sweep_stride)) is not None]
             if not startable:
@@ -468,7 +525,8 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
             if "skip" in job:
                 print(f"skipped {job['id']}: {job['skip']}", flush=True)
                 continue
-            if time.time() - started + expected > budget_s:
+            same = durations.get(job["kind"]) or [d for kind in durations.values() for d in kind]
+            if time.time() - started + (statistics.median(same) if same else 0.0) > budget_s:
                 pending.insert(index, job)
                 break
             run_dir = work / "runs" / job["id"]
@@ -512,12 +570,13 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
             record = json.loads((run_dir / "record.json").read_text())
             record["wall_seconds"] = elapsed
             save(record)
-            durations.append(elapsed)
-            rate = len(durations) / (time.time() - started) * 60
+            durations.setdefault(job["kind"], []).append(elapsed)
+            done = sum(map(len, durations.values()))
+            rate = done / (time.time() - started) * 60
             print(f"[{time.time() - started:5.0f} s] {job['id']}: {summary(record)}; {elapsed:.0f} s "
                   f"(train {record['train_seconds']:.0f} s, eval {record.get('eval_seconds', 0):.0f} s); "
                   f"{rate:.1f} runs/min, {len(pending) + len(running)} left", flush=True)
-    print(f"finished {len(durations)} runs in {time.time() - started:.0f} s"
+    print(f"finished {sum(map(len, durations.values()))} runs in {time.time() - started:.0f} s"
           + (f"; failed: {', '.join(failures)}" if failures else ""), flush=True)
     return records
 
@@ -609,7 +668,7 @@ def tables(records: list[dict], steps: int) -> str:
 def sweep_table(records: list[dict]) -> str:
     """Held-out loss per swept rate (the rates the results hold) and the choice."""
     lines = []
-    for family, (name, _) in SWEEP.items():
+    for family, (name, _) in sweeps().items():
         rates = tuple(sorted({r["lr"] for r in records if r.get("kind") == "sweep" and r["method"] == name}))
         if not rates:
             continue
@@ -628,7 +687,7 @@ def sweep_table(records: list[dict]) -> str:
 def comparisons(records: list[dict], steps: int) -> str:
     """The pairs the verdicts rest on: difference of means of the math answer loss and accuracy, with spreads."""
     groups = by_method(records, steps)
-    pairs = [("SeLoRA_W r16 50%", "LoRA r16", "same rank, half the parameters"),
+    pairs = SRLORA_PAIRS if STUDY == "srlora" else [("SeLoRA_W r16 50%", "LoRA r16", "same rank, half the parameters"),
              ("SeLoRA_W r16 50%", "LoRA r8", "same parameter count"),
              ("SeLoRA_F r16 50%", "SeLoRA_W r16 50%", "Fourier vs wavelet"),
              ("DCT-rows r16 50%", "SeLoRA_W r16 50%", "row-wise DCT vs 2-D wavelet"),
@@ -637,18 +696,67 @@ def comparisons(records: list[dict], steps: int) -> str:
              ("SRLoRA r16 (paper)", "LoRA r16", "SRLoRA (paper settings) vs LoRA"),
              ("SRLoRA r16 (defaults)", "LoRA r16", "SRLoRA (earlier recipe defaults) vs LoRA"),
              ("SeLoRA_W+SRLoRA r16 50%", "SeLoRA_W r16 50%", "SRLoRA on top of SeLoRA_W")]
-    lines = ["| comparison | A | B | math loss A - B | math acc A - B | seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| comparison | A | B | math loss A - B | math acc A - B | choice loss A - B | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for a, b, what in pairs:
         if a not in groups or b not in groups:
             continue
         ga, gb = groups[a], groups[b]
         cells = []
-        for key in ("answer_loss", "accuracy"):
-            va, vb = [mean_of(r, MATH_SETS, key) for r in ga], [mean_of(r, MATH_SETS, key) for r in gb]
+        for tasks, key in ((MATH_SETS, "answer_loss"), (MATH_SETS, "accuracy"), (CHOICE_SETS, "answer_loss")):
+            va, vb = [mean_of(r, tasks, key) for r in ga], [mean_of(r, tasks, key) for r in gb]
             spread = max((statistics.stdev(v) for v in (va, vb) if len(v) > 1), default=None)
             cells.append(f"{statistics.fmean(va) - statistics.fmean(vb):+.3f}"
                          + (f" (larger std {spread:.3f})" if spread is not None else ""))
-        lines.append(f"| {what} | {a} | {b} | {cells[0]} | {cells[1]} | {len(ga)} vs {len(gb)} |")
+        lines.append(f"| {what} | {a} | {b} | {' | '.join(cells)} | {len(ga)} vs {len(gb)} |")
+    return "\n".join(lines) + "\n"
+
+
+SRLORA_PAIRS = [("SRLoRA r4 (paper)", "LoRA r4", "SRLoRA vs LoRA, same rank"),
+                ("SRLoRA r4 (paper)", "LoRA r12", "SRLoRA vs LoRA at its r_target (3x the parameters)"),
+                ("PiSSA r4", "LoRA r4", "the PiSSA start alone"),
+                ("SRLoRA r4 (paper)", "PiSSA r4", "recomposition on top of the PiSSA start"),
+                ("SRLoRA r4 (B=0 start)", "LoRA r4", "recomposition with the B = 0 start"),
+                ("SRLoRA r4 (r_target 8r)", "SRLoRA r4 (paper)", "13 switches instead of 3"),
+                ("SRLoRA r4 (1 pair per switch)", "SRLoRA r4 (paper)", "1 pair per switch, 7 switches"),
+                ("SRLoRA r2 (paper)", "LoRA r2", "SRLoRA vs LoRA, rank 2"),
+                ("SRLoRA r2 (paper)", "LoRA r6", "SRLoRA r2 vs LoRA at its r_target"),
+                ("SeLoRA_W r4 50%", "LoRA r4", "SeLoRA_W vs LoRA, rank 4"),
+                ("SeLoRA_W+SRLoRA r4 50%", "SeLoRA_W r4 50%", "SRLoRA on top of SeLoRA_W")]
+
+
+def smoothed_curve(record: dict, window: int = 10) -> list[tuple[int, float]]:
+    """(step, mean training loss of the ``window`` steps up to it) for every logged step."""
+    curve = sorted(record.get("loss_curve", []))
+    return [(step, statistics.fmean(loss for _, loss in curve[max(0, i - window + 1):i + 1]))
+            for i, (step, _) in enumerate(curve)]
+
+
+def steps_to_reach(records: list[dict], target: float) -> list[int | None]:
+    """Per run: the first step whose 10-step mean training loss is at or below ``target`` (None: never)."""
+    return [next((step for step, loss in smoothed_curve(r) if loss <= target), None) for r in records]
+
+
+def convergence(records: list[dict], steps: int) -> str:
+    """Steps each row needs to reach the final training loss (10-step mean at the last step, mean over seeds) of
+    LoRA at the same rank and of LoRA at 3 r (SRLoRA's r_target), per seed."""
+    groups = by_method(records, steps)
+    lines = ["| method | seeds | final train loss | steps to LoRA r's final loss | steps to LoRA 3r's final loss |",
+             "|---|---|---|---|---|"]
+    for name, items in groups.items():
+        rank = re.search(r" r(\d+)", name)
+        if name == BASE_ROW or not rank:
+            continue
+        cells = [name, str(len(items)), stat([loss_at(r, steps) for r in items])]
+        for reference in (f"LoRA r{rank.group(1)}", f"LoRA r{3 * int(rank.group(1))}"):
+            if reference not in groups:
+                cells.append("-")
+                continue
+            target = statistics.fmean(loss_at(r, steps) for r in groups[reference])
+            reached = [step for step in steps_to_reach(items, target) if step is not None]
+            cells.append(f"{stat(reached, 0) if reached else 'never'} ({len(reached)} of {len(items)} reach "
+                         f"{target:.3f})")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -717,12 +825,12 @@ def plots(records: list[dict], steps: int, folder: Path) -> list[Path]:
     return [loss_png, params_png]
 
 
-def fill(doc: str, sections: dict[str, str]) -> str:
-    """Replace the text between ``<!-- smollm2:NAME -->`` and ``<!-- /smollm2:NAME -->`` for each section."""
+def fill(doc: str, sections: dict[str, str], prefix: str = "smollm2") -> str:
+    """Replace the text between ``<!-- PREFIX:NAME -->`` and ``<!-- /PREFIX:NAME -->`` for each section."""
     for name, text in sections.items():
-        pattern = re.compile(rf"(<!-- smollm2:{name} -->\n).*?(<!-- /smollm2:{name} -->)", re.S)
+        pattern = re.compile(rf"(<!-- {prefix}:{name} -->\n).*?(<!-- /{prefix}:{name} -->)", re.S)
         if not pattern.search(doc):
-            raise SystemExit(f"error: docs/quality.md has no <!-- smollm2:{name} --> ... <!-- /smollm2:{name} --> block")
+            raise SystemExit(f"error: docs/quality.md has no <!-- {prefix}:{name} --> ... <!-- /{prefix}:{name} --> block")
         doc = pattern.sub(lambda m: m.group(1) + text + m.group(2), doc)
     return doc
 
@@ -731,16 +839,19 @@ def report(results: list[Path], docs: Path, steps: int, write_doc: bool = True) 
     records = read_results(results)
     if not records:
         raise SystemExit(f"error: no finished runs in {', '.join(map(str, results))}")
-    folder = docs / "quality" / "smollm2"
+    prefix = "srlora" if STUDY == "srlora" else "smollm2"
+    folder = docs / "quality" / prefix
     folder.mkdir(parents=True, exist_ok=True)
     sections = {"sweep": sweep_table(records), "tables": tables(records, steps),
                 "comparisons": comparisons(records, steps), "timing": timing(records)}
+    if STUDY == "srlora":
+        sections["convergence"] = convergence(records, steps)
     plots(records, steps, folder)
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (folder / "tables.md").write_text("\n".join(f"## {k}\n\n{v}" for k, v in sections.items()))
     if write_doc:
         doc = docs / "quality.md"
-        doc.write_text(fill(doc.read_text(), sections))
+        doc.write_text(fill(doc.read_text(), sections, prefix))
     for name, text in sections.items():
         print(f"## {name}\n\n{text}")
     return sections
@@ -753,14 +864,17 @@ def smoke(work: Path, source: Path, only: list[str] | None = None) -> None:
     started = time.time()
     if work.exists():
         shutil.rmtree(work)
-    s = Settings(**SMOKE, data=str(work / "data"))
+    longer = dict(steps=30, sweep_steps=12, study="srlora") if STUDY == "srlora" else {}  # 13 switches need 30 steps
+    s = Settings(**{**SMOKE, **longer}, data=str(work / "data"))
     print(prepare(source, work / "data", s)["math"])
-    keep = only or ["LoRA r16", "SeLoRA_W r16 50%", "SeDoRA_W r16 50%", "SRLoRA r16 (paper)", "SRLoRA r16 (defaults)",
-                    "SeLoRA_W+SRLoRA r16 50%"]
+    keep = only or (["LoRA r4", "SRLoRA r4 (paper)", "SRLoRA r4 (r_target 8r)", "SeLoRA_W+SRLoRA r4 50%"] if STUDY == "srlora" else
+                    ["LoRA r16", "SeLoRA_W r16 50%", "SeDoRA_W r16 50%", "SRLoRA r16 (paper)", "SRLoRA r16 (defaults)",
+                     "SeLoRA_W+SRLoRA r16 50%"])
+    validate(plan(methods(s.steps), s.seeds), s)  # every row's config, also those the smoke does not run
     jobs = plan(methods(s.steps), s.seeds, only=keep, stride=s.sweep_stride)
     families = {methods(s.steps)[name].family for name in keep}
     jobs = [j for j in jobs if j["kind"] != "sweep" or j["family"] in families]
-    jobs = [j for j in jobs if not (j["kind"] == "test" and j["seed"] != s.seeds[0] and j["method"] != "LoRA r16")]
+    jobs = [j for j in jobs if not (j["kind"] == "test" and j["seed"] != s.seeds[0] and j["method"] != keep[0])]
     validate(jobs, s)
     records = run_all(s, work / "study", None, 3, 3600, jobs, [])
     docs = work / "docs"
@@ -812,14 +926,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("prepare", "smoke", "convert-model", "run", "one", "report", "plan"))
     parser.add_argument("--source", default=None, help="LLM-Adapters data folder (prepare, smoke)")
-    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--study", default="main", choices=tuple(STUDY_SETTINGS),
+                        help="main: the method comparison; srlora: SRLoRA at small ranks, 800 steps (issue 28)")
+    parser.add_argument("--data", default=None, help="the prepared task files (default: the study's folder)")
     parser.add_argument("--gguf"), parser.add_argument("--model-path"), parser.add_argument("--model-preset")
     parser.add_argument("--work", default="/tmp/smollm2_study")
     parser.add_argument("--out", default=None, help="run: copy results here as they come (the GPU call's $OUT)")
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--budget-seconds", type=float, default=480, help="run: start no run that would end after this")
     parser.add_argument("--hard-seconds", type=float, default=None, help="run: stop runs still going (default budget + 60)")
-    parser.add_argument("--steps", type=int, default=Settings.steps)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the study's)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", default=None, help="run, smoke: comma-separated method names (the sweep always runs)")
     parser.add_argument("--results", action="append", default=[], help="results.jsonl of earlier calls (repeatable)")
@@ -827,8 +943,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-doc", action="store_true", help="report: do not rewrite docs/quality.md")
     parser.add_argument("--job"), parser.add_argument("--settings")
     args = parser.parse_args(argv)
+    use_study(args.study)
+    defaults = Settings(**STUDY_SETTINGS[args.study])
+    args.data = args.data or defaults.data
+    args.steps = args.steps or defaults.steps
     if args.command == "prepare":
-        manifest = prepare(Path(args.source) if args.source else find_source(), Path(args.data), Settings())
+        manifest = prepare(Path(args.source) if args.source else find_source(), Path(args.data), defaults)
         print(json.dumps(manifest, indent=1))
     elif args.command == "smoke":
         smoke(Path(args.work), Path(args.source) if args.source else find_source(),
@@ -837,6 +957,7 @@ def main(argv: list[str] | None = None) -> None:
         convert_model(Path(args.gguf), Path(args.out))
     elif args.command == "one":
         s = Settings.load(Path(args.settings))
+        use_study(s.study)
         run_one(json.loads(Path(args.job).read_text()), s, Path(args.job).parent)
     elif args.command in ("run", "plan"):
         if not args.model_path and not args.model_preset:
@@ -847,8 +968,9 @@ def main(argv: list[str] | None = None) -> None:
         if not (Path(args.data) / "train.jsonl").is_file():
             raise SystemExit(f"error: {args.data}/train.jsonl missing; run `python bench/quality_smollm2.py prepare` "
                              "here and carry .quality/smollm2")
-        s = Settings(steps=args.steps, model_path=args.model_path, model_preset=args.model_preset, data=args.data,
-                     seeds=tuple(int(x) for x in args.seeds.split(",")))
+        s = Settings(**{**STUDY_SETTINGS[args.study], "steps": args.steps, "model_path": args.model_path,
+                        "model_preset": args.model_preset, "data": args.data,
+                        "seeds": tuple(int(x) for x in args.seeds.split(","))})
         jobs = plan(methods(s.steps), s.seeds, args.only.split(",") if args.only else None)
         validate(jobs, s)
         if args.command == "plan":
@@ -862,7 +984,7 @@ def main(argv: list[str] | None = None) -> None:
         if out:
             pack(Path(args.work), out)
     else:
-        report([Path(p) for p in args.results] or [ROOT / "docs" / "quality" / "smollm2" / "results.jsonl"],
+        report([Path(p) for p in args.results] or [ROOT / "docs" / "quality" / ("srlora" if STUDY == "srlora" else "smollm2") / "results.jsonl"],
                Path(args.docs), args.steps, write_doc=not args.no_doc)
 
 

@@ -10,8 +10,20 @@
 # STUDY_COMMAND=plan (list the runs and check every config, run nothing: a dry run of the call),
 # SPIKE=1 (also run bench/srlora_spike.py twice beside the study, ~2 x 1-3 min of one more process: default and
 # PiSSA start; results in $OUT/srlora_spike_*.json and .log).
+# DETACH=1: start the study in its own process session (it outlives this call while the machine stays warm) with
+# STUDY_SECONDS of budget, return what finished by CALL_SECONDS; a next call within 30 s with COLLECT=1 waits for it
+# (at most CALL_SECONDS) and returns results.jsonl, runs.tar.gz and the log (the SRLoRA study: 800-step runs do
+# not fit one call). STUDY_ARGS="--study srlora" selects that grid.
 set -o pipefail
 START=$SECONDS
+DETACHED=/tmp/smollm2_detached  # the detached study's --out, log and exit status
+if [ -n "${COLLECT:-}" ]; then
+  [ -d "$DETACHED" ] || { echo "error: no detached study on this machine (it went cold?): start one with DETACH=1"; exit 1; }
+  while [ ! -f "$DETACHED/rc" ] && [ $((SECONDS - START)) -lt "${CALL_SECONDS:-560}" ]; do sleep 5; done
+  cp "$DETACHED"/results.jsonl "$DETACHED"/runs.tar.gz "$DETACHED"/study.log "$OUT"/ 2>/dev/null
+  tail -n 40 "$DETACHED/study.log"; echo "study exit status: $(cat "$DETACHED/rc" 2>/dev/null || echo 'still running')"
+  exit 0
+fi
 source .whl/install.sh || exit 1
 export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
 OUT=${OUT:-/tmp/smollm2_out}
@@ -38,6 +50,18 @@ if [ -n "${SPIKE:-}" ]; then  # bench/srlora_spike.py beside the study: the loss
   SPIKE_PID=$!
 fi
 budget=$((CALL_SECONDS - (SECONDS - START) - 45))
+if [ -n "${DETACH:-}" ]; then
+  budget=${STUDY_SECONDS:?DETACH=1 needs STUDY_SECONDS}
+  mkdir -p "$DETACHED"
+  setsid bash -c "python bench/quality_smollm2.py run --model-path '$HF' --work '$WORK' --out '$DETACHED' \
+    --parallel ${PARALLEL:-8} --budget-seconds $budget --hard-seconds $((budget + 30)) ${STUDY_ARGS:-} \
+    > '$DETACHED/study.log' 2>&1; echo \$? > '$DETACHED/rc'" < /dev/null > /dev/null 2>&1 &
+  echo "study detached, budget $budget s; this call returns at $CALL_SECONDS s"
+  while [ $((SECONDS - START)) -lt "$CALL_SECONDS" ] && [ ! -f "$DETACHED/rc" ]; do sleep 5; done
+  cp "$DETACHED/results.jsonl" "$OUT/" 2>/dev/null; cp "$DETACHED/study.log" "$OUT/"
+  tail -n 30 "$DETACHED/study.log"
+  exit 0
+fi
 echo "study budget: $budget s (runs that would end later are left for the next call)"
 eval python bench/quality_smollm2.py "${STUDY_COMMAND:-run}" --model-path "$HF" --work "$WORK" --out "$OUT" \
   --parallel "${PARALLEL:-8}" --budget-seconds "$budget" --hard-seconds "$((budget + 30))" "${STUDY_ARGS:-}" \
