@@ -154,3 +154,25 @@ def test_results_from_several_calls_merge_with_the_later_file_winning(tmp_path):
 def test_every_planned_run_resolves_to_a_valid_recipe_config():
     settings = study.Settings(model_preset="tiny_llama")
     study.validate(study.plan(study.methods(settings.steps), settings.seeds), settings)
+
+
+def test_srlora_study_plans_its_headline_seeds_first_with_valid_configs_and_counts_steps_to_lora_final_loss():
+    study.use_study("srlora")
+    try:
+        settings = study.Settings(**study.STUDY_SETTINGS["srlora"], model_preset="tiny_llama")
+        jobs = study.plan(study.methods(settings.steps), settings.seeds)
+        tests = [j for j in jobs if j["kind"] == "test"]
+        headline = {name for name, m in study.methods(settings.steps).items() if m.headline}
+        assert [j["method"] in headline for j in tests] == sorted((j["method"] in headline for j in tests), reverse=True)
+        assert len([j for j in tests if j["method"] == "SRLoRA r4 (paper)"]) == 3 and not any(j["kind"] == "base" for j in jobs)
+        one_each = list({(j["kind"], j["method"]): j for j in jobs}.values())
+        study.validate(one_each, settings)  # every row at 800 steps, and the sweep's 300-step runs
+        sweep = study.train_overrides({**jobs[0], "lr": 1e-3}, study.methods(800)[jobs[0]["method"]], settings, Path("/x"))
+        assert "train.max_steps=300" in sweep
+        lora = [_test_run("LoRA r4", s, 1.0, 0.1) for s in (0, 1)]  # training loss 2 - s/200: 1.0 at step 200
+        slower = [{**_test_run("SRLoRA r4 (paper)", 0, 1.0, 0.1), "loss_curve": [[s, 2.2 - s / 200] for s in range(1, 201)]}]
+        assert study.steps_to_reach(lora, 1.5) == [105, 105]  # the 10-step mean of steps 96-105 is 1.5
+        table = study.convergence(lora + slower, 200)
+        assert "| SRLoRA r4 (paper) | 1 | 1.223 | never (0 of 1 reach 1.022) |" in table
+    finally:
+        study.use_study("main")
