@@ -127,6 +127,9 @@ class TrainSection:
     time_breakdown: bool = False
     profile_steps: List[int] = field(default_factory=list)
     sample_prompts: List[str] = field(default_factory=list)
+    stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    stop_grace_s: float = 25.0
+    collective_timeout_s: float = 600.0
 
 
 @dataclass

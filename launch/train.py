@@ -7,7 +7,9 @@
     python launch/train.py --recipe llama_selora --print-config           # show the resolved config
 
 Bad input (unknown recipe, misspelled key, wrong type, missing file, malformed data, ...) ends with one
-``error: ...`` line and exit status 2, before any model is loaded; docs/errors.md lists them.
+``error: ...`` line and exit status 2, before any model is loaded; docs/errors.md lists them. A run stopped on
+request (train.stop_signals, or the file $SELORA_STOP_FILE) exits with 75 after its checkpoint, and with 76 when
+a second signal or train.stop_grace_s cut the stop short (recipes/stop_request.py).
 """
 from __future__ import annotations
 
@@ -67,11 +69,17 @@ def main(argv: list[str] | None = None) -> int:
     if note and os.environ.get("RANK", "0") == "0":
         print(note, flush=True)
     from recipes import finetune
+    from recipes.stop_request import RESUME_FILE_ENV, STOPPED, Stopped
     try:
         finetune.run(config)
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Stopped as stopped:  # a signal or the batch script's stop file; a checkpoint was written
+        if os.environ.get("RANK", "0") == "0":
+            print(stopped, flush=True)
+            stopped.leave_resume_note(os.environ.get(RESUME_FILE_ENV))  # train.sbatch requeues the job on it
+        return STOPPED
     return 0
 
 

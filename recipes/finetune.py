@@ -14,7 +14,9 @@ import math
 import os
 import random
 import socket
+import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,7 @@ from recipes.data import build_datasets, make_collate_fn, pad_multiple
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
+from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped
 from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
 from recipes.packed_attention import resolve_attention, use_attention
 from recipes.validate import check_srlora_schedule, validate
@@ -52,6 +55,9 @@ def run(cfg) -> dict:
     check_quantization_backend(cfg.model.quantization, device)  # a 4/8-bit recipe this machine cannot run
     resolve_dtype(cfg.model.dtype, device)
     say = print if rank == 0 else (lambda *args, **kwargs: None)
+    # A signal (or the batch script's stop file) from here on stops the run after an optimizer step, not mid-way.
+    stop = StopRequest(list(train.stop_signals), float(train.stop_grace_s), os.environ.get(STOP_FILE_ENV),
+                       rank).install()
 
     # Data before the model: bad data fails in seconds, not after loading billions of weights.
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
@@ -119,8 +125,9 @@ def run(cfg) -> dict:
     # collector's sight, the collections that the step's short-lived objects trigger stop re-scanning it.
     gc.collect()
     gc.freeze()
+    stopped = stop.agreed()  # asked while loading: stop before the first step
     try:
-        while state.step < total_steps:
+        while state.step < total_steps and not stopped:
             profiler.before_step(state.step + 1)
             state.epoch, state.batch_in_epoch, batch = next(batches)
             batch = to_device(batch, device)
@@ -170,10 +177,19 @@ def run(cfg) -> dict:
                 checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
             timer.lap("log")
             profiler.after_step(step)
+            stopped = stop.agreed()  # one small collective: every rank stops after the same step
+    except TrainingDiverged:
+        raise
+    except Exception as error:  # e.g. a collective that failed because another rank died or stopped answering
+        print(f"rank {rank}: step {state.step + 1} failed ({type(error).__name__}); checkpoints/latest in "
+              f"{output_dir} still names the last complete checkpoint", file=sys.stderr, flush=True)
+        raise
     finally:
         gc.unfreeze()  # also when the loop raises: an in-process caller (a test) gets its collector back
         progress.close()  # and an error message starts on a line of its own
     metrics.close()
+    if stopped and state.step < total_steps:
+        raise stop_at_step_boundary(output_dir, engine, model, srlora, state, settings, total_steps, stop)
 
     # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
     outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),
@@ -185,7 +201,17 @@ def run(cfg) -> dict:
         say(format_comparison(sample_prompts, base_answers, tuned_answers))
     for kind, path in outputs.items():
         say(f"{kind} saved to {path}")
+    stop.uninstall()
     return {"step": state.step, **last, "outputs": outputs}
+
+
+def stop_at_step_boundary(output_dir, engine, model, srlora, state, settings, total_steps: int,
+                          stop: StopRequest) -> Stopped:
+    """Every rank: write this step's checkpoint (unless the periodic save just did); the `Stopped` to raise."""
+    latest = checkpoint.read_pointer(checkpoint.checkpoints_dir(output_dir))
+    if state.step and (latest is None or latest.name != f"step_{state.step}"):
+        latest = checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
+    return Stopped(state.step, total_steps, latest if state.step else None, stop.reason)
 
 
 # ----- configs ------------------------------------------------------------------------------------------------
@@ -225,7 +251,9 @@ def setup_distributed(cfg) -> tuple[int, int, torch.device]:
                               MASTER_PORT=str(_free_port()))
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo")
+        # A collective that waits longer than this (a rank died or hangs) raises on every rank still waiting.
+        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo",
+                                   timeout=timedelta(seconds=float(cfg.train.collective_timeout_s)))
     rank, world_size = world()
     if not on_cuda:
         return rank, world_size, torch.device("cpu")

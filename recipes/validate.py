@@ -16,6 +16,7 @@ from recipes import engine as engines
 from recipes.data import pad_multiple
 from recipes.packed_attention import AttentionConfigError, resolve_attention
 from recipes.profiling import profile_window
+from recipes.stop_request import CATCHABLE as CATCHABLE_SIGNALS
 
 # adapter.method -> the library class that holds that adapter's settings.
 ADAPTER_CLASSES = {cls.method: cls for cls in (selora.LoRAConfig, selora.SeLoRAConfig)}
@@ -89,6 +90,13 @@ def check_train(train) -> None:
                                 "train; set train.max_steps > 0 (optimizer steps) or train.epochs > 0")
     if train.lr_scheduler not in engines.DEEPSPEED_SCHEDULERS:
         bad("lr_scheduler", f"choose one of {', '.join(engines.DEEPSPEED_SCHEDULERS)}")
+    for key in ("stop_grace_s", "collective_timeout_s"):
+        if not train[key] > 0:
+            bad(key, "must be > 0 (seconds)")
+    unknown = [name for name in train.stop_signals if name not in CATCHABLE_SIGNALS]
+    if unknown:
+        raise RecipeConfigError(f"train.stop_signals={list(train.stop_signals)!r}: {unknown[0]!r} is not a signal a "
+                                f"run can catch; choose from {', '.join(CATCHABLE_SIGNALS)}")
 
 
 def _plain(value):
