@@ -181,8 +181,10 @@ def run(cfg) -> dict:
     except TrainingDiverged:
         raise
     except Exception as error:  # e.g. a collective that failed because another rank died or stopped answering
-        print(f"rank {rank}: step {state.step + 1} failed ({type(error).__name__}); checkpoints/latest in "
-              f"{output_dir} still names the last complete checkpoint", file=sys.stderr, flush=True)
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        print(f"rank {rank}: failed after optimizer step {state.step} ({type(error).__name__}: {first_line}); "
+              f"checkpoints/latest in {output_dir} still names the last complete checkpoint", file=sys.stderr,
+              flush=True)
         raise
     finally:
         gc.unfreeze()  # also when the loop raises: an in-process caller (a test) gets its collector back
