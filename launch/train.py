@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(stopped, flush=True)
             stopped.leave_resume_note(os.environ.get(RESUME_FILE_ENV))  # train.sbatch requeues the job on it
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.barrier()  # no rank exits (and gets the others killed by the launcher) before the note exists
         return STOPPED
     return 0
 

@@ -109,6 +109,8 @@ class StopRequest:
         flag = torch.tensor([float(self.requested_here())])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.reason is None:
+            self.requested_here()  # the stop file may have appeared since this rank looked
         return bool(flag.item())
 
 
