@@ -32,13 +32,14 @@ from recipes.data import build_datasets, make_collate_fn, pad_multiple
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
-from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped
+from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
 from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
 from recipes.packed_attention import resolve_attention, use_attention
 from recipes.validate import check_srlora_schedule, validate
 from selora.distributed import is_partitioned, world
 
 
+@uninstalled_after  # the stop signals' handlers are undone however run ends
 def run(cfg) -> dict:
     """Train as ``cfg`` says; returns {"step", "loss", "eval_loss", "outputs": {kind: path}}."""
     train = cfg.train
@@ -181,7 +182,7 @@ def run(cfg) -> dict:
     except TrainingDiverged:
         raise
     except Exception as error:  # e.g. a collective that failed because another rank died or stopped answering
-        first_line = (str(error).splitlines() or [""])[0][:200]
+        first_line = (str(error).splitlines() or [""])[0].split(". ")[0][:200]
         print(f"rank {rank}: failed after optimizer step {state.step} ({type(error).__name__}: {first_line}); "
               f"checkpoints/latest in {output_dir} still names the last complete checkpoint", file=sys.stderr,
               flush=True)
@@ -203,7 +204,6 @@ def run(cfg) -> dict:
         say(format_comparison(sample_prompts, base_answers, tuned_answers))
     for kind, path in outputs.items():
         say(f"{kind} saved to {path}")
-    stop.uninstall()
     return {"step": state.step, **last, "outputs": outputs}
 
 

@@ -14,6 +14,7 @@ inside a collective (where Python signal handlers do not run).
 """
 from __future__ import annotations
 
+import functools
 import os
 import select
 import signal
@@ -30,6 +31,22 @@ DUPLICATE_WINDOW_S = 2.0
 STOP_FILE_ENV = "SELORA_STOP_FILE"  # a path: the run stops after the step during which it appears
 RESUME_FILE_ENV = "SELORA_RESUME_FILE"  # a path: written when the run stopped with a checkpoint and steps left
 CATCHABLE = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP")
+
+
+_INSTALLED: list["StopRequest"] = []
+
+
+def uninstalled_after(function):
+    """Decorator: every StopRequest installed during a call is uninstalled when it returns or raises (a caller in
+    the same process, e.g. a test, gets its signal handlers back)."""
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        finally:
+            while _INSTALLED:
+                _INSTALLED.pop().uninstall()
+    return call
 
 
 class StopRequest:
@@ -56,6 +73,7 @@ class StopRequest:
         for signum in self.signals:
             self._previous[signum] = signal.signal(signum, lambda *_: None)  # the watcher thread does the work
         threading.Thread(target=self._watch, args=(read_fd,), name="stop-request", daemon=True).start()
+        _INSTALLED.append(self)
         return self
 
     def uninstall(self) -> None:
