@@ -5,7 +5,9 @@ i.e. after every file of that checkpoint was written but before the checkpoint b
 moment for a crash during a checkpoint write. With SELORA_KILL_STAMP=<path>, the time of the kill is written there.
 
 SELORA_SIGNAL_ON_OPEN=<fnmatch pattern> (and SELORA_SIGNAL, default SIGTERM): the first time this process opens a
-file for writing (from Python, or through torch.save) whose path matches, it sends itself that signal (e.g. while it writes one file of a periodic checkpoint).
+file for writing (from Python, or through torch.save) whose path matches, it sends itself that signal (e.g. while
+it writes one file of a periodic checkpoint).
+
 SELORA_DELAY_LOCK_RANK=N: the process of global rank N waits SELORA_DELAY_LOCK_SECONDS (default 15) before it
 first takes a ``.lock`` file (recipes/shared_build.py's), so that another process takes it first.
 """
