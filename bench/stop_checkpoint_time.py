@@ -23,20 +23,21 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from recipes import checkpoint  # noqa: E402
-from recipes.stop_request import STOPPED, StopRequest  # noqa: E402
 
 # (in, out) of the targeted projections of one LLaMA-7B layer
 SHAPES = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096), "gate": (4096, 11008),
           "up": (4096, 11008), "down": (11008, 4096)}
 
 
-def adapter(layers: int, rank: int, scale: int) -> dict[str, torch.Tensor]:
+def trainable_parameters(layers: int, rank: int, scale: int) -> int:
+    return layers * sum(rank * (fan_in + fan_out) // scale for fan_in, fan_out in SHAPES.values())
+
+
+def adapter(layers: int, rank: int, scale: int) -> dict:
     """A/B factors (bf16, as the adapter file holds them) of every targeted projection; ``scale`` divides widths."""
+    import torch
     tensors = {}
     for layer in range(layers):
         for name, (fan_in, fan_out) in SHAPES.items():
@@ -47,6 +48,8 @@ def adapter(layers: int, rank: int, scale: int) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(output_dir: Path, step: int, weights: dict, optimizer_state: dict) -> float:
     """The files of one checkpoint, written as recipes/checkpoint.py writes them; returns seconds."""
+    import torch
+    from recipes import checkpoint
     from safetensors.torch import save_file
     started = time.perf_counter()
     step_dir = checkpoint.checkpoints_dir(output_dir) / f"step_{step}"
@@ -62,6 +65,8 @@ def write_checkpoint(output_dir: Path, step: int, weights: dict, optimizer_state
 
 def child(args) -> int:
     """A stand-in training process: steps of --step-seconds, polls the stop request after each, then saves."""
+    import torch
+    from recipes.stop_request import STOPPED, StopRequest
     weights = adapter(32, 16, args.scale)
     master = {k: v.float() for k, v in weights.items()}
     optimizer_state = {"fp32": master, "exp_avg": {k: torch.randn_like(v) for k, v in master.items()},
@@ -109,7 +114,7 @@ def main() -> None:
             size = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
         rounds.append({"checkpoint_s": round(result["checkpoint_s"], 2), "signal_to_exit_s": round(exit_s, 2),
                        "exit_status": status, "checkpoint_bytes": size})
-    trainable = sum(t.numel() for t in adapter(32, 16, scale).values())
+    trainable = trainable_parameters(32, 16, scale)
     report = {"what": "graceful stop of a LLaMA-7B r=16 q,k,v,o,gate,up,down adapter: checkpoint write and "
                       "SIGTERM-to-exit", "date": time.strftime("%Y-%m-%d"), "device": f"CPU, {os.cpu_count()} cores "
               "(shared)", "trainable_parameters": trainable, "step_seconds": args.step_seconds, "rounds": rounds}

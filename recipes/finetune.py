@@ -57,8 +57,8 @@ def run(cfg) -> dict:
     resolve_dtype(cfg.model.dtype, device)
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     # A signal (or the batch script's stop file) from here on stops the run after an optimizer step, not mid-way.
-    stop = StopRequest(list(train.stop_signals), float(train.stop_grace_s), os.environ.get(STOP_FILE_ENV),
-                       rank).install()
+    stop = StopRequest(list(train.stop_signals), float(train.stop_grace_s), os.environ.get(STOP_FILE_ENV), rank,
+                       device).install()
 
     # Data before the model: bad data fails in seconds, not after loading billions of weights.
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)

@@ -52,8 +52,10 @@ def uninstalled_after(function):
 class StopRequest:
     """Polled by the training loop; knows nothing of checkpoints."""
 
-    def __init__(self, signals: list[str], grace_s: float, request_file: str | None = None, rank: int = 0):
+    def __init__(self, signals: list[str], grace_s: float, request_file: str | None = None, rank: int = 0,
+                 device=None):
         self.signals = [getattr(signal, name) for name in signals]
+        self.device = device  # where the agreement's one-number all-reduce runs (NCCL needs a CUDA tensor)
         self.grace_s = float(grace_s)
         self.request_file = Path(request_file) if request_file else None
         self.rank = rank
@@ -124,7 +126,7 @@ class StopRequest:
         import torch
         import torch.distributed as dist
 
-        flag = torch.tensor([float(self.requested_here())])
+        flag = torch.tensor([float(self.requested_here())], device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item() and self.reason is None:
