@@ -178,21 +178,19 @@ def test_float16_training_gets_a_loss_scaler_and_an_overflow_skips_the_step():
     assert plain.scheduler.last_epoch == 1
 
 
-def test_float16_recipe_trains_on_the_cpu_with_the_scaler_and_resumes_it(tmp_path):
-    """A whole float16 run of the plain engine on the CPU (torch computes float16 there): finite, decreasing loss,
-    and the scaler's state in the checkpoint."""
+def test_float16_recipe_trains_on_the_cpu_with_the_scaler_in_its_checkpoint(tmp_path):
+    """A whole (2-step) float16 run of the plain engine on the CPU, where torch computes float16: finite losses, the
+    adapter kept in float32 under the float16 base, the scaler's state in the checkpoint."""
     from launch.config import resolve
     from recipes import finetune
 
-    cfg = resolve("llama_lora", ["model.preset=tiny_llama", "model.dtype=float16", "data.max_train_records=16",
-                                 "train.micro_batch_size=4", "train.gradient_accumulation_steps=1", "train.max_steps=8",
-                                 "train.warmup_steps=1", "train.learning_rate=3e-3", "train.eval_every=0",
-                                 "train.save_every=4", "train.tensorboard=false", "train.export_peft=false",
-                                 f"train.output_dir={tmp_path}"])
-    result = finetune.run(cfg)
+    cfg = resolve("llama_lora", ["model.preset=tiny_llama", "model.dtype=float16", "data.max_train_records=4",
+                                 "train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "train.max_steps=2",
+                                 "train.warmup_steps=0", "train.eval_every=0", "train.save_every=2",
+                                 "train.tensorboard=false", "train.export_peft=false", f"train.output_dir={tmp_path}"])
+    finetune.run(cfg)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    curve = [l["loss"] for l in lines if "loss" in l]
-    assert len(curve) == 8 and all(math.isfinite(x) for x in curve) and sum(curve[-2:]) < sum(curve[:2])
-    state = torch.load(tmp_path / "checkpoints" / "step_8" / "engine" / engine.ENGINE_STATE_FILE, weights_only=True)
+    assert [math.isfinite(l["loss"]) for l in lines if "loss" in l] == [True, True]
+    state = torch.load(tmp_path / "checkpoints" / "step_2" / "engine" / engine.ENGINE_STATE_FILE, weights_only=True)
     assert state["scaler"]["scale"] > 0
-    assert result["step"] == 8
+    assert state["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
