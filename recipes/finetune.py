@@ -328,8 +328,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 class TrainingDiverged(RuntimeError):
     """The training loss stopped being a number. The engines take every step as it comes (no skipped steps, as in
-    a plain PyTorch loop; DeepSpeed's overflow check is off in configs/deepspeed), so the run stops here, before a
-    checkpoint of the diverged state is written."""
+    a plain PyTorch loop; DeepSpeed's bf16 overflow check is off in configs/deepspeed; only float16's loss scaling
+    skips a step whose scaled gradients overflowed), so the run stops here, before a checkpoint of the diverged
+    state is written."""
 
     def __init__(self, step: int, loss: float, lr: float, output_dir):
         super().__init__(
