@@ -194,3 +194,13 @@ def test_float16_recipe_trains_on_the_cpu_with_the_scaler_in_its_checkpoint(tmp_
     state = torch.load(tmp_path / "checkpoints" / "step_2" / "engine" / engine.ENGINE_STATE_FILE, weights_only=True)
     assert state["scaler"]["scale"] > 0
     assert state["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype,fp16", [("float16", True), ("float32", False), ("bfloat16", False)])
+def test_deepspeed_turns_its_loss_scale_on_for_float16(dtype, fp16):
+    """DeepSpeed's "fp16" section follows model.dtype (its own dynamic loss scale, the plain engine's GradScaler);
+    bf16 is never on together with it. Not run under DeepSpeed here: its fp16 optimizer needs a GPU."""
+    from launch.config import resolve
+    config = engine.deepspeed_config(resolve("llama_lora", [f"model.dtype={dtype}", "deepspeed.config=zero2"]), 10, 1)
+    assert config["fp16"]["enabled"] is fp16
+    assert not (config["fp16"]["enabled"] and config["bf16"]["enabled"])
