@@ -298,9 +298,9 @@ def optimizer_step(engine, micro_batches: list[dict], device: torch.device, wind
     num_items_in_batch), so the micro-batches' and ranks' gradients add up to the gradient of the step's mean token
     loss: the same for any split of the same examples into micro-batches, accumulation steps and ranks (a mean of
     micro-batch means would weigh a short answer's tokens more)."""
-    targets = step_targets(micro_batches, device)
     if len(micro_batches) != engine.accumulation:
         raise ValueError(f"{len(micro_batches)} micro-batches for a step of {engine.accumulation}")
+    targets = step_targets(micro_batches, device)
     for batch in micro_batches:
         batch = to_device(batch, device)
         timer.lap("data")
@@ -373,8 +373,8 @@ class LogWindow:
 
     def reduce(self) -> dict:
         """Since the last call, over all ranks: the mean of the steps' losses (each the mean over the step's learned
-        tokens on all ranks), real tokens per second, real tokens per optimizer
-        step, and the share of computed positions that were padding."""
+        tokens on all ranks), real tokens per second, real tokens per optimizer step, and the share of computed
+        positions that were padding."""
         totals = torch.stack([self.loss_sum, self.tokens.float(), torch.tensor(float(self.slots), device=self.device)])
         if world()[1] > 1:
             dist.all_reduce(totals)
