@@ -114,6 +114,8 @@ class TrainSection:
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
     warmup_steps: int = 6
+    min_lr_ratio: float = 0.0
+    decay_ratio: float = 0.1
     max_grad_norm: float = 1.0
     eval_every: int = 20
     log_every: int = 1

@@ -2,8 +2,12 @@
 
 The loop in recipes/finetune.py only ever touches:
     engine(**batch)        forward (through DeepSpeed's engine when there is one)
-    engine.backward(loss)  backward of one micro-batch (scaled for gradient accumulation)
+    engine.backward(loss)  backward of one micro-batch whose loss is already its share of the optimizer step's
+                           loss (summed over its learned tokens / the step's learned tokens on all ranks), so
+                           gradients add up over micro-batches and ranks to the step's token-mean gradient
     engine.step() -> bool  end of a micro-batch; True when an optimizer step happened (accumulation boundary)
+    engine.accumulation    micro-batches per optimizer step
+    engine.scheduler       the learning-rate schedule (`lr_schedule`, the same for both engines)
     engine.optimizer       the torch optimizer, or DeepSpeed's (what SRLoRA resets rows in)
     engine.module          the model (unwrapped)
     engine.current_lr()    the learning rate the next optimizer step will use
@@ -19,18 +23,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from recipes.modeling import resolve_dtype
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
 ENGINE_STATE_FILE = "engine_state.pt"
-# cfg.train.lr_scheduler -> the DeepSpeed scheduler with the same shape (warm-up, then cosine / linear / flat).
-DEEPSPEED_SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
+# cfg.train.lr_scheduler -> transformers' schedule of that shape (get_scheduler), linear warm-up first.
+LR_SCHEDULES = {"cosine": "cosine_with_min_lr", "linear": "linear", "constant": "constant_with_warmup",
+                "wsd": "warmup_stable_decay"}
+# The schedules that end at train.min_lr_ratio x the peak (linear ends at 0, constant never decays).
+FLOORED_SCHEDULES = ("cosine", "wsd")
 
 
 class EngineConfigError(ValueError):
@@ -45,26 +53,45 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return params
 
 
-def lr_multiplier(kind: str, warmup_steps: int, total_steps: int):
-    """Multiplier of the peak lr before optimizer step ``s`` (0-based): linear warm-up from 0 over
-    ``warmup_steps``, then cosine to 0 / linear to 0 / constant at ``total_steps`` (HF transformers' shapes)."""
-    if kind not in DEEPSPEED_SCHEDULERS:
-        raise EngineConfigError(f"train.lr_scheduler={kind!r}: choose one of {sorted(DEEPSPEED_SCHEDULERS)}")
+def lr_schedule(optimizer: torch.optim.Optimizer, train, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The learning-rate schedule both engines step once per optimizer step (DeepSpeed is handed this object).
 
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return step / max(1, warmup_steps)
-        if kind == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return 0.5 * (1.0 + math.cos(math.pi * progress)) if kind == "cosine" else 1.0 - progress
+    transformers' get_scheduler: a linear warm-up over train.warmup_steps, then up to ``total_steps``
+      cosine    half a cosine from the peak down to train.min_lr_ratio x the peak
+      linear    straight down to 0
+      constant  the peak
+      wsd       warm-up, stable at the peak, then the last train.decay_ratio of the steps a cosine down to
+                train.min_lr_ratio x the peak (warmup_stable_decay; its warm-up starts at that floor)"""
+    from transformers import get_scheduler
 
-    return multiplier
+    kind, warmup = str(train.lr_scheduler), int(train.warmup_steps)
+    if kind not in LR_SCHEDULES:
+        raise EngineConfigError(f"train.lr_scheduler={kind!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    floor = float(train.min_lr_ratio)
+    extra = {}
+    if kind == "cosine":
+        extra = {"min_lr_rate": floor}
+    elif kind == "wsd":
+        decay = min(max(1, round(float(train.decay_ratio) * total_steps)), max(0, total_steps - warmup))
+        extra = {"num_decay_steps": decay, "min_lr_ratio": floor}
+    return get_scheduler(LR_SCHEDULES[kind], optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=extra)
+
+
+def loss_scaling(cfg) -> bool:
+    """Whether training computes in float16 (model.dtype=float16, or a 4-bit base computing in it): its gradients
+    underflow without a loss scale (bfloat16 and float32 have float32's range and need none)."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    compute = cfg.model.dtype
+    if cfg.model.quantization == "4bit" and cfg.model.bnb_4bit_compute_dtype != "auto":
+        compute = cfg.model.bnb_4bit_compute_dtype
+    return resolve_dtype(str(compute), device) == torch.float16
 
 
 # ----- plain PyTorch ---------------------------------------------------------------------------------------
 class PlainEngine:
-    """One process, no DeepSpeed: AdamW, manual gradient accumulation, clipping, LambdaLR."""
+    """One process, no DeepSpeed: AdamW, manual gradient accumulation, clipping, the shared lr schedule, and a
+    dynamic loss scale (torch.amp.GradScaler) when training computes in float16."""
 
     def __init__(self, model: torch.nn.Module, cfg, total_steps: int):
         train = cfg.train
@@ -74,8 +101,10 @@ class PlainEngine:
         fused = all(p.is_cuda for p in self.params)
         self.optimizer = torch.optim.AdamW(self.params, lr=train.learning_rate, betas=ADAMW_BETAS, eps=ADAMW_EPS,
                                            weight_decay=train.weight_decay, fused=fused or None)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_multiplier(train.lr_scheduler, train.warmup_steps, total_steps))
+        self.scheduler = lr_schedule(self.optimizer, train, total_steps)
+        # float16 gradients underflow without a loss scale; the adapter weights (and so their gradients and
+        # AdamW's state) stay float32, which GradScaler needs to unscale them.
+        self.scaler = torch.amp.GradScaler(self.params[0].device.type) if loss_scaling(cfg) else None
         self.accumulation = int(train.gradient_accumulation_steps)
         self.max_grad_norm = train.max_grad_norm
         self.micro_steps = 0
@@ -90,17 +119,26 @@ class PlainEngine:
         self.module.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
-        # Each micro-batch's mean loss counts 1/accumulation, so the step sees the mean over the window.
-        (loss / self.accumulation).backward()
+        # The loss is already this micro-batch's share of the step's loss: gradients just add up.
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
     def step(self) -> bool:
         self.micro_steps += 1
         if self.micro_steps % self.accumulation:
             return False
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
+        if self.scaler is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf/nan
+            self.scaler.update()  # which then lowers the scale
+            if self.scaler.get_scale() >= scale:  # as DeepSpeed: a skipped step does not advance the schedule
+                self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
@@ -110,14 +148,19 @@ class PlainEngine:
     def save(self, directory: Path) -> None:
         """Optimizer moments and scheduler position (the adapter weights are saved by the checkpoint)."""
         directory.mkdir(parents=True, exist_ok=True)
-        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                    "micro_steps": self.micro_steps}, directory / ENGINE_STATE_FILE)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "micro_steps": self.micro_steps}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, directory / ENGINE_STATE_FILE)
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / ENGINE_STATE_FILE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.micro_steps = state["micro_steps"]
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -127,7 +170,7 @@ class PlainEngine:
 class DeepSpeedEngine:
     """The same interface over ``deepspeed.initialize``'s engine."""
 
-    def __init__(self, model: torch.nn.Module, ds_config: dict):
+    def __init__(self, model: torch.nn.Module, ds_config: dict, train, total_steps: int):
         import deepspeed
         from deepspeed.utils import nvtx
 
@@ -136,10 +179,14 @@ class DeepSpeedEngine:
         nvtx.enable_nvtx = False
         self.config = ds_config
         self.fetch_units = whole_layer_fetch(model, ds_config)
-        self.ds, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable_parameters(model),
-                                                config=ds_config)
+        # DeepSpeed builds the optimizer, then the schedule on it (the plain engine's, `lr_schedule`); it steps the
+        # schedule at each accumulation boundary and saves and loads its state with the checkpoint.
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable_parameters(model), config=ds_config,
+            lr_scheduler=lambda optimizer: lr_schedule(optimizer, train, total_steps))
         self.module = self.ds.module
         self.optimizer = self.ds.optimizer
+        self.accumulation = int(self.ds.gradient_accumulation_steps())
 
     def __call__(self, **batch):
         return self.ds(**batch)
@@ -151,7 +198,10 @@ class DeepSpeedEngine:
         self.ds.eval()
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+        # The loss is already this micro-batch's share of the step's loss over all ranks: no division by the
+        # accumulation steps (scale_wrt_gas=False), and x ranks to undo the mean DeepSpeed takes over ranks, so the
+        # reduced gradient is their sum. (Its fp16 loss scale, when on, DeepSpeed applies and removes itself.)
+        self.ds.backward(loss * self.ds.dp_world_size, scale_wrt_gas=False)
 
     def step(self) -> bool:
         boundary = self.ds.is_gradient_accumulation_boundary()
@@ -224,22 +274,17 @@ def _read_json(path: Path) -> dict:
 
 def check_deepspeed_config(cfg, total_steps: int, world_size: int) -> None:
     """What DeepSpeed would refuse at deepspeed.initialize, after the model has loaded, refused now: the resolved
-    config (file, overrides, filled "auto" values) goes through DeepSpeed's own parser, and the optimizer and
-    scheduler types through its lists of known ones."""
+    config (file, overrides, filled "auto" values) goes through DeepSpeed's own parser, and the optimizer type through
+    its list of known ones (a scheduler section is refused by `deepspeed_json`: the lr schedule is selora's)."""
     import pydantic
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
-    from deepspeed.runtime.lr_schedules import VALID_LR_SCHEDULES
     config = deepspeed_config(cfg, total_steps, world_size)
     where = f"deepspeed.config={str(cfg.deepspeed.config)!r} (with deepspeed.overrides)"
-    # DeepSpeed takes its own optimizers (any case) and any torch.optim class by name; schedulers by exact name.
+    # DeepSpeed takes its own optimizers (any case) and any torch.optim class by name.
     optimizer = config.get("optimizer", {}).get("type")
     if optimizer is not None and optimizer.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, optimizer):
         raise EngineConfigError(f"{where}: optimizer.type={optimizer!r} is not one DeepSpeed knows; choose one of "
                                 f"{DEEPSPEED_OPTIMIZERS} or a torch.optim class")
-    scheduler = config.get("scheduler", {}).get("type")
-    if scheduler is not None and scheduler not in VALID_LR_SCHEDULES:
-        raise EngineConfigError(f"{where}: scheduler.type={scheduler!r} is not one DeepSpeed knows; choose one of "
-                                f"{VALID_LR_SCHEDULES}")
     # DeepSpeed's parser checks the batch sizes against the process group it sees, none yet (one process): the
     # world size was checked by deepspeed_config above, so the copy it parses states one process's batch.
     parsed = copy.deepcopy(config)
@@ -278,17 +323,33 @@ def _fill(section: dict, key: str, value) -> None:
         section[key] = value
 
 
-def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | None = None) -> dict:
-    """The DeepSpeed config named by cfg.deepspeed.config with every "auto" filled from cfg.train.
+def deepspeed_json(cfg) -> dict:
+    """The DeepSpeed JSON cfg.deepspeed.config names, cfg.deepspeed.overrides (optional mapping) merged on top.
 
-    Values the JSON sets explicitly are kept. cfg.deepspeed.overrides (optional mapping) is merged on top,
-    e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}.
-    """
-    train = cfg.train
+    Its "scheduler" section may only be "auto" (dropped): the learning rate is scheduled by `lr_schedule` for both
+    engines, and DeepSpeed would silently prefer ours over the JSON's."""
     config = _read_json(resolve_config_path(str(cfg.deepspeed.config)))
     overrides = OmegaConf.select(cfg, "deepspeed.overrides", default=None)
     if overrides is not None:
         _merge(config, OmegaConf.to_container(overrides, resolve=True))
+    scheduler = config.pop("scheduler", None)
+    if scheduler is not None and scheduler.get("type", "auto") != "auto":
+        raise EngineConfigError(f"deepspeed.config={str(cfg.deepspeed.config)!r} sets scheduler type "
+                                f"{scheduler['type']!r}: selora schedules the learning rate for both engines; remove "
+                                f"the \"scheduler\" section (from the JSON or deepspeed.overrides) and set "
+                                f"train.lr_scheduler ({', '.join(LR_SCHEDULES)})")
+    return config
+
+
+def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | None = None) -> dict:
+    """The DeepSpeed config named by cfg.deepspeed.config with every "auto" filled from cfg.train.
+
+    Values the JSON sets explicitly are kept. cfg.deepspeed.overrides (optional mapping) is merged on top,
+    e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}. No "scheduler": the engine hands
+    DeepSpeed `lr_schedule`'s.
+    """
+    train = cfg.train
+    config = deepspeed_json(cfg)
     micro, accumulation = int(train.micro_batch_size), int(train.gradient_accumulation_steps)
     _fill(config, "train_micro_batch_size_per_gpu", micro)
     _fill(config, "gradient_accumulation_steps", accumulation)
@@ -301,10 +362,10 @@ def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | 
             f"{world_size} ranks; set it to \"auto\"")
 
     on_cuda = torch.cuda.is_available()
-    bf16 = config.setdefault("bf16", {})
-    _fill(bf16, "enabled", bool(on_cuda and torch.cuda.is_bf16_supported()))
     fp16 = config.setdefault("fp16", {})
-    _fill(fp16, "enabled", False)
+    _fill(fp16, "enabled", loss_scaling(cfg))  # DeepSpeed's own dynamic loss scale, as the plain engine's scaler
+    bf16 = config.setdefault("bf16", {})
+    _fill(bf16, "enabled", bool(on_cuda and torch.cuda.is_bf16_supported() and not fp16["enabled"]))
 
     optimizer = config.setdefault("optimizer", {"type": "AdamW", "params": {}})
     params = optimizer.setdefault("params", {})
@@ -315,14 +376,6 @@ def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | 
     if not on_cuda:  # FusedAdam / DeepSpeedCPUAdam need compiled ops; torch's AdamW is exact and always there
         params.setdefault("torch_adam", True)
         config.setdefault("zero_force_ds_cpu_optimizer", False)
-
-    scheduler = config.setdefault("scheduler", {"type": "auto", "params": {}})
-    if scheduler.get("type", "auto") == "auto":
-        if train.lr_scheduler not in DEEPSPEED_SCHEDULERS:
-            raise EngineConfigError(f"train.lr_scheduler={train.lr_scheduler!r}: choose one of "
-                                    f"{sorted(DEEPSPEED_SCHEDULERS)}")
-        scheduler["type"] = DEEPSPEED_SCHEDULERS[train.lr_scheduler]
-    _fill_scheduler(scheduler, train, total_steps)
 
     zero = config.setdefault("zero_optimization", {"stage": 0})
     h = hidden_size
@@ -337,25 +390,6 @@ def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | 
         raise EngineConfigError(f"DeepSpeed config keys {leftover} are \"auto\" but the engine has no value for "
                                 "them; set them in the JSON")
     return config
-
-
-def _fill_scheduler(scheduler: dict, train, total_steps: int) -> None:
-    params = scheduler.setdefault("params", {})
-    warmup = int(train.warmup_steps)
-    # DeepSpeed's warm-up lasts at least 2 steps; with no warm-up asked for, start it at the peak so it is flat.
-    no_warmup = warmup == 0
-    _fill(params, "warmup_num_steps", max(1, warmup))
-    _fill(params, "warmup_type", "linear")
-    kind = scheduler["type"]
-    if kind == "WarmupCosineLR":
-        _fill(params, "total_num_steps", total_steps)
-        _fill(params, "warmup_min_ratio", 1.0 if no_warmup else 0.0)
-        _fill(params, "cos_min_ratio", 0.0)
-    elif kind in ("WarmupDecayLR", "WarmupLR"):
-        if kind == "WarmupDecayLR":
-            _fill(params, "total_num_steps", total_steps)
-        _fill(params, "warmup_max_lr", float(train.learning_rate))
-        _fill(params, "warmup_min_lr", float(train.learning_rate) if no_warmup else 0.0)
 
 
 def _walk(tree, prefix=""):
@@ -407,4 +441,4 @@ def build_engine(model: torch.nn.Module, cfg, steps: int, world_size: int = 1):
     if not uses_deepspeed(cfg):
         return PlainEngine(model, cfg, steps)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    return DeepSpeedEngine(model, deepspeed_config(cfg, steps, world_size, hidden))
+    return DeepSpeedEngine(model, deepspeed_config(cfg, steps, world_size, hidden), cfg.train, steps)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 import selora
 from recipes import checkpoint, engine as engines
 from recipes.checkpoint import TrainerState
-from recipes.data import build_datasets, make_collate_fn, pad_multiple
+from recipes.data import IGNORE_INDEX, build_datasets, make_collate_fn, pad_multiple
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
@@ -114,7 +114,7 @@ def run(cfg) -> dict:
     if sample_prompts and state.step == 0:
         base_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
 
-    # The loop: micro-batches in a seeded order; an optimizer step every gradient_accumulation_steps of them.
+    # The loop: micro-batches in a seeded order; an optimizer step every engine.accumulation of them.
     progress = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
     window = LogWindow(device)
     timer = PhaseTimer(device, enabled=bool(train.time_breakdown))
@@ -130,19 +130,10 @@ def run(cfg) -> dict:
     try:
         while state.step < total_steps and not stopped:
             profiler.before_step(state.step + 1)
-            state.epoch, state.batch_in_epoch, batch = next(batches)
-            batch = to_device(batch, device)
-            timer.lap("data")
-            loss = engine(**model_inputs(batch)).loss  # the model's mean token loss (labels of -100 are ignored)
-            timer.lap("forward")
-            engine.backward(loss)
-            timer.lap("backward")
-            lr = engine.current_lr()
-            window.add_micro_batch(loss, batch["attention_mask"])
-            stepped = engine.step()
-            timer.lap("optimizer")
-            if not stepped:
-                continue
+            # The whole step's micro-batches first: its loss is normalised by all of their learned tokens.
+            taken = [next(batches) for _ in range(engine.accumulation)]
+            state.epoch, state.batch_in_epoch = taken[-1][:2]  # the position after the step: where a resume starts
+            lr = optimizer_step(engine, [batch for _, _, batch in taken], device, window, timer)
             state.step += 1
             window.end_step()
             progress.update(1)
@@ -319,6 +310,42 @@ def model_inputs(batch: dict) -> dict:
     return inputs
 
 
+def step_targets(micro_batches: list[dict], device: torch.device) -> torch.Tensor:
+    """The optimizer step's learned tokens (labels other than -100 after the model's one-position shift) over its
+    micro-batches and every rank: one all_reduce of one number per step. At least 1, so a step without any gives
+    a loss and gradients of 0, not nan."""
+    count = sum(int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) for batch in micro_batches)
+    total = torch.tensor(float(count), device=device)
+    if world()[1] > 1:
+        dist.all_reduce(total)
+    return total.clamp_(min=1.0)
+
+
+def optimizer_step(engine, micro_batches: list[dict], device: torch.device, window: LogWindow, timer) -> float:
+    """Forward and backward of the step's micro-batches, then the optimizer step; returns the lr it used.
+
+    Each micro-batch's loss is its summed token loss / the step's learned tokens on all ranks (transformers'
+    num_items_in_batch), so the micro-batches' and ranks' gradients add up to the gradient of the step's mean token
+    loss: the same for any split of the same examples into micro-batches, accumulation steps and ranks (a mean of
+    micro-batch means would weigh a short answer's tokens more)."""
+    if len(micro_batches) != engine.accumulation:
+        raise ValueError(f"{len(micro_batches)} micro-batches for a step of {engine.accumulation}")
+    targets = step_targets(micro_batches, device)
+    for batch in micro_batches:
+        batch = to_device(batch, device)
+        timer.lap("data")
+        loss = engine(**model_inputs(batch), num_items_in_batch=targets).loss
+        timer.lap("forward")
+        engine.backward(loss)
+        timer.lap("backward")
+        lr = engine.current_lr()
+        window.add_micro_batch(loss, batch["attention_mask"])
+        stepped = engine.step()
+        timer.lap("optimizer")
+    assert stepped, "the engine's accumulation boundary is not the step's last micro-batch"
+    return lr
+
+
 # What packed and padding-free batches add: restarting positions, and (padding-free) the examples' boundaries
 # that recipes/packed_attention.py's varlen attention reads (transformers passes them through to attention).
 BOUNDARY_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -331,8 +358,9 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 class TrainingDiverged(RuntimeError):
     """The training loss stopped being a number. The engines take every step as it comes (no skipped steps, as in
-    a plain PyTorch loop; DeepSpeed's overflow check is off in configs/deepspeed), so the run stops here, before a
-    checkpoint of the diverged state is written."""
+    a plain PyTorch loop; DeepSpeed's bf16 overflow check is off in configs/deepspeed; only float16's loss scaling
+    skips a step whose scaled gradients overflowed), so the run stops here, before a checkpoint of the diverged
+    state is written."""
 
     def __init__(self, step: int, loss: float, lr: float, output_dir):
         super().__init__(
@@ -348,7 +376,6 @@ class LogWindow:
     def __init__(self, device: torch.device):
         self.device = device
         self.step_loss = torch.zeros((), device=device)
-        self.micro = 0
         self.loss_sum = torch.zeros((), device=device)
         self.steps = 0
         self.tokens = torch.zeros((), device=device)  # real (non-pad) tokens
@@ -356,16 +383,16 @@ class LogWindow:
         self.started = time.perf_counter()
 
     def add_micro_batch(self, loss: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """``loss``: the micro-batch's share of its step's loss (its summed token loss / the step's learned tokens
+        on all ranks)."""
         self.step_loss += loss.detach().float()
-        self.micro += 1
         self.tokens += attention_mask.sum()
         self.slots += attention_mask.numel()
 
     def end_step(self) -> None:
-        self.loss_sum += self.step_loss / self.micro  # the step's loss: the mean over its micro-batches
+        self.loss_sum += self.step_loss  # this rank's part of the step's token-mean loss (`reduce` sums the ranks')
         self.steps += 1
         self.step_loss.zero_()
-        self.micro = 0
 
     def finite(self) -> bool:
         """Whether every step's loss since the last `reduce` is finite, on every rank (a collective)."""
@@ -375,14 +402,15 @@ class LogWindow:
         return bool(flag.item())
 
     def reduce(self) -> dict:
-        """Since the last call, over all ranks: mean step loss, real tokens per second, real tokens per optimizer
-        step, and the share of computed positions that were padding."""
+        """Since the last call, over all ranks: the mean of the steps' losses (each the mean over the step's learned
+        tokens on all ranks), real tokens per second, real tokens per optimizer step, and the share of computed
+        positions that were padding."""
         totals = torch.stack([self.loss_sum, self.tokens.float(), torch.tensor(float(self.slots), device=self.device)])
         if world()[1] > 1:
             dist.all_reduce(totals)
         loss, tokens, slots = totals.tolist()
         elapsed = time.perf_counter() - self.started
-        result = {"loss": loss / (self.steps * world()[1]), "tokens_per_s": tokens / max(elapsed, 1e-9),
+        result = {"loss": loss / self.steps, "tokens_per_s": tokens / max(elapsed, 1e-9),
                   "tokens": tokens / self.steps, "padding_share": 1.0 - tokens / max(slots, 1.0)}
         self.loss_sum.zero_()
         self.tokens.zero_()

@@ -88,8 +88,15 @@ def check_train(train) -> None:
     if not train.max_steps and not (train.epochs and train.epochs > 0):
         raise RecipeConfigError(f"train.max_steps={train.max_steps} and train.epochs={train.epochs}: nothing to "
                                 "train; set train.max_steps > 0 (optimizer steps) or train.epochs > 0")
-    if train.lr_scheduler not in engines.DEEPSPEED_SCHEDULERS:
-        bad("lr_scheduler", f"choose one of {', '.join(engines.DEEPSPEED_SCHEDULERS)}")
+    if train.lr_scheduler not in engines.LR_SCHEDULES:
+        bad("lr_scheduler", f"choose one of {', '.join(engines.LR_SCHEDULES)}")
+    if not 0 <= train.min_lr_ratio < 1:
+        bad("min_lr_ratio", "must be in [0, 1): the share of learning_rate that cosine and wsd end at")
+    if train.min_lr_ratio and train.lr_scheduler not in engines.FLOORED_SCHEDULES:
+        bad("min_lr_ratio", f"only {' and '.join(engines.FLOORED_SCHEDULES)} end at a floor; set "
+                            f"train.lr_scheduler=cosine or train.min_lr_ratio=0")
+    if not 0 < train.decay_ratio <= 1:
+        bad("decay_ratio", "must be in (0, 1]: the share of the steps that wsd spends decaying, e.g. 0.1")
     for key in ("stop_grace_s", "collective_timeout_s"):
         if not train[key] > 0:
             bad(key, "must be > 0 (seconds)")

@@ -1,4 +1,8 @@
-"""recipes/engine.py without launching DeepSpeed: which modules ZeRO-3 gathers whole."""
+"""recipes/engine.py without launching DeepSpeed: which modules ZeRO-3 gathers whole, the learning-rate schedule
+both engines step (DeepSpeed in one in-process rank), float16's loss scaler on the plain engine."""
+import json
+import math
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -48,3 +52,155 @@ def test_deepspeeds_parser_judges_a_config_for_several_processes_before_their_gr
                                        "deepspeed.overrides={zero_optimization: {offload_param: {device: gpu}}}"])
         with pytest.raises(EngineConfigError, match=r"zero_optimization\.offload_param\.device = 'gpu'"):
             check_deepspeed_config(bad, 10, world_size)
+
+
+# ----- the learning-rate schedule: one path for both engines ----------------------------------------------------
+STEPS, WARMUP, PEAK = 10, 2, 1e-2
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A one-process gloo group for in-process DeepSpeed engines (as recipes/finetune.py makes without a launcher),
+    shared by the module's tests (DeepSpeed caches its groups) and taken down after them."""
+    import os
+
+    import deepspeed
+    import torch.distributed as dist
+
+    env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(29400 + os.getpid() % 500))
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+    deepspeed.comm.comm.cdb = None
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def schedule_config(kind: str, *extra: str):
+    from launch.config import resolve
+    return resolve("llama_lora", ["model.preset=tiny_llama", f"train.lr_scheduler={kind}", f"train.learning_rate={PEAK}",
+                                  f"train.warmup_steps={WARMUP}", "train.gradient_accumulation_steps=2",
+                                  "train.micro_batch_size=1", *extra])
+
+
+def lr_sequence(engine, steps: int) -> list[float]:
+    """The lr of each optimizer step (read before it, as the loop does); 2 micro-batches of a tiny loss each."""
+    lrs = []
+    for _ in range(steps):
+        for _ in range(engine.accumulation):
+            loss = engine(input=torch.ones(1, 4)).sum()
+            engine.backward(loss)
+            lr = engine.current_lr()
+            engine.step()
+        lrs.append(lr)
+    return lrs
+
+
+def build(kind_of_engine: str, cfg):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 4)
+    if kind_of_engine == "plain":
+        return engine.PlainEngine(model, cfg, STEPS)
+    return engine.DeepSpeedEngine(model, engine.deepspeed_config(cfg, STEPS, 1), cfg.train, STEPS)
+
+
+@pytest.mark.parametrize("kind,extra", [("cosine", ["train.min_lr_ratio=0.1"]), ("linear", []), ("constant", []),
+                                        ("wsd", ["train.min_lr_ratio=0.1", "train.decay_ratio=0.3"])])
+def test_both_engines_step_the_same_schedule_and_resume_it(tmp_path, one_process_group, kind, extra):
+    plain_cfg = schedule_config(kind, *extra)
+    ds_cfg = schedule_config(kind, *extra, "deepspeed.config=zero2")
+    sequences = {}
+    for name, cfg in (("plain", plain_cfg), ("deepspeed", ds_cfg)):
+        first = build(name, cfg)
+        lrs = lr_sequence(first, 4)
+        first.save(tmp_path / name / "step_4")
+        resumed = build(name, cfg)
+        resumed.load(tmp_path / name / "step_4")  # the schedule continues where the checkpoint left it
+        sequences[name] = lrs + lr_sequence(resumed, STEPS - 4)
+    assert sequences["deepspeed"] == pytest.approx(sequences["plain"], rel=1e-9, abs=1e-15)
+    lrs = sequences["plain"]
+    start = 0.1 * PEAK if kind == "wsd" else 0.0  # transformers' wsd warms up from its floor
+    assert lrs[:3] == pytest.approx([start, (start + PEAK) / 2, PEAK])  # linear warm-up over 2 steps
+    expected_last = {"cosine": None, "linear": PEAK / 8, "constant": PEAK, "wsd": None}[kind]
+    if kind == "cosine":  # half a cosine from the peak down to the floor (0.1 x peak) at step 10
+        assert lrs[-1] == pytest.approx(PEAK * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 8))))
+    elif kind == "wsd":  # stable at the peak, then the last 3 steps decay (from the peak) towards the floor
+        assert lrs[2:8] == pytest.approx([PEAK] * 6) and PEAK * 0.1 < lrs[9] < lrs[8] < PEAK
+    else:
+        assert lrs[-1] == pytest.approx(expected_last)
+
+
+def test_a_deepspeed_json_with_a_scheduler_of_its_own_is_refused(tmp_path):
+    from launch.config import resolve
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "scheduler": {"type": "WarmupLR", "params": {}}}))
+    cfg = resolve("llama_lora", ["model.preset=tiny_llama", f"deepspeed.config={path}"])
+    with pytest.raises(engine.EngineConfigError, match="sets scheduler type 'WarmupLR'.*train.lr_scheduler"):
+        engine.deepspeed_json(cfg)
+    path.write_text(json.dumps({"train_batch_size": "auto", "scheduler": {"type": "auto", "params": {}}}))
+    assert "scheduler" not in engine.deepspeed_json(cfg)  # an older JSON's "auto" section is simply dropped
+
+
+# ----- float16: a dynamic loss scale on the plain engine ----------------------------------------------------------
+def fp16_engine(dtype: str = "float16"):
+    from launch.config import resolve
+    cfg = resolve("llama_lora", ["model.preset=tiny_llama", f"model.dtype={dtype}", "train.warmup_steps=0",
+                                 "train.gradient_accumulation_steps=1", "train.learning_rate=0.1",
+                                 "train.max_grad_norm=100"])  # clipping the scaled gradients would show
+    torch.manual_seed(0)
+    return engine.PlainEngine(torch.nn.Linear(4, 4), cfg, STEPS)
+
+
+def test_float16_training_gets_a_loss_scaler_and_an_overflow_skips_the_step():
+    assert fp16_engine("float32").scaler is None and fp16_engine("bfloat16").scaler is None
+    plain = fp16_engine()
+    assert plain.scaler is not None and plain.scaler.is_enabled()
+    scale = plain.scaler.get_scale()
+    before = [p.detach().clone() for p in plain.params]
+    plain.backward(plain(input=torch.full((1, 4), float("inf"))).sum())  # an overflowing micro-batch
+    plain.step()
+    assert all(torch.equal(p, b) for p, b in zip(plain.params, before))  # the step was skipped
+    assert plain.scaler.get_scale() == scale / 2  # and the scale lowered
+    assert plain.scheduler.last_epoch == 0  # the schedule did not advance (as DeepSpeed's fp16)
+    grads = []
+    plain.optimizer.register_step_pre_hook(lambda *_: grads.append([p.grad.clone() for p in plain.params]))
+    x = torch.ones(1, 4)
+    plain.backward(plain(input=x).sum())
+    plain.step()
+    assert not all(torch.equal(p, b) for p, b in zip(plain.params, before))  # a finite step updates
+    torch.testing.assert_close(grads[0][0], x.expand(4, 4))  # the optimizer saw (and clipped) the unscaled gradient
+    assert plain.scheduler.last_epoch == 1
+
+
+def test_float16_recipe_trains_on_the_cpu_with_the_scaler_in_its_checkpoint(tmp_path):
+    """A whole (2-step) float16 run of the plain engine on the CPU, where torch computes float16: finite losses, the
+    adapter kept in float32 under the float16 base, the scaler's state in the checkpoint."""
+    from launch.config import resolve
+    from recipes import finetune
+
+    cfg = resolve("llama_lora", ["model.preset=tiny_llama", "model.dtype=float16", "data.max_train_records=4",
+                                 "train.micro_batch_size=2", "train.gradient_accumulation_steps=1", "train.max_steps=2",
+                                 "train.warmup_steps=0", "train.eval_every=0", "train.save_every=2",
+                                 "train.tensorboard=false", "train.export_peft=false", f"train.output_dir={tmp_path}"])
+    finetune.run(cfg)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [math.isfinite(l["loss"]) for l in lines if "loss" in l] == [True, True]
+    state = torch.load(tmp_path / "checkpoints" / "step_2" / "engine" / engine.ENGINE_STATE_FILE, weights_only=True)
+    assert state["scaler"]["scale"] > 0
+    assert state["optimizer"]["state"][0]["exp_avg"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype,fp16", [("float16", True), ("float32", False), ("bfloat16", False)])
+def test_deepspeed_turns_its_loss_scale_on_for_float16(dtype, fp16):
+    """DeepSpeed's "fp16" section follows model.dtype (its own dynamic loss scale, the plain engine's GradScaler);
+    bf16 is never on together with it. Not run under DeepSpeed here: its fp16 optimizer needs a GPU."""
+    from launch.config import resolve
+    config = engine.deepspeed_config(resolve("llama_lora", [f"model.dtype={dtype}", "deepspeed.config=zero2"]), 10, 1)
+    assert config["fp16"]["enabled"] is fp16
+    assert not (config["fp16"]["enabled"] and config["bf16"]["enabled"])

@@ -150,3 +150,44 @@ def test_two_nodes_on_one_cache_with_rank_1_first_repair_a_poisoned_entry(tmp_pa
     warnings = [line for t in text for line in t.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "incomplete (no manifest); rebuilding it" in warnings[0], warnings
     assert sorted(losses(out)) == [1]
+
+
+def records_with_answers_of_very_different_lengths(path: Path) -> Path:
+    """16 alpaca records whose answers run from 1 to ~60 words, short and long mixed."""
+    words = "one two three four five six seven eight nine ten".split()
+    lengths = [1, 60, 3, 45, 2, 30, 1, 55, 4, 20, 2, 50, 6, 12, 1, 40]
+    lines = [json.dumps({"instruction": f"Count to {n} in words, question {i}.", "input": "",
+                         "output": " ".join(words[j % 10] for j in range(n))}) for i, n in enumerate(lengths)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_two_ranks_give_the_single_process_step_with_doubled_accumulation(tmp_path):
+    """The same 8 examples per optimizer step, split over 2 ZeRO-2 ranks x 2 micro-batches of 2, or 1 process (the
+    plain engine) x 4 micro-batches of 2: the same logged losses and the same adapter after two steps, to rounding.
+    Each step's loss is the mean over all of its learned tokens on both ranks (answers of 1 to 60 words: a mean of
+    micro-batch or rank means would weigh them differently, and the two runs' micro-batches hold other examples)."""
+    from safetensors.torch import load_file
+    from launch.config import resolve
+    from recipes import finetune
+
+    data = records_with_answers_of_very_different_lengths(tmp_path / "answers.jsonl")
+    common = ["--recipe", "llama_lora", f"data.train_files=[{data}]", "adapter.dropout=0.0", "train.max_steps=2",
+              "train.micro_batch_size=2", "train.warmup_steps=0", "train.learning_rate=1e-3", "train.eval_every=0",
+              "train.save_every=0", "train.export_peft=false", "train.tensorboard=false", *TINY_MODEL]
+    two = tmp_path / "two_ranks"
+    two.mkdir()
+    process = launch(two, args=["launch/train.py", *common, "deepspeed.config=zero2",
+                                "train.gradient_accumulation_steps=2"])
+    assert process.returncode == 0, (tmp_path / "two_ranks.log").read_text()[-3000:]
+    one = tmp_path / "one_process"
+    finetune.run(resolve("llama_lora", common[2:] + ["train.gradient_accumulation_steps=4",
+                                                     f"train.output_dir={one}"]))
+    assert sorted(losses(two)) == [1, 2]
+    for step in (1, 2):
+        assert abs(losses(two)[step] - losses(one)[step]) < 1e-5, (losses(two), losses(one))
+    adapter = "adapter/adapter_model.safetensors"
+    single, sharded = load_file(str(one / adapter)), load_file(str(two / adapter))
+    assert sorted(single) == sorted(sharded)
+    for name in single:  # Adam moves each weight by about the lr (1e-3) per step: a different gradient shows
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-4, atol=1e-5)
