@@ -7,7 +7,7 @@ warm cache (what every later start and every other rank does). Each start's wall
 "memory proportional to the raw JSON" would be.
 
     python bench/data_prepare.py                         # 1,000,000 records -> docs/benchmarks/data_prepare.{md,json}
-    python bench/data_prepare.py --records 300 --out /tmp/x   # the CPU smoke test's size
+    python bench/data_prepare.py --records 300 --in-process --out /tmp/x   # the CPU smoke test
 """
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def write_sharegpt(path: Path, records: int, seed: int = 0) -> None:
             handle.write(json.dumps({"conversations": turns}) + "\n")
 
 
-def child(path: str) -> None:
-    """One start: prepare the file (cold or warm cache: $SELORA_CACHE decides) and print the result as JSON."""
+def prepare_once(path: str) -> dict:
+    """One start: prepare the file (cold or warm cache: $SELORA_CACHE decides); times, memory and the report."""
     start = time.perf_counter()
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
@@ -61,13 +61,21 @@ def child(path: str) -> None:
     rows = len(prepared.train)
     first = prepared.train[0]["input_ids"][:4]  # touch the memory-mapped data
     done = time.perf_counter()
-    print(json.dumps({"seconds": done - start, "seconds_after_imports": done - imported, "built": prepared.built,
-                      "rows": rows, "first_tokens": first, "report": prepared.report,
-                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+    return {"seconds": done - start, "seconds_after_imports": done - imported, "built": prepared.built,
+            "rows": rows, "first_tokens": first, "report": prepared.report,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
 
-def start(path: Path, cache: Path) -> dict:
+def start(path: Path, cache: Path, in_process: bool = False) -> dict:
+    """A start in a fresh process (its own imports and peak memory), or in this one (the smoke test's quick way)."""
+    if in_process:
+        before = os.environ.get("SELORA_CACHE")
+        os.environ["SELORA_CACHE"] = str(cache)
+        try:
+            return prepare_once(str(path))
+        finally:
+            os.environ.pop("SELORA_CACHE") if before is None else os.environ.__setitem__("SELORA_CACHE", before)
     env = {**os.environ, "SELORA_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, __file__, "--child", str(path)], env=env, capture_output=True, text=True)
     if done.returncode != 0:
@@ -88,10 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks", help="folder for data_prepare.{md,json}")
     parser.add_argument("--note", default="", help="a line about the machine's state (e.g. other jobs on the cores)")
+    parser.add_argument("--in-process", action="store_true", help="both starts in this process (a quick smoke run; "
+                        "the numbers then include this process's own imports and memory)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        child(args.child)
+        print(json.dumps(prepare_once(args.child)))
         return {}
     with tempfile.TemporaryDirectory(prefix="selora_bench_data_") as scratch:
         scratch = Path(scratch)
@@ -100,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         write_sharegpt(path, args.records)
         written = time.perf_counter() - t
         file_mb = round(path.stat().st_size / 2**20, 1)
-        cold = start(path, scratch / "cache")
-        warm = start(path, scratch / "cache")
+        cold = start(path, scratch / "cache", args.in_process)
+        warm = start(path, scratch / "cache", args.in_process)
     assert cold["built"] and not warm["built"] and cold["first_tokens"] == warm["first_tokens"]
     report = cold["report"]
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
