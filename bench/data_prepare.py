@@ -119,10 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
               "file_mb": file_mb,
               "file_written_s": round(written, 1), "note": args.note,
               "first_start_s": round(cold["seconds"], 1), "records_per_s": round(args.records / cold["seconds"]),
-              "first_start_peak_rss_mb": round(cold["peak_rss_mb"]), "workers_peak_rss_mb": round(cold["workers_peak_rss_mb"]),
-              "second_start_s": round(warm["seconds"], 2), "second_start_after_imports_s": round(warm["seconds_after_imports"], 2),
-              "second_start_peak_rss_mb": round(warm["peak_rss_mb"]),
-              "tokens": report["lengths"]["total_tokens"], "packed_rows": warm["rows"], "row_fill": report.get("row_fill")}
+              "first_start_peak_rss_mb": round(cold["peak_rss_mb"]),
+              "workers_peak_rss_mb": round(cold["workers_peak_rss_mb"]),
+              "second_start_s": round(warm["seconds"], 2),
+              "second_start_after_imports_s": round(warm["seconds_after_imports"], 2),
+              "second_start_peak_rss_mb": round(warm["peak_rss_mb"]), "tokens": report["lengths"]["total_tokens"],
+              "packed_rows": warm["rows"], "row_fill": report.get("row_fill")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "data_prepare.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "data_prepare.md").write_text(markdown(result))
@@ -140,7 +142,8 @@ then again in a fresh process on the warm cache. {r['cpu_cores']} CPU cores; com
 
 | | first start (cold cache) | second start (warm cache) |
 |---|---|---|
-| wall time | {r['first_start_s']} s ({r['records_per_s']:,} records/s) | {r['second_start_s']} s ({r['second_start_after_imports_s']} s after imports) |
+| wall time | {r['first_start_s']} s ({r['records_per_s']:,} records/s) \
+| {r['second_start_s']} s ({r['second_start_after_imports_s']} s after imports) |
 | peak memory, main process | {r['first_start_peak_rss_mb']:,} MB | {r['second_start_peak_rss_mb']:,} MB |
 | peak memory, largest tokenizing worker | {r['workers_peak_rss_mb']:,} MB | - |
 

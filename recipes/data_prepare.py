@@ -26,7 +26,7 @@ from recipes.data import (IGNORE_INDEX, _adds_bos, limit_records, pack_sequences
                           train_eval_split)
 from recipes.data_mix import choose_records
 from recipes.data_sources import DataError, Source, locate, fingerprint, location, records_of, sources_from
-from recipes.shared_build import BuildUnavailable, build_once
+from recipes.shared_build import BuildFailed, BuildUnavailable, build_once
 
 CACHE_FORMAT = 1  # bump when the same inputs would give other tokens or another layout on disk
 HELPER_COLUMNS = ["source_id", "full_length"]
@@ -67,10 +67,11 @@ def check_data_config(data_cfg) -> tuple[list[Source], list[Source]]:
 
 
 def num_proc(data_cfg, records: int) -> int:
-    """data.num_proc: a number, or auto = every core (at most 16) for 50k records or more, else 1."""
+    """data.num_proc: a number, or auto = every core this process may use (at most 16) for 50k records or more,
+    else 1 (starting workers costs more than it saves on small sets)."""
     value = str(data_cfg.get("num_proc", "auto"))
     if value == "auto":
-        return min(os.cpu_count() or 1, 16) if records >= 50_000 else 1
+        return min(len(os.sched_getaffinity(0)), 16) if records >= 50_000 else 1
     if not value.isdigit() or int(value) < 1:
         raise DataError(f"data.num_proc={data_cfg.num_proc!r}: give auto or a whole number >= 1 (processes that "
                         "tokenize)")
@@ -122,6 +123,8 @@ def prepare(data_cfg, tokenizer, seed: int, micro_batch_size: int = 1) -> Prepar
         build_once(entry, build, what="the tokenized data set", required=("train/state.json", "report.json"))
     except BuildUnavailable as error:
         raise DataError(f"the data cache cannot be written ({error}); point SELORA_CACHE at a writable folder") from None
+    except BuildFailed as error:  # on the ranks that waited: the builder reported the cause in its own error line
+        raise DataError(f"{error}") from None
     train = datasets.load_from_disk(str(entry / "train"))
     evaluation = datasets.load_from_disk(str(entry / "eval")) if (entry / "eval").is_dir() else None
     return Prepared(train, evaluation, json.loads((entry / "report.json").read_text()), entry, bool(built))
