@@ -45,8 +45,26 @@ def write_sharegpt(path: Path, records: int, seed: int = 0) -> None:
             handle.write(json.dumps({"conversations": turns}) + "\n")
 
 
+def anonymous_memory_mb() -> float:
+    """This process's resident memory that is not a file's pages (Linux RssAnon): what memory-mapped Arrow data
+    does not count in, unlike ru_maxrss, which also counts the mapped files' pages the page cache holds."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def prepare_once(path: str) -> dict:
     """One start: prepare the file (cold or warm cache: $SELORA_CACHE decides); times, memory and the report."""
+    import threading
+    peak, stop = [anonymous_memory_mb()], threading.Event()
+
+    def sample():
+        while not stop.wait(0.2):
+            peak[0] = max(peak[0], anonymous_memory_mb())
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     from omegaconf import OmegaConf
     from transformers import AutoTokenizer
@@ -61,7 +79,9 @@ def prepare_once(path: str) -> dict:
     rows = len(prepared.train)
     first = prepared.train[0]["input_ids"][:4]  # touch the memory-mapped data
     done = time.perf_counter()
-    return {"seconds": done - start, "seconds_after_imports": done - imported, "built": prepared.built,
+    stop.set()
+    peak[0] = max(peak[0], anonymous_memory_mb())
+    return {"peak_anonymous_mb": peak[0], "seconds": done - start, "seconds_after_imports": done - imported, "built": prepared.built,
             "rows": rows, "first_tokens": first, "report": prepared.report,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
@@ -120,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
               "file_written_s": round(written, 1), "note": args.note,
               "first_start_s": round(cold["seconds"], 1), "records_per_s": round(args.records / cold["seconds"]),
               "first_start_peak_rss_mb": round(cold["peak_rss_mb"]),
+              "first_start_peak_anonymous_mb": round(cold.get("peak_anonymous_mb", -1)),
+              "second_start_peak_anonymous_mb": round(warm.get("peak_anonymous_mb", -1)),
               "workers_peak_rss_mb": round(cold["workers_peak_rss_mb"]),
               "second_start_s": round(warm["seconds"], 2),
               "second_start_after_imports_s": round(warm["seconds_after_imports"], 2),
@@ -144,7 +166,10 @@ then again in a fresh process on the warm cache. {r['cpu_cores']} CPU cores; com
 |---|---|---|
 | wall time | {r['first_start_s']} s ({r['records_per_s']:,} records/s) \
 | {r['second_start_s']} s ({r['second_start_after_imports_s']} s after imports) |
-| peak memory, main process | {r['first_start_peak_rss_mb']:,} MB | {r['second_start_peak_rss_mb']:,} MB |
+| peak resident memory, main process (ru_maxrss: counts the mapped Arrow files' cached pages) \
+| {r['first_start_peak_rss_mb']:,} MB | {r['second_start_peak_rss_mb']:,} MB |
+| peak anonymous memory, main process (RssAnon, sampled every 0.2 s; -1: not measured) \
+| {r['first_start_peak_anonymous_mb']:,} MB | {r['second_start_peak_anonymous_mb']:,} MB |
 | peak memory, largest tokenizing worker | {r['workers_peak_rss_mb']:,} MB | - |
 
 {r['tokens']:,} tokens in {r['packed_rows']:,} packed rows ({(r['row_fill'] or 0):.0%} full). The second start (every
