@@ -165,10 +165,6 @@ def fingerprint(source: Source) -> str:
     return digest.hexdigest()
 
 
-def describe(source: Source) -> str:
-    return source.path
-
-
 # ----- reading -----------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def _offline():

@@ -3,7 +3,6 @@ the equivalent alpaca or messages record; mixing proportions; the cache (reused,
 once by two racing processes, a poisoned entry rebuilt); new keys and bad sources fail with one message."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
