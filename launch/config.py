@@ -46,9 +46,12 @@ class TokenizerSection:
 
 @dataclass
 class DataSection:
-    train_files: List[str] = field(default_factory=lambda: ["configs/data/default_instructions.jsonl"])
-    eval_files: List[str] = field(default_factory=lambda: ["configs/data/default_eval.jsonl"])
+    train_files: List[Any] = field(default_factory=lambda: ["configs/data/default_instructions.jsonl"])
+    eval_files: List[Any] = field(default_factory=lambda: ["configs/data/default_eval.jsonl"])
     format: str = "auto"
+    fields: Dict[str, str] = field(default_factory=dict)
+    mix_records: Optional[int] = None
+    num_proc: str = "auto"
     max_length: int = 256
     packing: bool = False
     padding_free: bool = False

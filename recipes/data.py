@@ -1,12 +1,11 @@
-"""Instruction-tuning data: alpaca and chat records from local JSON/JSONL, validated, tokenized with the prompt
-masked out of the loss, optionally packed, split into train/eval.
+"""Instruction-tuning records become tokens: templating, the prompt masked out of the loss, packing, the
+train/eval split, and the collate function. Where records come from and how they are checked is
+recipes/data_sources.py; the prepared, cached data set a run trains on is recipes/data_prepare.py.
 
-Every record is checked before anything is tokenized, and a bad one is reported as ``file line N: field ...``
-with the fix, so a malformed dataset fails in seconds, not mid-training.
-
-Formats (auto-detected per record):
+Layouts (recipes/data_sources.py brings every format to one of these):
   alpaca  {"instruction": str, "input": str (optional), "output": str, ...}
-  chat    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+  chat    {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}   (ShareGPT becomes this)
+  text    {"text": str}                                                                  (learned whole)
 
 Special tokens are the tokenizer's and its template's, never doubled: BOS is prepended only when the tokenizer
 itself adds one (LLaMA-2/3 do; Qwen2 and SmolLM2 do not) and the text does not already start with it (chat
@@ -20,12 +19,18 @@ chat records (``messages``).
 """
 from __future__ import annotations
 
-import bisect
-import json
+import heapq
+import os
+from bisect import bisect_left, insort
 from pathlib import Path
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
+
+from recipes.data_sources import FORMATS, DataError, RecordProblem, Source, location, records_of
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE_INDEX = -100  # label value the loss skips (transformers' convention)
@@ -36,20 +41,6 @@ PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with
                      "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
 PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-ROLES = ("system", "user", "assistant")
-
-
-class DataError(ValueError):
-    """A data file or record the pipeline cannot use; the message names the file, line and field."""
-
-
-def resolve_path(path: str) -> Path:
-    """A data path as given (relative to the working directory) or relative to the repository root."""
-    for candidate in (Path(path), ROOT / path):
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"data file {path!r} not found (looked in {Path.cwd()} and {ROOT}); "
-                    "fix data.train_files / data.eval_files")
 
 
 def format_prompt(record: dict) -> str:
@@ -58,94 +49,29 @@ def format_prompt(record: dict) -> str:
     return template.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
-# ----- reading and validation ------------------------------------------------------------------------------------
-def _raw_records(path: Path) -> list[tuple[str, object]]:
-    """(location, parsed JSON value) for each record of a .jsonl (one per line) or .json (a list) file."""
-    if path.suffix not in (".json", ".jsonl"):
-        raise DataError(f"{path}: not JSON/JSONL ({path.suffix or 'no extension'}); data files are .json (one list "
-                        "of records) or .jsonl (one record per line); convert it, e.g. with pandas' to_json")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        out = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                out.append((f"{path} line {number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path} line {number}: not valid JSON ({error.msg} at column {error.colno}); "
-                                "each line of a .jsonl file must be one JSON object") from None
-        return out
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}); a .json data file holds "
-                        "one list of records (use .jsonl for one record per line)") from None
-    if not isinstance(value, list):
-        raise DataError(f"{path}: a .json data file must hold a list of records, found {type(value).__name__}")
-    return [(f"{path} record {index}", record) for index, record in enumerate(value)]
-
-
-def _check_alpaca(where: str, record: dict) -> dict:
-    for field, required in (("instruction", True), ("output", True), ("input", False)):
-        if field not in record:
-            if required:
-                raise DataError(f"{where}: field {field!r} is missing; each alpaca record needs "
-                                "'instruction' and 'output' (and an optional 'input')")
-            continue
-        if not isinstance(record[field], str):
-            raise DataError(f"{where}: field {field!r} must be a string, found {type(record[field]).__name__}")
-    if not record["output"].strip():
-        raise DataError(f"{where}: field 'output' is empty; there is nothing to learn from this record")
-    # The gold ``answer`` (LLM-Adapters' label or number) is kept for evaluation; training ignores it.
-    answer = record.get("answer")
-    return {"instruction": record["instruction"], "input": record.get("input", ""), "output": record["output"],
-            "answer": "" if answer is None else str(answer)}
-
-
-def _check_chat(where: str, record: dict) -> dict:
-    messages = record["messages"]
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: field 'messages' must be a non-empty list of {{role, content}} objects")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise DataError(f"{where}: field 'messages[{index}]' needs 'role' and 'content'")
-        if message["role"] not in ROLES:
-            raise DataError(f"{where}: field 'messages[{index}].role' is {message['role']!r}; use one of {ROLES}")
-        if not isinstance(message["content"], str):
-            raise DataError(f"{where}: field 'messages[{index}].content' must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field 'messages' has no assistant turn; there is nothing to learn from it")
-    return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
-
-
 def load_records(path: str, format: str = "auto") -> datasets.Dataset:
-    """Validated records of one file as a `datasets.Dataset` (alpaca columns, or ``messages`` for chat),
-    plus a ``source`` column ("file line N") used in later error messages."""
-    if format not in ("auto", "alpaca", "chat"):
-        raise DataError(f"data.format={format!r}: choose auto, alpaca or chat")
-    resolved = resolve_path(path)
-    rows, kinds = [], set()
-    for where, record in _raw_records(resolved):
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: a record must be a JSON object, found {type(record).__name__}")
-        kind = format if format != "auto" else ("chat" if "messages" in record else "alpaca")
-        if kind == "chat" and "messages" not in record:
-            raise DataError(f"{where}: field 'messages' is missing (data.format=chat)")
-        checked = _check_chat(where, record) if kind == "chat" else _check_alpaca(where, record)
-        rows.append({**checked, "source": where})
-        kinds.add(kind)
-    if not rows:
-        raise DataError(f"{resolved} holds no records; point data.train_files at a non-empty file")
-    if len(kinds) > 1:
-        raise DataError(f"{resolved} mixes alpaca and chat records; keep one format per file")
-    return datasets.Dataset.from_list(rows)
+    """Validated records of one file (or save_to_disk folder, or cached hub data set) as a `datasets.Dataset` in
+    its format's columns (alpaca: instruction/input/output/answer, chat and sharegpt: ``messages``, text:
+    ``text``), plus a ``source`` column ("file line N") used in later error messages."""
+    if format not in FORMATS:
+        raise DataError(f"data.format={format!r}: choose one of {', '.join(FORMATS)}")
+    datasets.disable_progress_bars()  # small files: the bars only clutter the log
+    source = Source(path=path, format=format)
+    records, _ = records_of(source, 0, work=None)
+    first = records[0]
+    keep = (["messages"] if first["messages"] is not None else ["text"] if first["text"] is not None else
+            ["instruction", "input", "output", "answer"])
+    records = records.select_columns(keep)
+    return records.add_column("source", [location(source, row) for row in range(len(records))])
 
 
 # ----- tokenization ------------------------------------------------------------------------------------------------
 def _segments(record: dict, tokenizer) -> list[tuple[str, bool]]:
-    """(text, is_learned) pieces of a record, in order; learned pieces are the answer / assistant turns."""
-    if "messages" not in record or record["messages"] is None:
+    """(text, is_learned) pieces of a record, in order; learned pieces are the answer / assistant turns (all of a
+    plain-text record)."""
+    if record.get("text") is not None:
+        return [(record["text"], True)]
+    if record.get("messages") is None:
         return [(format_prompt(record), False), (record["output"], True)]
     messages = record["messages"]
     if getattr(tokenizer, "chat_template", None):
@@ -160,9 +86,10 @@ def _segments(record: dict, tokenizer) -> list[tuple[str, bool]]:
             prompt = render(messages[:index], True)
             full = render(messages[:index + 1], False)
             if not (prompt.startswith(done) and full.startswith(prompt)):
-                raise DataError(f"{record.get('source', 'a chat record')}: the tokenizer's chat template renders "
-                                "earlier turns differently once a later turn is added, so the answer cannot be "
-                                "masked; use a template that only appends (or data.format=alpaca)")
+                where = f"{record['source']}: " if record.get("source") else ""
+                raise DataError(f"{where}the tokenizer's chat template renders earlier turns differently once a "
+                                "later turn is added, so the answer cannot be masked; use a template that only "
+                                "appends (or data.format=alpaca)")
             pieces += [(prompt[len(done):], False), (full[len(prompt):], True)]
             done = full
     return pieces
@@ -176,25 +103,37 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
+def _encode_pieces(records_pieces: list[list[tuple[str, bool]]], tokenizer, mask_prompt: bool
+                   ) -> list[tuple[list[int], list[int], int | None]]:
+    """`encode_record` for many records' pieces, their texts tokenized in one call (the same ids, one by one)."""
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    adds_bos = _adds_bos(tokenizer)
+    texts = [text for pieces in records_pieces for text, _ in pieces]
+    tokens = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    out = []
+    for pieces in records_pieces:
+        starts_with_bos = bool(bos) and bool(pieces) and pieces[0][0].startswith(bos)
+        ids = [tokenizer.bos_token_id] if adds_bos and not starts_with_bos else []
+        labels = [IGNORE_INDEX] * len(ids)
+        first_learned = None
+        for text, learned in pieces:
+            piece = list(next(tokens))
+            if learned and not (eos and eos in text):
+                piece = piece + [tokenizer.eos_token_id]
+            if learned and first_learned is None:
+                first_learned = len(ids)
+            ids += piece
+            labels += piece if (learned or not mask_prompt) else [IGNORE_INDEX] * len(piece)
+        out.append((ids, labels, first_learned))
+    return out
+
+
 def encode_record(record: dict, tokenizer, mask_prompt: bool = True) -> tuple[list[int], list[int], int | None]:
     """(input_ids, labels, index of the first learned token) of one record, untruncated. Prompt tokens get label
-    -100 when ``mask_prompt``; each answer ends with EOS exactly once. The one place a record becomes tokens: the
-    recipe's training data, and evaluation's prompts and scored answers (recipes/inference.py)."""
-    pieces = _segments(record, tokenizer)
-    bos, eos = tokenizer.bos_token, tokenizer.eos_token
-    starts_with_bos = bool(bos) and pieces[0][0].startswith(bos)
-    ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) and not starts_with_bos else []
-    labels = [IGNORE_INDEX] * len(ids)
-    first_learned = None
-    for text, learned in pieces:
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if learned and not (eos and eos in text):
-            piece = piece + [tokenizer.eos_token_id]
-        if learned and first_learned is None:
-            first_learned = len(ids)
-        ids += piece
-        labels += piece if (learned or not mask_prompt) else [IGNORE_INDEX] * len(piece)
-    return ids, labels, first_learned
+    -100 when ``mask_prompt``; each answer ends with EOS exactly once; a plain-text record is learned whole. The
+    one place a record becomes tokens: the recipe's training data, and evaluation's prompts and scored answers
+    (recipes/inference.py)."""
+    return _encode_pieces([_segments(record, tokenizer)], tokenizer, mask_prompt)[0]
 
 
 def encode_prompt(record: dict, tokenizer) -> list[int]:
@@ -204,49 +143,121 @@ def encode_prompt(record: dict, tokenizer) -> list[int]:
     return ids[:first_learned]
 
 
-def tokenize_records(ds: datasets.Dataset, tokenizer, max_length: int, mask_prompt: bool = True) -> datasets.Dataset:
-    """input_ids / labels / attention_mask per record (see `encode_record`), cut to ``max_length``. A record
-    whose prompt alone fills ``max_length`` is an error, reported up front."""
-    def encode(record: dict) -> dict:
-        ids, labels, first_learned = encode_record(record, tokenizer, mask_prompt)
-        if first_learned is None or first_learned >= max_length:
-            raise DataError(f"{record['source']}: the prompt takes {first_learned} tokens but data.max_length="
-                            f"{max_length} leaves no room for the answer; raise data.max_length or shorten the record")
-        ids, labels = ids[:max_length], labels[:max_length]
-        return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
+def tokenize_records(ds: datasets.Dataset, tokenizer, max_length: int, mask_prompt: bool = True, *,
+                     num_proc: int | None = None, cache_file_name: str | None = None, where=None
+                     ) -> datasets.Dataset:
+    """input_ids / labels / attention_mask per record (see `encode_record`), cut to ``max_length``; rows that carry
+    a ``source_id`` (the prepared pipeline's) keep it, with ``full_length`` (tokens before the cut). A record
+    whose prompt alone fills ``max_length`` is an error, reported up front: ``where(row)`` (default: the row's
+    ``source`` column) says where it is. ``num_proc`` processes tokenize when given (datasets' map)."""
+    carried = ["source_id"] if "source_id" in ds.column_names else []
 
-    return ds.map(encode, remove_columns=ds.column_names)
+    def encode(batch: dict, indices: list[int]) -> dict:
+        keys = list(batch)
+        records = [dict(zip(keys, values)) for values in zip(*batch.values())]
+        pieces = []
+        for index, record in zip(indices, records):
+            try:
+                pieces.append(_segments(record, tokenizer))
+            except DataError as problem:
+                raise RecordProblem(-1, index, str(problem)) from None
+        out = {"input_ids": [], "labels": [], "attention_mask": [], **{c: batch[c] for c in carried}}
+        if carried:
+            out["full_length"] = []
+        for index, (ids, labels, first_learned) in zip(indices, _encode_pieces(pieces, tokenizer, mask_prompt)):
+            if first_learned is None or first_learned >= max_length:
+                raise RecordProblem(-1, index, f"the prompt takes {first_learned} tokens but data.max_length="
+                                    f"{max_length} leaves no room for the answer; raise data.max_length or shorten "
+                                    "the record")
+            if carried:
+                out["full_length"].append(len(ids))
+            out["input_ids"].append(ids[:max_length])
+            out["labels"].append(labels[:max_length])
+            out["attention_mask"].append([1] * min(len(ids), max_length))
+        return out
+
+    if num_proc and num_proc > 1:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers; each tokenizes on its own
+    try:
+        return ds.map(encode, batched=True, with_indices=True, remove_columns=ds.column_names,
+                      num_proc=num_proc if num_proc and num_proc > 1 and len(ds) >= 10 * num_proc else None,
+                      cache_file_name=cache_file_name, desc="tokenizing")
+    except RecordProblem as problem:
+        row = ds[problem.row]
+        place = where(row) if where else row.get("source", f"record {problem.row}")
+        message = problem.message.split(": ", 1)[1] if problem.message.startswith(f"{place}: ") else problem.message
+        raise DataError(f"{place}: {message}") from None
 
 
-def pack_sequences(ds: datasets.Dataset, max_length: int) -> datasets.Dataset:
-    """Best-fit-decreasing packing: examples, longest first, each go into the fullest row that still has room for
-    them (a new row when none has), rows of at most ``max_length`` tokens; an example never straddles two rows.
-    Rows come out as full as the lengths allow (greedy packing of consecutive examples leaves the gap before every
-    example that did not fit): on the default data 70% full at 256 tokens (most records are over half of that) and
-    96% at 1024, against 62% and less for greedy packing. Each row carries ``position_ids`` that restart at 0 for
-    every example: the model then keeps attention inside each example (transformers builds a block-diagonal
-    causal mask from restarting positions) and each example sees the positions it would see alone.
-    Deterministic: ties keep the dataset's order."""
-    lengths = [len(ids) for ids in ds["input_ids"]]
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
-    shortest = min(lengths, default=0)
+def best_fit_rows(lengths: np.ndarray, max_length: int) -> list[list[int]]:
+    """Best-fit-decreasing: examples, longest first (ties in dataset order), each go into the row with the least
+    room that is enough (the earliest such row on a tie), else a new row. Buckets of rows by free room keep each
+    choice O(log max_length), so a million examples take seconds."""
+    order = np.argsort(-np.asarray(lengths, dtype=np.int64), kind="stable")
     rows: list[list[int]] = []
-    room: list[tuple[int, int]] = []  # (free tokens, row) of the rows that can still take something, sorted
-    for index in order:
-        slot = bisect.bisect_left(room, (lengths[index], -1))  # the row with the least room that is enough
-        if slot == len(room):
+    free_sizes: list[int] = []  # sorted free-room values that some row has
+    buckets: dict[int, list[int]] = {}  # free room -> heap of row numbers
+    for index in order.tolist():
+        length = int(lengths[index])
+        slot = bisect_left(free_sizes, length)
+        if slot == len(free_sizes):
             rows.append([index])
-            free, row = max_length - lengths[index], len(rows) - 1
+            row, free = len(rows) - 1, max_length - length
         else:
-            free, row = room.pop(slot)
+            size = free_sizes[slot]
+            row = heapq.heappop(buckets[size])
+            if not buckets[size]:
+                del buckets[size], free_sizes[slot]
             rows[row].append(index)
-            free -= lengths[index]
-        if free >= shortest:  # a row no example can still fit in leaves the search list (keeps it short)
-            bisect.insort(room, (free, row))
-    columns = ds.select_columns(["input_ids", "labels", "attention_mask"]).to_dict()
-    columns["position_ids"] = [list(range(n)) for n in lengths]
-    return datasets.Dataset.from_dict({key: [[token for i in row for token in values[i]] for row in rows]
-                                       for key, values in columns.items()})
+            free = size - length
+        if free > 0:
+            if free not in buckets:
+                buckets[free] = []
+                insort(free_sizes, free)
+            heapq.heappush(buckets[free], row)
+    return rows
+
+
+def pack_sequences(ds: datasets.Dataset, max_length: int, cache_file_name: str | None = None) -> datasets.Dataset:
+    """Best-fit-decreasing packing (`best_fit_rows`): rows of at most ``max_length`` tokens; an example never
+    straddles two rows. Rows come out as full as the lengths allow (greedy packing of consecutive examples leaves
+    the gap before every example that did not fit): on the default data 70% full at 256 tokens (most records are
+    over half of that) and 96% at 1024, against 62% and less for greedy packing. Each row carries ``position_ids``
+    that restart at 0 for every example: the model then keeps attention inside each example (transformers builds a
+    block-diagonal causal mask from restarting positions) and each example sees the positions it would see alone.
+    Deterministic. Rows are gathered in Arrow, a chunk at a time, and written to ``cache_file_name`` when given
+    (memory-mapped, for large sets), else kept in memory."""
+    columns = ds.select_columns(["input_ids", "labels", "attention_mask"]).with_format("arrow")
+    lengths = pc.list_value_length(columns[:]["input_ids"]).to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = best_fit_rows(lengths, max_length)
+    writer = None
+    if cache_file_name:
+        from datasets.arrow_writer import ArrowWriter
+        writer = ArrowWriter(path=cache_file_name)
+    chunks = []
+    for start in range(0, len(rows), 4096):
+        chunk = rows[start:start + 4096]
+        members = np.fromiter((i for row in chunk for i in row), dtype=np.int64)
+        taken = columns[members.tolist()] if len(members) else None
+        member_lengths = lengths[members]
+        row_lengths = np.array([lengths[row].sum() for row in chunk], dtype=np.int64)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(row_lengths)]), type=pa.int32())
+        starts = np.repeat(np.cumsum(member_lengths) - member_lengths, member_lengths)
+        positions = np.arange(int(member_lengths.sum()), dtype=np.int64) - starts
+        table = pa.table({name: pa.ListArray.from_arrays(offsets, pc.list_flatten(taken[name]).combine_chunks()
+                                                         if isinstance(taken[name], pa.ChunkedArray) else
+                                                         pc.list_flatten(taken[name]))
+                          for name in ("input_ids", "labels", "attention_mask")}
+                         | {"position_ids": pa.ListArray.from_arrays(offsets, pa.array(positions))})
+        if writer is not None:
+            writer.write_table(table)
+        else:
+            chunks.append(table)
+    if writer is not None:
+        writer.finalize()
+        return datasets.Dataset.from_file(cache_file_name)
+    from datasets.table import InMemoryTable
+    return datasets.Dataset(InMemoryTable(pa.concat_tables(chunks)))
 
 
 def train_eval_split(ds: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -259,45 +270,9 @@ def train_eval_split(ds: datasets.Dataset, eval_fraction: float, seed: int) -> t
     return parts["train"], parts["test"]
 
 
-def _load_tokenized(files, data_cfg, tokenizer) -> datasets.Dataset | None:
-    parts = [tokenize_records(load_records(f, data_cfg.format), tokenizer, int(data_cfg.max_length),
-                              bool(data_cfg.mask_prompt)) for f in files]
-    return datasets.concatenate_datasets(parts) if parts else None
-
-
-def _limit(ds: datasets.Dataset, limit, seed: int) -> datasets.Dataset:
+def limit_records(ds: datasets.Dataset, limit, seed: int) -> datasets.Dataset:
+    """At most ``limit`` examples (a seeded choice); all when ``limit`` is None."""
     return ds.shuffle(seed=seed).select(range(min(int(limit), len(ds)))) if limit else ds
-
-
-def build_datasets(data_cfg, tokenizer, seed: int, micro_batch_size: int = 1
-                   ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train, eval) tokenized datasets as ``data_cfg`` (the recipe's ``data`` section) describes.
-
-    With ``data.padding_free`` the training examples are packed into rows of ``micro_batch_size x max_length``
-    tokens (best fit, attention kept inside each example), one row per micro-batch: a step sees as many tokens
-    as a full padded batch would hold, with almost none of them padding."""
-    datasets.disable_progress_bars()  # small local files: the bars only clutter the log
-    if not data_cfg.train_files:
-        raise DataError("data.train_files is empty; name at least one alpaca or chat JSON/JSONL file")
-    for path in list(data_cfg.train_files) + list(data_cfg.eval_files or []):
-        resolve_path(path)  # every missing path is reported before any tokenizing
-    train = _load_tokenized(list(data_cfg.train_files), data_cfg, tokenizer)
-    if data_cfg.eval_files:
-        evaluation = _load_tokenized(list(data_cfg.eval_files), data_cfg, tokenizer)
-    elif data_cfg.eval_fraction:
-        train, evaluation = train_eval_split(train, float(data_cfg.eval_fraction), seed)
-    else:
-        evaluation = None
-    train = _limit(train, data_cfg.max_train_records, seed)
-    if evaluation is not None:
-        evaluation = _limit(evaluation, data_cfg.max_eval_records, seed)
-    if data_cfg.get("padding_free", False):
-        train = pack_sequences(train, micro_batch_size * int(data_cfg.max_length))
-    elif data_cfg.packing:
-        train = pack_sequences(train, int(data_cfg.max_length))
-    if len(train) == 0:
-        raise DataError("the training set is empty after filtering; check data.max_train_records")
-    return train, evaluation
 
 
 def make_collate_fn(pad_token_id: int, pad_to_multiple_of: int = 1, max_length: int | None = None,

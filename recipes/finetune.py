@@ -28,7 +28,8 @@ from tqdm import tqdm
 import selora
 from recipes import checkpoint, engine as engines
 from recipes.checkpoint import TrainerState
-from recipes.data import IGNORE_INDEX, build_datasets, make_collate_fn, pad_multiple
+from recipes.data import IGNORE_INDEX, make_collate_fn, pad_multiple
+from recipes.data_prepare import build_datasets
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler

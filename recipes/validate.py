@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 import selora
 from recipes import engine as engines
 from recipes.data import pad_multiple
+from recipes.data_prepare import check_data_config
 from recipes.packed_attention import AttentionConfigError, resolve_attention
 from recipes.profiling import profile_window
 from recipes.stop_request import CATCHABLE as CATCHABLE_SIGNALS
@@ -31,6 +32,7 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     check_train(cfg.train)
     pad_multiple(cfg.data, torch.device("cpu"))  # data.pad_to_multiple_of: auto or a whole number >= 1
     check_example_boundaries(cfg.data)
+    check_data_config(cfg.data)  # data sources, formats, fields, weights, mix_records, num_proc
     try:
         resolve_attention(cfg.model.attention, bool(cfg.data.padding_free), torch.device("cpu"))
     except AttentionConfigError as error:

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from recipes import data
+from recipes import data, data_prepare
 from recipes.data import DataError, IGNORE_INDEX
 
 
@@ -146,11 +146,11 @@ def test_build_datasets_from_config(tmp_path, tokenizer):
     cfg = OmegaConf.create(dict(train_files=[write_jsonl(tmp_path / "t.jsonl", ALPACA * 20)], eval_files=[],
                                 format="auto", max_length=128, packing=False, eval_fraction=0.1, mask_prompt=True,
                                 max_train_records=15, max_eval_records=None))
-    train, evaluation = data.build_datasets(cfg, tokenizer, seed=0)
+    train, evaluation = data_prepare.build_datasets(cfg, tokenizer, seed=0)
     assert len(train) == 15 and len(evaluation) == 4
     cfg.train_files = [cfg.train_files[0], "missing.jsonl"]
     with pytest.raises(DataError, match="missing.jsonl"):
-        data.build_datasets(cfg, tokenizer, seed=0)
+        data_prepare.build_datasets(cfg, tokenizer, seed=0)
 
 
 def test_padding_free_packs_a_micro_batch_worth_of_tokens_per_row(tmp_path, tokenizer):
@@ -158,8 +158,8 @@ def test_padding_free_packs_a_micro_batch_worth_of_tokens_per_row(tmp_path, toke
     cfg = OmegaConf.create(dict(train_files=[write_jsonl(tmp_path / "t.jsonl", records)], eval_files=[],
                                 format="auto", max_length=128, packing=False, padding_free=True, eval_fraction=0.1,
                                 mask_prompt=True, max_train_records=None, max_eval_records=None))
-    train, _ = data.build_datasets(cfg, tokenizer, seed=0, micro_batch_size=4)
-    plain, _ = data.build_datasets(OmegaConf.merge(cfg, {"padding_free": False}), tokenizer, seed=0)
+    train, _ = data_prepare.build_datasets(cfg, tokenizer, seed=0, micro_batch_size=4)
+    plain, _ = data_prepare.build_datasets(OmegaConf.merge(cfg, {"padding_free": False}), tokenizer, seed=0)
     lengths = [len(row) for row in train["input_ids"]]
     assert max(lengths) <= 4 * 128 and sum(lengths) == sum(map(len, plain["input_ids"]))
     assert sum(lengths) / (len(lengths) * 4 * 128) > 0.9  # rows nearly full: a step sees ~4 x 128 real tokens
@@ -230,8 +230,8 @@ def test_special_tokens_are_never_doubled(tmp_path, style):
     assert data.encode_prompt(ALPACA[1], tokenizer) == ids[:first] and labels[first] != IGNORE_INDEX
 
 
-def test_non_json_file_is_named_as_such(tmp_path):
-    path = tmp_path / "data.csv"
+def test_unknown_file_type_is_named_as_such(tmp_path):
+    path = tmp_path / "data.txt"
     path.write_text("instruction,output\nadd 1 and 2,3\n")
-    with pytest.raises(DataError, match=r"data.csv: not JSON/JSONL \(.csv\); data files are .json .* or .jsonl"):
+    with pytest.raises(DataError, match=r"data.txt: not a data file type selora reads \(.txt\); give .json, .jsonl"):
         data.load_records(str(path))

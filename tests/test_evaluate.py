@@ -128,14 +128,14 @@ def test_selora_and_peft_dirs_of_one_run_score_the_same(tmp_path, capsys):
 
 def test_bad_input_is_one_error_line(tmp_path, capsys):
     good = write(tmp_path / "good.jsonl", MATH)
-    csv = tmp_path / "data.csv"
-    csv.write_text("instruction,output,answer\nadd 1 and 2,3,3\n")
+    text = tmp_path / "data.txt"
+    text.write_text("instruction,output,answer\nadd 1 and 2,3,3\n")
     no_answer = write(tmp_path / "no_answer.jsonl", [{k: v for k, v in MATH[0].items() if k != "answer"}])
     unknown = tmp_path / "not_an_adapter"
     unknown.mkdir()
     (unknown / "adapter_config.json").write_text("{}")
     cases = [(["--task", f"m={tmp_path / 'missing.json'}"], "missing.json"),
-             (["--task", f"m={csv}"], "not JSON/JSONL"),
+             (["--task", f"m={text}"], "not a data file type selora reads (.txt)"),
              (["--task", f"m={no_answer}"], "field 'answer'"),
              (["--task", "no-equals-sign"], "NAME=FILE"),
              (["--adapter", str(unknown), "--task", f"m={good}"], "neither a selora adapter"),
