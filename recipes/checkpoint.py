@@ -116,7 +116,9 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / CHECKPOINTS_DIR
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: a reader (or a kill)
+    sees the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as handle:
         handle.write(text)
@@ -171,9 +173,9 @@ def save_checkpoint(output_dir: str | Path, engine, model: torch.nn.Module, srlo
     _barrier()  # every rank's files are on disk before the pointer may name them
     if rank == 0:
         record = {**asdict(state), "settings": settings or {}, "files": _manifest(step_dir)}
-        _write_atomically(step_dir / TRAINER_STATE_FILE, json.dumps(record))
+        write_text_atomically(step_dir / TRAINER_STATE_FILE, json.dumps(record))
         previous = read_pointer(directory)
-        _write_atomically(directory / POINTER_FILE, step_dir.name + "\n")
+        write_text_atomically(directory / POINTER_FILE, step_dir.name + "\n")
         keep = {step_dir.name} | ({previous.name} if previous is not None else set())
         for old in directory.iterdir():
             if old.is_dir() and STEP_DIR.fullmatch(old.name) and old.name not in keep:
@@ -184,7 +186,8 @@ def save_checkpoint(output_dir: str | Path, engine, model: torch.nn.Module, srlo
 
 # ----- resuming ------------------------------------------------------------------------------------------------
 # What a run leaves in output_dir; train.overwrite=true removes exactly these, never anything else of the user's.
-RUN_FILES = (CHECKPOINTS_DIR, "adapter", "peft_adapter", "merged", "metrics.jsonl", "tensorboard")
+RUN_FILES = (CHECKPOINTS_DIR, "adapter", "peft_adapter", "merged", "metrics.jsonl", "tensorboard", "config.yaml",
+             "run_info.json", "best", "wandb", "mlruns")
 
 
 def run_settings(cfg) -> dict:

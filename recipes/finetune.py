@@ -34,6 +34,7 @@ from recipes.inference import answer_prompts, base_model_record, format_comparis
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
 from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
+from recipes.run_record import write_run_record
 from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
 from recipes.packed_attention import resolve_attention, use_attention
 from recipes.validate import check_srlora_schedule, validate
@@ -100,6 +101,7 @@ def run(cfg) -> dict:
         say(f"resumed from {resume_from} at step {state.step}")
     elif train.overwrite:  # the user asked to replace a previous run: only now, when training really starts
         checkpoint.clear_previous_run(output_dir)
+    write_run_record(output_dir, cfg, rank, world_size, resumed_from=resume_from)  # config.yaml, run_info.json
     metrics = MetricsLogger(output_dir, rank, bool(train.tensorboard), resume_step=state.step)
     settings = checkpoint.run_settings(cfg)
 
