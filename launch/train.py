@@ -47,11 +47,12 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from recipes.finetune import TrainingDiverged
     from recipes.engine import EngineConfigError
     from recipes.modeling import ModelLoadError
+    from recipes.packed_attention import AttentionConfigError
     from recipes.shared_build import BuildFailed
     from recipes.validate import RecipeConfigError
     return (ConfigError, RecipeConfigError, DataError, ModelLoadError, CheckpointError, EngineConfigError,
             selora.ConfigValueError, selora.TargetModuleError, selora.AdapterFileError, FileNotFoundError,
-            TrainingDiverged, BuildFailed)
+            TrainingDiverged, BuildFailed, AttentionConfigError)
 
 
 def main(argv: list[str] | None = None) -> int:

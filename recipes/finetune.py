@@ -35,8 +35,8 @@ from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
 from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
 from recipes.run_record import write_run_record
-from recipes.modeling import check_quantization_backend, load_model, load_tokenizer, resolve_dtype
-from recipes.packed_attention import resolve_attention, use_attention
+from recipes.modeling import check_quantization_backend, check_target_modules, load_model, load_tokenizer, resolve_dtype
+from recipes.packed_attention import attention_for_model, use_attention
 from recipes.validate import check_srlora_schedule, validate
 from selora.distributed import is_partitioned, world
 
@@ -56,6 +56,7 @@ def run(cfg) -> dict:
     rank, world_size, device = setup_distributed(cfg)
     engines.check_world_size(cfg, world_size)
     check_quantization_backend(cfg.model.quantization, device)  # a 4/8-bit recipe this machine cannot run
+    check_target_modules(cfg.model, list(cfg.adapter.target_modules))  # Phi-3's fused projection names
     resolve_dtype(cfg.model.dtype, device)
     say = print if rank == 0 else (lambda *args, **kwargs: None)
     # A signal (or the batch script's stop file) from here on stops the run after an optimizer step, not mid-way.
@@ -81,7 +82,8 @@ def run(cfg) -> dict:
     # Model, adapters, SRLoRA, engine.
     init_context = engines.zero3_init_context(cfg, total_steps, world_size)
     model, model_info = load_model(cfg.model, device, init_context=init_context)
-    use_attention(model, resolve_attention(cfg.model.attention, bool(cfg.data.padding_free), device))
+    use_attention(model, attention_for_model(model, cfg.model.attention, bool(cfg.data.padding_free), device,
+                                             int(cfg.data.max_length)))
     selora.apply(model, adapter_config)
     say(selora.parameter_table(model))
     srlora = None

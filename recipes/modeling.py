@@ -20,7 +20,12 @@ from recipes import gguf_cache
 from recipes.shared_build import BuildUnavailable
 
 ROOT = Path(__file__).resolve().parents[1]
-SUPPORTED_TYPES = ("llama", "mistral", "qwen2")
+# Decoder-only families whose attention and MLP projections transformers names q/k/v/o_proj and gate/up/down_proj
+# (Phi-3: fused, below), each tested on a tiny random model in tests/test_model_families.py. Gemma 3 checkpoints with
+# a vision tower ("gemma3") are not among them: their tower's projections carry the same names.
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+# Families whose checkpoints fuse projections: the fused layer's name and the names it replaces.
+FUSED_PROJECTIONS = {"phi3": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}}
 DEFAULT_TOKENIZER = ROOT / "configs" / "tokenizer"
 
 
@@ -105,8 +110,34 @@ def _checkpoint_type(path: Path) -> str:
     model_type = json.loads(config_file.read_text()).get("model_type")
     if model_type not in SUPPORTED_TYPES:
         raise ModelLoadError(f"model.path={str(path)!r} is a {model_type!r} model; selora recipes support "
-                             f"{SUPPORTED_TYPES}")
+                             f"{', '.join(SUPPORTED_TYPES)} (model_type in config.json)")
     return model_type
+
+
+def model_type(model_cfg) -> str | None:
+    """The model_type of the configured base (a checkpoint's config.json or a preset's), read without loading
+    weights; None for a .gguf (transformers maps its architecture)."""
+    kind, path = model_source(model_cfg)
+    if kind == "checkpoint":
+        return _checkpoint_type(path)
+    if kind == "preset":
+        return preset_config(model_cfg.preset).get("model_type")
+    return None
+
+
+def check_target_modules(model_cfg, target_modules) -> None:
+    """A family with fused projections (Phi-3) lacks the separate names the recipes target: say which to use
+    instead, before loading (selora.apply would adapt only the names that do exist... or fail after the load)."""
+    family = model_type(model_cfg)
+    fused = FUSED_PROJECTIONS.get(family, {})
+    parts = {part: whole for whole, names in fused.items() for part in names}
+    missing = [name for name in target_modules if name in parts]
+    if missing:
+        fixed = list(dict.fromkeys(parts.get(name, name) for name in target_modules))
+        merged = ", ".join(f"{whole} = {'+'.join(names)}" for whole, names in fused.items())
+        raise ModelLoadError(f"the base model is a {family} model, whose projections are fused "
+                             f"({merged}): adapter.target_modules "
+                             f"names {', '.join(missing)}, which it lacks; set adapter.target_modules=[{','.join(fixed)}]")
 
 
 def _bnb_config(model_cfg, dtype: torch.dtype):

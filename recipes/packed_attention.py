@@ -36,6 +36,40 @@ def resolve_attention(choice: str, padding_free: bool, device: torch.device) -> 
     return VARLEN if choice == "varlen" else choice
 
 
+def attention_for_model(model: torch.nn.Module, choice: str, padding_free: bool, device: torch.device,
+                        max_length: int) -> str:
+    """`resolve_attention`, then what the loaded model's family can run: the varlen kernels know neither
+    soft-capped attention logits (Gemma 2) nor sliding windows shorter than an example (Gemma 2/3, Mistral), and
+    transformers has no SDPA path for some families (Gemma 2). ``auto`` falls back to the next implementation that
+    is exact (varlen -> sdpa -> eager); a choice the model cannot run raises AttentionConfigError."""
+    name = resolve_attention(choice, padding_free, device)
+    config = model.config
+    if name == VARLEN:
+        reason = varlen_unsupported(config, max_length)
+        if reason and choice == "varlen":
+            raise AttentionConfigError(f"model.attention=varlen: this {config.model_type} model has {reason}, which "
+                                       "the varlen kernels do not apply; set model.attention=auto")
+        name = "sdpa" if reason else name
+    if name == "sdpa" and not getattr(model, "_supports_sdpa", True):
+        if choice == "sdpa":
+            raise AttentionConfigError(f"model.attention=sdpa: transformers has no SDPA attention for "
+                                       f"{type(model).__name__}; set model.attention=auto (eager) or eager")
+        name = "eager"
+    return name
+
+
+def varlen_unsupported(config, max_length: int) -> str | None:
+    """What in ``config`` (a transformers model config) varlen attention would silently drop, or None."""
+    if getattr(config, "attn_logit_softcapping", None):
+        return f"attention logit soft-capping (attn_logit_softcapping={config.attn_logit_softcapping})"
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    windowed = "sliding_attention" in layer_types if layer_types else getattr(config, "use_sliding_window", True)
+    if window and windowed and window < max_length:
+        return f"a sliding window of {window} tokens, shorter than data.max_length={max_length}"
+    return None
+
+
 def use_attention(model: torch.nn.Module, name: str) -> None:
     """Make ``model`` (a transformers model) attend with ``name`` from its next forward on."""
     if name == VARLEN:
