@@ -127,6 +127,9 @@ class TrainSection:
     resume: str = "auto"
     overwrite: bool = False
     export_peft: bool = True
+    export_best: bool = False
+    early_stopping_patience: int = 0
+    early_stopping_min_delta: float = 0.0
     save_merged: bool = False
     tensorboard: bool = True
     time_breakdown: bool = False

@@ -62,6 +62,8 @@ class TrainerState:
     epoch: int = 0
     batch_in_epoch: int = 0
     best_eval_loss: float | None = None
+    best_step: int | None = None  # the step of best_eval_loss (recipes/best_eval.py)
+    evals_without_improvement: int = 0  # evaluations since then: early stopping's count
     world_size: int = 1
     rng: list[dict] = field(default_factory=list)  # one entry per rank
 

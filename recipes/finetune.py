@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 import selora
 from recipes import checkpoint, engine as engines
+from recipes.best_eval import BestEval
 from recipes.checkpoint import TrainerState
 from recipes.data import IGNORE_INDEX, make_collate_fn, pad_multiple
 from recipes.data_prepare import build_datasets
@@ -104,6 +105,8 @@ def run(cfg) -> dict:
     elif train.overwrite:  # the user asked to replace a previous run: only now, when training really starts
         checkpoint.clear_previous_run(output_dir)
     write_run_record(output_dir, cfg, rank, world_size, resumed_from=resume_from)  # config.yaml, run_info.json
+    best = BestEval(output_dir, train.early_stopping_patience, train.early_stopping_min_delta, bool(train.export_best),
+                    state)
     metrics = MetricsLogger(output_dir, rank, bool(train.tensorboard), resume_step=state.step)
     settings = checkpoint.run_settings(cfg)
 
@@ -133,7 +136,7 @@ def run(cfg) -> dict:
     gc.freeze()
     stopped = stop.agreed()  # asked while loading: stop before the first step
     try:
-        while state.step < total_steps and not stopped:
+        while state.step < total_steps and not stopped and not best.should_stop(state):
             profiler.before_step(state.step + 1)
             # The whole step's micro-batches first: its loss is normalised by all of their learned tokens.
             taken = [next(batches) for _ in range(engine.accumulation)]
@@ -161,17 +164,18 @@ def run(cfg) -> dict:
             if eval_ds is not None and len(eval_ds) and evaluate_now:
                 eval_loss = evaluate(engine, eval_ds, collate, int(train.micro_batch_size), device)
                 line["eval_loss"] = last["eval_loss"] = eval_loss
-                if state.best_eval_loss is None or eval_loss < state.best_eval_loss:
-                    state.best_eval_loss = eval_loss
+                best.record(state, eval_loss, model, srlora)  # early stopping's count; export_best's adapter
                 engine.train()
             if events:
                 line["srlora"] = events
             if line:
                 metrics.log(step, **line)
-            if train.save_every and (step % train.save_every == 0 or step == total_steps):
+            stopping = best.should_stop(state)
+            if train.save_every and (step % train.save_every == 0 or step == total_steps or stopping):
                 if not window.finite():  # steps not logged yet: a diverged state is never saved over a good one
                     raise TrainingDiverged(step, float("nan"), lr, output_dir)
                 checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
+                best.checkpointed(state)
             timer.lap("log")
             profiler.after_step(step)
             stopped = stop.agreed()  # one small collective: every rank stops after the same step
@@ -187,8 +191,13 @@ def run(cfg) -> dict:
         gc.unfreeze()  # also when the loop raises: an in-process caller (a test) gets its collector back
         progress.close()  # and an error message starts on a line of its own
     metrics.close()
-    if stopped and state.step < total_steps:
+    if stopped and state.step < total_steps and not best.should_stop(state):
         raise stop_at_step_boundary(output_dir, engine, model, srlora, state, settings, total_steps, stop)
+    if best.should_stop(state):
+        say(f"early stopping at step {state.step}: {state.evals_without_improvement} evaluations without an "
+            f"improvement over the best eval loss {state.best_eval_loss:.4f} (step {state.best_step})")
+    if best.restore(state, model, srlora) is not None:
+        say(f"exporting the best evaluation's adapter: step {state.best_step}, eval loss {state.best_eval_loss:.4f}")
 
     # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
     outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),
@@ -200,7 +209,7 @@ def run(cfg) -> dict:
         say(format_comparison(sample_prompts, base_answers, tuned_answers))
     for kind, path in outputs.items():
         say(f"{kind} saved to {path}")
-    return {"step": state.step, **last, "outputs": outputs}
+    return {"step": state.step, **last, "best_step": state.best_step, "outputs": outputs}
 
 
 def stop_at_step_boundary(output_dir, engine, model, srlora, state, settings, total_steps: int,

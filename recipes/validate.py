@@ -30,6 +30,7 @@ class RecipeConfigError(ValueError):
 def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     """Check ``cfg``; returns the adapter config and the SRLoRA config (None when srlora.enabled is false)."""
     check_train(cfg.train)
+    check_best_eval(cfg.train, cfg.data)
     pad_multiple(cfg.data, torch.device("cpu"))  # data.pad_to_multiple_of: auto or a whole number >= 1
     check_example_boundaries(cfg.data)
     check_data_config(cfg.data)  # data sources, formats, fields, weights, mix_records, num_proc
@@ -106,6 +107,28 @@ def check_train(train) -> None:
     if unknown:
         raise RecipeConfigError(f"train.stop_signals={list(train.stop_signals)!r}: {unknown[0]!r} is not a signal a "
                                 f"run can catch; choose from {', '.join(CATCHABLE_SIGNALS)}")
+
+
+def check_best_eval(train, data) -> None:
+    """train.export_best and train.early_stopping_* need evaluations: eval data and train.eval_every > 0."""
+    if train.early_stopping_patience < 0:
+        raise RecipeConfigError(f"train.early_stopping_patience={train.early_stopping_patience}: must be >= 0 (the "
+                                "evaluations without improvement before stopping; 0 never stops early)")
+    if not train.early_stopping_min_delta >= 0:
+        raise RecipeConfigError(f"train.early_stopping_min_delta={train.early_stopping_min_delta}: must be >= 0")
+    uses = [f"train.{key}={train[key]}" for key in ("export_best", "early_stopping_patience") if train[key]]
+    if not uses:
+        return
+    verb = "needs" if len(uses) == 1 else "need"
+    if not train.eval_every:
+        raise RecipeConfigError(f"{' and '.join(uses)} {verb} evaluations: set train.eval_every > 0 (now "
+                                f"{train.eval_every})")
+    if not data.eval_files and not data.eval_fraction:
+        raise RecipeConfigError(f"{' and '.join(uses)} {verb} eval data: give data.eval_files, or "
+                                "data.eval_fraction > 0 to split it off the training data")
+    if data.max_eval_records == 0:
+        raise RecipeConfigError(f"{' and '.join(uses)} {verb} eval data: data.max_eval_records=0 keeps none; "
+                                "set it > 0 (or null for all)")
 
 
 def _plain(value):
