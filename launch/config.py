@@ -132,6 +132,7 @@ class TrainSection:
     early_stopping_min_delta: float = 0.0
     save_merged: bool = False
     tensorboard: bool = True
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
     time_breakdown: bool = False
     profile_steps: List[int] = field(default_factory=list)
     sample_prompts: List[str] = field(default_factory=list)

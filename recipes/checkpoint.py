@@ -189,7 +189,7 @@ def save_checkpoint(output_dir: str | Path, engine, model: torch.nn.Module, srlo
 # ----- resuming ------------------------------------------------------------------------------------------------
 # What a run leaves in output_dir; train.overwrite=true removes exactly these, never anything else of the user's.
 RUN_FILES = (CHECKPOINTS_DIR, "adapter", "peft_adapter", "merged", "metrics.jsonl", "tensorboard", "config.yaml",
-             "run_info.json", "best", "wandb", "mlruns")
+             "run_info.json", "best", "wandb", "mlflow.db", "mlartifacts")
 
 
 def run_settings(cfg) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
@@ -36,6 +37,7 @@ from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
 from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
 from recipes.run_record import write_run_record
+from recipes.trackers import report_to
 from recipes.modeling import check_quantization_backend, check_target_modules, load_model, load_tokenizer, resolve_dtype
 from recipes.packed_attention import attention_for_model, use_attention
 from recipes.validate import check_srlora_schedule, validate
@@ -107,7 +109,10 @@ def run(cfg) -> dict:
     write_run_record(output_dir, cfg, rank, world_size, resumed_from=resume_from)  # config.yaml, run_info.json
     best = BestEval(output_dir, train.early_stopping_patience, train.early_stopping_min_delta, bool(train.export_best),
                     state)
-    metrics = MetricsLogger(output_dir, rank, bool(train.tensorboard), resume_step=state.step)
+    reports = report_to(train)
+    metrics = MetricsLogger(output_dir, rank, "tensorboard" in reports, resume_step=state.step,
+                            trackers=tuple(name for name in reports if name != "tensorboard"),
+                            config=OmegaConf.to_container(cfg, resolve=True))
     settings = checkpoint.run_settings(cfg)
 
     # What the base model answers to train.sample_prompts (the adapter starts as a no-op), shown again at the end.

@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per logged step in output_dir/metrics.jsonl, mirrored to TensorBoard.
+"""Training metrics: one JSON line per logged step in output_dir/metrics.jsonl, mirrored to TensorBoard and the
+trackers of train.report_to (W&B, MLflow: recipes/trackers.py).
 
 Only rank 0 writes; other ranks get a logger whose methods do nothing, so the loop calls it unconditionally.
 A line looks like {"step": 12, "loss": 1.93, "lr": 0.0002, "tokens_per_s": 5310.2, "tokens": 1790.0,
@@ -16,12 +17,15 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str | Path, rank: int, tensorboard: bool, resume_step: int = 0):
+    def __init__(self, output_dir: str | Path, rank: int, tensorboard: bool, resume_step: int = 0,
+                 trackers: tuple[str, ...] = (), config: dict | None = None):
         """``resume_step``: lines past it (written by a run that died after its last checkpoint) are dropped,
-        so the file reads as one uninterrupted run."""
+        so the file reads as one uninterrupted run. ``trackers``: wandb / mlflow, started here (rank 0 only)
+        with ``config`` (the resolved config) as the run's settings."""
         self.enabled = rank == 0
         self.path = Path(output_dir) / METRICS_FILE
         self.writer = None
+        self.trackers = []
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +36,8 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR),
                                         purge_step=resume_step + 1 if resume_step else None)
+        from recipes.trackers import open_tracker
+        self.trackers = [open_tracker(name, Path(output_dir), config or {}) for name in trackers]
 
     def log(self, step: int, **values) -> None:
         """Append one line; None values are left out. Numbers also go to TensorBoard as train/<name>."""
@@ -46,10 +52,20 @@ class MetricsLogger:
                     self.writer.add_scalar(f"train/{key}", value, step)
             if "srlora" in line:
                 self.writer.add_scalar("srlora/pairs_fused", sum(len(e["pairs"]) for e in line["srlora"]), step)
+        if self.trackers:  # the names TensorBoard shows
+            scalars = {f"train/{k}": v for k, v in line.items()
+                       if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if "srlora" in line:
+                scalars["srlora/pairs_fused"] = sum(len(e["pairs"]) for e in line["srlora"])
+            for tracker in self.trackers:
+                tracker.log(step, scalars)
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 class PhaseTimer:

@@ -18,6 +18,7 @@ from recipes.data_prepare import check_data_config
 from recipes.packed_attention import AttentionConfigError, resolve_attention
 from recipes.profiling import profile_window
 from recipes.stop_request import CATCHABLE as CATCHABLE_SIGNALS
+from recipes.trackers import TrackerConfigError, check_report_to
 
 # adapter.method -> the library class that holds that adapter's settings.
 ADAPTER_CLASSES = {cls.method: cls for cls in (selora.LoRAConfig, selora.SeLoRAConfig)}
@@ -31,6 +32,10 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     """Check ``cfg``; returns the adapter config and the SRLoRA config (None when srlora.enabled is false)."""
     check_train(cfg.train)
     check_best_eval(cfg.train, cfg.data)
+    try:
+        check_report_to(cfg.train)
+    except TrackerConfigError as error:
+        raise RecipeConfigError(str(error)) from None
     pad_multiple(cfg.data, torch.device("cpu"))  # data.pad_to_multiple_of: auto or a whole number >= 1
     check_example_boundaries(cfg.data)
     check_data_config(cfg.data)  # data sources, formats, fields, weights, mix_records, num_proc

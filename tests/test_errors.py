@@ -109,6 +109,8 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(argv, situation, messa
     if situation == "no 4-bit kernels":
         from selora import quant
         monkeypatch.setattr(quant, "quantization_available", lambda kind, device: "no CUDA and no CPU kernels")
+    elif situation == "wandb not installed":
+        monkeypatch.setitem(sys.modules, "wandb", None)
     elif situation == "transformers before 4.53":  # no masking_utils: the import fails as on an old release
         monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)
     else:
