@@ -35,11 +35,12 @@ from recipes.data_prepare import build_datasets
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
-from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
-from recipes.run_record import write_run_record
-from recipes.trackers import report_to
-from recipes.modeling import check_quantization_backend, check_target_modules, load_model, load_tokenizer, resolve_dtype
+from recipes.modeling import (check_quantization_backend, check_target_modules, load_model, load_tokenizer,
+                              resolve_dtype)
 from recipes.packed_attention import attention_for_model, use_attention
+from recipes.run_record import write_run_record
+from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
+from recipes.trackers import report_to
 from recipes.validate import check_srlora_schedule, validate
 from selora.distributed import is_partitioned, world
 
