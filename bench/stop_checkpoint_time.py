@@ -58,8 +58,8 @@ def write_checkpoint(output_dir: Path, step: int, weights: dict, optimizer_state
     torch.save(optimizer_state, step_dir / "engine" / "optim_states.pt")
     save_file(weights, str(step_dir / "adapter" / "adapter_model.safetensors"))
     record = {"step": step, "files": checkpoint._manifest(step_dir)}
-    checkpoint._write_atomically(step_dir / checkpoint.TRAINER_STATE_FILE, json.dumps(record))
-    checkpoint._write_atomically(checkpoint.checkpoints_dir(output_dir) / checkpoint.POINTER_FILE, step_dir.name)
+    checkpoint.write_text_atomically(step_dir / checkpoint.TRAINER_STATE_FILE, json.dumps(record))
+    checkpoint.write_text_atomically(checkpoint.checkpoints_dir(output_dir) / checkpoint.POINTER_FILE, step_dir.name)
     return time.perf_counter() - started
 
 
