@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,14 @@ SMALL_RUN = TINY_MODEL + ["data.max_train_records=16", "data.max_eval_records=4"
 
 TINY_LLAMA = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128)
+
+
+def free_port() -> int:
+    """A TCP port no one listens on now, for one launch's rendezvous. Every launch asks afresh: a fixed or pid-derived
+    port collides with another test file's launch, or with a process a killed run left behind (EADDRINUSE)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def build_tiny_llama(**overrides) -> LlamaForCausalLM:

@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from recipes import engine
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, free_port
 from recipes.modeling import preset_config
 
 
@@ -68,7 +68,7 @@ def one_process_group():
     import torch.distributed as dist
 
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29400 + os.getpid() % 500))
+               MASTER_PORT=str(free_port()))
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     deepspeed.init_distributed(dist_backend="gloo")

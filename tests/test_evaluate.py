@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from conftest import free_port
 from launch import evaluate
 from launch.config import resolve
 from recipes import evaluation, finetune, inference
@@ -160,7 +161,7 @@ def test_torchrun_shards_give_the_single_process_report(tmp_path):
     assert evaluate.main([*tasks, "--out", str(tmp_path / "one.json")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(29500 + os.getpid() % 200), "launch/evaluate.py", *tasks,
+                    "--master_port", str(free_port()), "launch/evaluate.py", *tasks,
                     "--out", str(tmp_path / "two.json")], cwd=root, env=env, check=True, timeout=300)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["tasks"] for n in ("one", "two"))
     for name in ("tf", "m"):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
@@ -27,8 +27,7 @@ CPU = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 def launch(output_dir: Path, extra_env: dict | None = None, background: bool = False, args: list[str] = ARGS):
     env = {**os.environ, **CPU, **(extra_env or {})}
-    port = str(29700 + os.getpid() % 200)  # a launcher option, so parallel test sessions do not collide
-    command = ["deepspeed", "--num_gpus", "2", "--master_port", port] + args + [f"train.output_dir={output_dir}"]
+    command = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] + args + [f"train.output_dir={output_dir}"]
     log = open(output_dir.parent / f"{output_dir.name}.log", "a")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                start_new_session=True)
@@ -134,7 +133,7 @@ def test_two_nodes_on_one_cache_with_rank_1_first_repair_a_poisoned_entry(tmp_pa
     poisoned.mkdir(parents=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "selora_gguf_source.txt"):
         (poisoned / name).write_text("{}")
-    out, port = tmp_path / "run", str(29500 + os.getpid() % 200)
+    out, port = tmp_path / "run", str(free_port())
     env = {**os.environ, **CPU, "SELORA_CACHE": str(cache), "WORLD_SIZE": "2", "LOCAL_RANK": "0",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SELORA_DELAY_LOCK_RANK": "0",
            "PYTHONPATH": f"{ROOT / 'tests' / 'fault_injection'}{os.pathsep}{ROOT}"}

@@ -3,7 +3,6 @@ a builder's failure reaches every rank (no rank left waiting), and two builders 
 file system) build it once, whichever takes the lock first."""
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -11,13 +10,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port
 from recipes.shared_build import MANIFEST, BuildFailed, build_once
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _worker(rank: int, port: int, local_ranks: list, scenario: str, target: str, results: str) -> None:
@@ -45,7 +39,7 @@ def _worker(rank: int, port: int, local_ranks: list, scenario: str, target: str,
 def run_two(tmp_path, local_ranks, scenario) -> list[dict]:
     target, results = tmp_path / "cache" / "entry", tmp_path / scenario
     results.mkdir()
-    mp.start_processes(_worker, args=(_free_port(), local_ranks, scenario, str(target), str(results)), nprocs=2,
+    mp.start_processes(_worker, args=(free_port(), local_ranks, scenario, str(target), str(results)), nprocs=2,
                        join=True, start_method="spawn")
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
 

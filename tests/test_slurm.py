@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from launch.slurm import hostfile as hf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ def sbatch(tmp_path: Path, job_id: str, output_dir: Path, nodes: list[str], netn
            "SLURM_JOB_NODELIST": ",".join(nodes), "SLURM_NNODES": str(len(nodes)),
            "SLURM_GPUS_ON_NODE": str(ranks_per_node), "SLURM_JOB_ID": job_id, "SLURM_RESTART_COUNT": str(restarts),
            "SLURM_SUBMIT_DIR": str(tmp_path), "SRUN_PID_DIR": str(tmp_path / "pids"),
-           "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "PORT": str(29300 + os.getpid() % 200),
+           "SCONTROL_LOG": str(tmp_path / "scontrol.log"), "PORT": str(free_port()),
            "RECIPE": "llama_selora_srlora", **(extra_env or {})}
     if netns:
         env["SRUN_NETNS"] = " ".join(netns)  # nodes meet by name: node1 resolves to its namespace's address

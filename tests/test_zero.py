@@ -15,6 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "zero_library_worker.py"
 METHODS = ("lora", "selora_pissa", "selora_srlora")
@@ -39,7 +41,7 @@ def deepspeed_launch(args: list[str], log: Path, processes: int = 2, timeout: in
     if shutil.which("deepspeed") is None:
         pytest.fail("the deepspeed launcher is not on PATH: pip install deepspeed (DS_BUILD_OPS=0)")
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    command = ["deepspeed", "--num_gpus", str(processes), "--master_port", str(29500 + os.getpid() % 1000)] + args
+    command = ["deepspeed", "--num_gpus", str(processes), "--master_port", str(free_port())] + args
     with open(log, "w") as handle:
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
     assert result.returncode == 0, f"deepspeed run failed, see {log}:\n" + log.read_text()[-4000:]
