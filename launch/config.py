@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from selora.config import LoRAConfig, SeLoRAConfig, SRLoRAConfig
+from selora.config import ADAPTER_METHODS, SeLoRAConfig, SRLoRAConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
@@ -97,9 +97,9 @@ def section_from(name: str, library_classes: tuple[type, ...], extra: list[tuple
     return dataclasses.make_dataclass(name, fields)
 
 
-# adapter.method picks the library class; the other adapter keys are that class's fields (SeLoRA's extra ones
-# are ignored by method=lora).
-AdapterSection = section_from("AdapterSection", (LoRAConfig, SeLoRAConfig),
+# adapter.method picks the library class (selora's registry of adapter methods); the other adapter keys are the
+# fields of every registered method's class (one method's extra keys are ignored by the others).
+AdapterSection = section_from("AdapterSection", tuple(ADAPTER_METHODS.values()),
                               extra=[("method", str, field(default=SeLoRAConfig.method))])
 # srlora.enabled switches it on; the schedule's warm-up is train.warmup_steps, not a key of its own.
 SRLoRASection = section_from("SRLoRASection", (SRLoRAConfig,), extra=[("enabled", bool, field(default=False))],

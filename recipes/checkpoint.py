@@ -218,7 +218,7 @@ def library_defaults() -> dict:
 
     import selora
     defaults = {}
-    for section, classes in (("adapter", (selora.LoRAConfig, selora.SeLoRAConfig)), ("srlora", (selora.SRLoRAConfig,))):
+    for section, classes in (("adapter", tuple(selora.ADAPTER_METHODS.values())), ("srlora", (selora.SRLoRAConfig,))):
         for cls in classes:
             for f in dataclasses.fields(cls):
                 if f.default is not dataclasses.MISSING:

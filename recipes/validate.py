@@ -20,10 +20,6 @@ from recipes.profiling import profile_window
 from recipes.stop_request import CATCHABLE as CATCHABLE_SIGNALS
 from recipes.trackers import TrackerConfigError, check_report_to
 
-# adapter.method -> the library class that holds that adapter's settings.
-ADAPTER_CLASSES = {cls.method: cls for cls in (selora.LoRAConfig, selora.SeLoRAConfig)}
-
-
 class RecipeConfigError(ValueError):
     """A cfg.train (or other recipe) value the recipe cannot use; the message names it and the fix."""
 
@@ -143,10 +139,8 @@ def _plain(value):
 def adapter_config_from(adapter) -> selora.LoRAConfig:
     """cfg.adapter -> the library config its ``method`` names, built from the section's fields of that class
     (validated on construction; errors are prefixed with ``adapter.``)."""
-    cls = ADAPTER_CLASSES.get(adapter.method)
-    if cls is None:
-        raise selora.ConfigValueError(f"adapter.method={adapter.method!r}: choose one of {', '.join(ADAPTER_CLASSES)}")
     try:
+        cls = selora.method_config(adapter.method)
         return cls(**{f.name: _plain(adapter[f.name]) for f in dataclasses.fields(cls)})
     except selora.ConfigValueError as error:
         message = str(error)

@@ -1,7 +1,11 @@
-"""Adapter configurations: plain dataclasses, validated on construction.
+"""Adapter configurations: plain dataclasses, validated on construction, and the registry of adapter methods.
 
 A config describes *what* to attach; `selora.apply` decides *where*. Everything a config holds is saved with
 the adapter (adapter_config.json) so a saved adapter can be re-applied without the code that trained it.
+
+An adapter method is one config class: its ``method`` name, its fields (which become the recipe's ``adapter.*``
+keys) and ``make_factor`` (the module each LoRA factor is). ``@register_method`` enters it in ``ADAPTER_METHODS``,
+the one list every other place asks (recipe config schema, validation, saved adapters, checkpoints).
 """
 from __future__ import annotations
 
@@ -10,7 +14,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
+
 from . import bases
+from .decode import IndexSet
+from .factors import DenseFactor, SpectralFactor
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 INIT_CHOICES = ("default", "pissa")
@@ -21,6 +29,24 @@ class ConfigValueError(ValueError):
     """A config field holds a value the adapter cannot use; the message names the field and the fix."""
 
 
+# adapter method name -> its config class; filled by @register_method, in the order methods are defined.
+ADAPTER_METHODS: dict[str, type["LoRAConfig"]] = {}
+
+
+def register_method(cls: type["LoRAConfig"]) -> type["LoRAConfig"]:
+    """Class decorator: ``cls.method`` becomes a name configs, saved adapters and recipes accept."""
+    ADAPTER_METHODS[cls.method] = cls
+    return cls
+
+
+def method_config(method: str) -> type["LoRAConfig"]:
+    """The config class of adapter method ``method``; an unknown name is an error listing the known ones."""
+    if method not in ADAPTER_METHODS:
+        raise ConfigValueError(f"method={method!r}: unknown adapter method; choose one of {', '.join(ADAPTER_METHODS)}")
+    return ADAPTER_METHODS[method]
+
+
+@register_method
 @dataclass
 class LoRAConfig:
     """Plain LoRA: dW = scaling * B @ A with A (r x in), B (out x r), B = 0 at init.
@@ -76,14 +102,15 @@ class LoRAConfig:
         out["method"] = self.method
         return out
 
+    def make_factor(self, length: int, zero: bool, generator: torch.Generator, device: torch.device,
+                    index_sets: dict | None = None) -> DenseFactor:
+        """One factor of ``r`` rows of ``length`` (zero: LoRA's B at init); LoRA trains the rows themselves."""
+        return DenseFactor(self.r, length, zero, generator, device)
+
     @staticmethod
     def from_dict(data: dict[str, Any]) -> "LoRAConfig":
         data = dict(data)
-        method = data.pop("method", "lora")
-        classes = {"lora": LoRAConfig, "selora": SeLoRAConfig}
-        if method not in classes:
-            raise ConfigValueError(f"method={method!r}: unknown adapter method; choose one of {sorted(classes)}")
-        cls = classes[method]
+        cls = method_config(data.pop("method", "lora"))
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -91,6 +118,7 @@ class LoRAConfig:
         return cls(**data)
 
 
+@register_method
 @dataclass
 class SeLoRAConfig(LoRAConfig):
     """SeLoRA (arXiv 2506.16787): each LoRA factor is the inverse spectral transform of a sparse spectral matrix.
@@ -131,6 +159,17 @@ class SeLoRAConfig(LoRAConfig):
             raise ConfigValueError(
                 f"shared_locations=False applies to the row-wise bases only (dct_rows, dft_rows); basis "
                 f"{self.basis!r} uses one index set per factor shape: set shared_locations=True")
+
+    def make_factor(self, length: int, zero: bool, generator: torch.Generator, device: torch.device,
+                    index_sets: dict | None = None) -> SpectralFactor:
+        """A spectral factor of ``r`` rows of ``length``; factors of one shape share one IndexSet from
+        ``index_sets`` (keyed by basis and shape; filled on first use: the paper's global shared index set)."""
+        index_sets = {} if index_sets is None else index_sets
+        key = (self.basis, self.r, length)
+        if key not in index_sets:
+            count = bases.get(self.basis).count(self.r, length, self.spectral_ratio, self.n_coefficients)
+            index_sets[key] = IndexSet.draw(self.basis, self.r, length, count, self.seed, self.shared_locations)
+        return SpectralFactor(self.r, length, self.basis, index_sets[key], zero, generator, device)
 
 
 @dataclass

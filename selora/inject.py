@@ -13,7 +13,8 @@ from torch import nn
 from . import quant
 from .config import LoRAConfig
 from .decode import ModelDecoder
-from .layers import AdapterLinear, SpectralFactor
+from .factors import SpectralFactor
+from .layers import AdapterLinear
 from .svd import sharded_principal_directions
 
 

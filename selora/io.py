@@ -26,7 +26,8 @@ from .config import LoRAConfig
 from .distributed import full_value, gathered, set_full_value, world
 from .inject import adapter_layers, apply, find_targets
 from .decode import IndexSet
-from .layers import AdapterLinear, SpectralFactor
+from .factors import SpectralFactor
+from .layers import AdapterLinear
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

@@ -1,10 +1,9 @@
 """The adapter layer: wraps a frozen base linear (nn.Linear, bnb Linear4bit or Linear8bitLt) and adds
 ``scaling * B @ A``.
 
-A factor is a small module whose ``forward()`` returns its dense rows. Row i of A (r, in) and row i of
-B^T (r, out) make LoRA pair i. `DenseFactor` trains the rows directly (LoRA); `SpectralFactor` decodes
-the whole (r, length) factor from a sparse spectral matrix (SeLoRA, selora/bases/). Everything else — rsLoRA scaling, DoRA's magnitude,
-PiSSA init, SRLoRA recomposition — is written once against that interface, so every combination works.
+A factor (selora/factors.py, made by the adapter method's config) is a small module whose ``forward()`` returns its
+dense rows. Row i of A (r, in) and row i of B^T (r, out) make LoRA pair i. Everything else — rsLoRA scaling, DoRA's
+magnitude, PiSSA init, SRLoRA recomposition — is written once against that interface, so every combination works.
 
 Changes selora writes into the frozen base (PiSSA residual, SRLoRA fusion) are recorded exactly as a
 low-rank product ``base_delta_B @ base_delta_A`` relative to the original base, so an adapter can be
@@ -12,117 +11,18 @@ re-applied to, and exported against, the untouched pretrained model.
 """
 from __future__ import annotations
 
-import math
 import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bases, quant
-from .config import LoRAConfig, SeLoRAConfig
+from . import quant
+from .config import LoRAConfig
 from .distributed import (add_low_rank, full_value, gather_to_owner, gathered, reset_optimizer_rows, set_full_value,
                           world)
-from .decode import IndexSet, SpectralDecode
+from .factors import DenseFactor, SpectralFactor
 from .svd import PrincipalDirections
-
-
-class DenseFactor(nn.Module):
-    """LoRA factor trained directly: ``weight`` is (rows, length)."""
-
-    def __init__(self, rows: int, length: int, zero: bool, generator: torch.Generator, device: torch.device):
-        super().__init__()
-        self.length = length
-        self.weight = nn.Parameter(torch.empty(rows, length, device=device))
-        if device.type != "meta":
-            bound = 0.0 if zero else 1.0 / math.sqrt(length)  # kaiming_uniform(a=sqrt(5)) bound, as in LoRA
-            values = torch.rand(rows, length, generator=generator) * 2 * bound - bound
-            self.weight.data.copy_(values)
-
-    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The rows; ``dtype`` is a hint (the caller casts)."""
-        # A view, not the leaf itself: per-call gradient hooks (SRLoRA scoring) then live on this call's tensor
-        # instead of piling up on the parameter.
-        return self.weight.view_as(self.weight)
-
-    @property
-    def param(self) -> nn.Parameter:
-        return self.weight
-
-    def decode_value(self, value: torch.Tensor) -> torch.Tensor:
-        """The (rows, length) float32 factor a parameter value stands for: the value itself."""
-        return value.float()
-
-    def fit_value(self, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-        """The parameter value whose factor is closest to ``target`` (rows, length): the target itself."""
-        return target.float()
-
-
-class SpectralFactor(nn.Module):
-    """SeLoRA factor: the (rows, length) factor is ``basis``'s inverse 2-D transform of a sparse spectral matrix
-    whose ``count`` learnable entries (``coefficients``, 1-D) sit at the shared ``index_set`` of this shape."""
-
-    def __init__(self, rows: int, length: int, basis: str, index_set: IndexSet, zero: bool,
-                 generator: torch.Generator, device: torch.device):
-        super().__init__()
-        self.rows, self.length, self.basis_name = rows, length, basis
-        self.basis = bases.get(basis)
-        self.index_set = index_set
-        self.coefficients = nn.Parameter(torch.empty(index_set.count, device=device))
-        self.decoded: torch.Tensor | None = None  # set by the model's decoder for one top-level forward only
-        self.compute_dtype: torch.dtype | None = None  # the dtype of the last forward's input
-        if device.type != "meta":
-            # Kaiming-uniform on the spectral matrix (LoRA's bound for this fan-in), then calibrated so the
-            # decoded factor has LoRA's variance 1 / (3 * length) whatever the ratio and basis: the expected
-            # squared norm of the decoded factor is var(entry) * (sum of squared column norms at the index set).
-            bound = 0.0 if zero else 1.0 / math.sqrt(length)
-            if not zero:
-                bound *= math.sqrt(rows * length / self.basis.column_energy(rows, length, index_set.indices))
-            values = torch.rand(index_set.count, generator=generator) * 2 * bound - bound
-            self.coefficients.data.copy_(values)
-
-    def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The decoded (rows, length) factor: the rows the model's decoder handed out for the running top-level
-        forward (already in ``dtype``), or else decoded now (float32)."""
-        self.compute_dtype = dtype
-        if self.decoded is not None:
-            return self.decoded.view_as(self.decoded)
-        indices = self.index_set.on(self.coefficients.device)
-        return SpectralDecode.apply(self.coefficients, indices, self.basis, self.rows, self.length)
-
-    @property
-    def param(self) -> nn.Parameter:
-        return self.coefficients
-
-    def decode_value(self, value: torch.Tensor) -> torch.Tensor:
-        return self.basis.decode(value, self.index_set.on(value.device), self.rows, self.length).float()
-
-    def fit_value(self, target: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-        """Least-squares entries for a (rows, length) target: the whole factor is re-fitted (in a 2-D basis the
-        rows are not independent in the spectrum). From ``start`` the fit solves for the change only, so entries
-        whose basis functions miss every changed row keep their exact values (orthonormal bases)."""
-        indices = self.index_set.on(target.device)
-        if start is None:
-            return self.basis.fit(target, indices).float()
-        change = self.basis.fit(target.float() - self.decode_value(start), indices)
-        return start.float() + change.float()
-
-    def extra_repr(self) -> str:
-        return f"basis={self.basis_name}, rows={self.rows}, length={self.length}, entries={self.index_set.count}"
-
-
-def make_factor(config: LoRAConfig, length: int, zero: bool, generator: torch.Generator, device: torch.device,
-                index_sets: dict | None = None) -> nn.Module:
-    """A factor of ``config.r`` rows of ``length``; SeLoRA factors of one shape share one IndexSet from
-    ``index_sets`` (keyed by shape; filled on first use)."""
-    if not isinstance(config, SeLoRAConfig):
-        return DenseFactor(config.r, length, zero, generator, device)
-    index_sets = {} if index_sets is None else index_sets
-    key = (config.basis, config.r, length)
-    if key not in index_sets:
-        count = bases.get(config.basis).count(config.r, length, config.spectral_ratio, config.n_coefficients)
-        index_sets[key] = IndexSet.draw(config.basis, config.r, length, count, config.seed, config.shared_locations)
-    return SpectralFactor(config.r, length, config.basis, index_sets[key], zero, generator, device)
 
 
 class PairGradients:
@@ -159,8 +59,8 @@ class AdapterLinear(nn.Module):
         device = base_layer.weight.device
         adapter_device = torch.device("meta") if device.type == "meta" else device
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
-        self.lora_A = make_factor(config, self.in_features, False, generator, adapter_device, index_sets)
-        self.lora_B = make_factor(config, self.out_features, True, generator, adapter_device, index_sets)
+        self.lora_A = config.make_factor(self.in_features, False, generator, adapter_device, index_sets)
+        self.lora_B = config.make_factor(self.out_features, True, generator, adapter_device, index_sets)
         self.magnitude = nn.Parameter(torch.ones(self.out_features, device=adapter_device)) if self.use_dora else None
         # Low-rank records relative to the pretrained base W0, in (out, k) @ (k, in) form:
         #   base_delta: written into the base weight (PiSSA residual, SRLoRA fusion on float bases)
