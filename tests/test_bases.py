@@ -207,3 +207,26 @@ def test_decode_is_exact_under_bf16_autocast():
         grad = basis.adjoint(plain, index_set.indices)
     assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
     assert grad.dtype == torch.float32 and torch.equal(grad, basis.adjoint(plain, index_set.indices))
+
+
+def test_basis_caches_are_bounded_and_clear_caches_frees_them():
+    spectra = {name: torch.randn(6, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+               for name in ("haar", "db4", "dct_rows", "dft_rows")}
+
+    def synthesize_all():
+        return {name: bases.get(name).synthesize(spectrum if name != "dft_rows" else spectrum[:, :21], 40)
+                for name, spectrum in spectra.items()}
+
+    before = synthesize_all()
+    assert all(cache.cache_info().currsize > 0 for cache in bases.CACHES)
+    for length in range(2, 2 * bases.basis.CACHE_SIZE + 10, 2):  # more sizes than any cache may hold
+        for name in ("haar", "dct_rows", "dft_rows"):
+            rows = length if name == "haar" else 2
+            n = bases.get(name).spectral_shape(rows, length)[1]
+            bases.get(name).synthesize(torch.zeros(rows, n), length)
+    assert all(cache.cache_info().currsize <= bases.basis.CACHE_SIZE for cache in bases.CACHES)
+    bases.clear_caches()
+    assert all(cache.cache_info().currsize == 0 for cache in bases.CACHES)
+    after = synthesize_all()
+    for name in spectra:
+        assert torch.equal(before[name], after[name]), name

@@ -10,6 +10,7 @@ config validation, the recipe schema and the docs' tables ask this registry.
 from __future__ import annotations
 
 from .basis import Basis
+from . import dct_rows, wavelet
 from .dct_rows import DCTRows, DFTRows
 from .fourier import Fourier2D
 from .wavelet import Wavelet
@@ -44,4 +45,17 @@ def get(name: str) -> Basis:
     return BASES[canonical(name)]
 
 
-__all__ = ["ALIASES", "BASES", "Basis", "DEFAULT", "canonical", "get", "names"]
+# The bases keep small constant tensors per (size, device, dtype) so a forward does not rebuild them. Each module
+# owns its caches (its CACHES: lru_caches of at most basis.CACHE_SIZE entries each); `clear_caches` frees them all
+# (e.g. after moving a model off a GPU, or in a notebook between models). Results do not depend on what is cached.
+CACHES = dct_rows.CACHES + wavelet.CACHES
+
+
+def clear_caches() -> None:
+    """Drop every cached basis tensor (on every device); the next decode rebuilds the ones it needs."""
+    for cache in CACHES:
+        cache.cache_clear()
+
+
+__all__ = ["ALIASES", "BASES", "Basis", "CACHES", "DEFAULT", "canonical", "clear_caches", "get",
+           "names"]

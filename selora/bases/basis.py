@@ -16,6 +16,9 @@ import math
 
 import torch
 
+# Entries each basis cache keeps (lru: per distinct size, device and dtype; a model has a handful of sizes).
+CACHE_SIZE = 64
+
 
 def working_dtype(x: torch.Tensor) -> torch.dtype:
     """float64 stays float64 (reference computations); everything else runs in float32."""

@@ -14,10 +14,10 @@ import math
 
 import torch
 
-from .basis import Basis, working_dtype
+from .basis import CACHE_SIZE, Basis, working_dtype
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def _dct_phases(length: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-frequency complex factors that turn the orthonormal DCT into one real FFT of length 2L.
 
@@ -51,7 +51,7 @@ def idct(coefficients: torch.Tensor) -> torch.Tensor:
     return torch.fft.irfft(spectrum, n=2 * length, dim=-1)[..., :length]
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def _dft_norm(length: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Per-frequency factor that makes the cosine basis vector at u unit-norm under irfft/rfft."""
     norm = torch.full((length // 2 + 1,), math.sqrt(length / 2.0), dtype=torch.float64)
@@ -59,6 +59,9 @@ def _dft_norm(length: int, device: torch.device, dtype: torch.dtype) -> torch.Te
     if length % 2 == 0:
         norm[-1] = math.sqrt(length)
     return norm.to(device, dtype)
+
+
+CACHES = (_dct_phases, _dft_norm)  # freed by selora.bases.clear_caches
 
 
 class RowBasis(Basis):

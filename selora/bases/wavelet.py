@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from .basis import Basis
+from .basis import CACHE_SIZE, Basis
 
 # Synthesis (reconstruction) filters as pywavelets 1.x defines them (tests/test_bases.py checks every value).
 FILTERS = {
@@ -53,7 +53,7 @@ class Wavelet(Basis):
         self._bank = bank
         self.orthonormal = not name.startswith("bior")
 
-    @functools.lru_cache(maxsize=64)
+    @functools.lru_cache(maxsize=CACHE_SIZE)
     def _bank_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return self._bank.to(device, dtype)
 
@@ -82,7 +82,7 @@ class Wavelet(Basis):
                 for j in range(self.taps))
         return torch.cat([a, d], dim=-1)
 
-    @functools.lru_cache(maxsize=256)
+    @functools.lru_cache(maxsize=CACHE_SIZE)
     def row_matrix(self, rows: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """(rows, rows) 1-D synthesis along the rank axis: column k is the signal of coefficient k."""
         eye = torch.eye(rows, dtype=torch.float64)
@@ -113,3 +113,6 @@ class Wavelet(Basis):
         per_row, per_col = band_norms(rows), band_norms(length)
         indices = indices.cpu()
         return float((per_row[indices // length] * per_col[indices % length]).sum())
+
+
+CACHES = (Wavelet._bank_on, Wavelet.row_matrix)  # shared by all wavelets; freed by selora.bases.clear_caches
