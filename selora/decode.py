@@ -136,6 +136,7 @@ class ModelDecoder:
         self.depth = 0  # a top-level forward called from inside itself keeps the outer call's rows
         self.merged = False  # selora.merge wrote every adapter into its base: no layer asks for rows
         self.handed_out: tuple = ()  # ((factor, rows), ...) of the running top-level forward
+        self.hooks: list = []  # the handles of the hooks `attach` registered, for `detach`
 
     def groups(self) -> dict[tuple, list]:
         groups: dict[tuple, list] = {}
@@ -193,5 +194,15 @@ class ModelDecoder:
 
     def attach(self, model: torch.nn.Module) -> None:
         model.selora_decoder = self
-        model.register_forward_pre_hook(self.before_forward)
-        model.register_forward_hook(self.after_forward, always_call=True)
+        self.hooks = [model.register_forward_pre_hook(self.before_forward),
+                      model.register_forward_hook(self.after_forward, always_call=True)]
+
+    def detach(self, model: torch.nn.Module) -> None:
+        """Remove this decoder's hooks from ``model``: every factor then decodes itself (same results)."""
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks = []
+        for factor in self.factors:
+            hand_out(factor, None)
+        if getattr(model, "selora_decoder", None) is self:
+            del model.selora_decoder

@@ -290,3 +290,19 @@ def test_a_merged_model_decodes_nothing_and_unmerge_restores_decoding(input_ids,
         again = model(input_ids).logits
     assert decodes_merged == 2 * len(selora.adapter_layers(model)) and len(calls) > 0
     assert relative_error(merged, expected) < 1e-5 and relative_error(again, expected) < 1e-5
+
+
+def test_detach_removes_the_decoders_hooks_and_the_factors_decode_themselves(input_ids, monkeypatch):
+    """The decoder keeps its hook handles: after ``detach`` a forward runs neither hook (no batched transform),
+    every factor decodes itself, and the outputs and gradients are the batched ones."""
+    model = seeded_model("haar")
+    decoder = model.selora_decoder
+    batched = loss_and_grads(model, input_ids)
+    decoder.detach(model)
+    assert not hasattr(model, "selora_decoder") and decoder.hooks == []
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    calls = count_decodes(monkeypatch)
+    alone = loss_and_grads(model, input_ids)
+    # The pre-hook would have decoded each shape group in one call; now A and B of every layer decode on their own.
+    assert len(calls) == 2 * len(selora.adapter_layers(model)) and decoder.depth == 0
+    assert_same(batched, alone)
