@@ -257,12 +257,12 @@ def _read_index_sets(meta: dict, tensors: dict[str, torch.Tensor], layers: dict[
 def _upgrade_version_1(meta: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
     """An adapter saved by selora < 0.2 (per-row coefficients (r, K) and locations (r, K) per factor) in
     today's layout: flat entries and one index set per distinct set of locations."""
-    from .bases import get
+    from .bases import canonical, get
 
     adapter = dict(meta["adapter"])
     if adapter.get("method") != "selora":
         return {**meta, "version": VERSION}, tensors
-    basis_name = {"dct": "dct_rows", "dft": "dft_rows"}.get(adapter.get("basis", "dct"), adapter.get("basis"))
+    basis_name = canonical(adapter.get("basis", "dct"))  # the old names: selora.bases.ALIASES
     basis = get(basis_name)
     tensors, layers, index_meta, by_digest = dict(tensors), {}, {}, {}
     for name, info in meta["layers"].items():
