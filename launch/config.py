@@ -14,9 +14,9 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from recipes.config_files import ROOT  # the folder holding configs/ (a clone or the installed package)
 from selora.config import ADAPTER_METHODS, SeLoRAConfig, SRLoRAConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "configs" / "recipes"
 DEFAULTS = ROOT / "configs" / "defaults.yaml"
 

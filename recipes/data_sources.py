@@ -31,7 +31,7 @@ from pathlib import Path
 
 import datasets
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipes.config_files import ROOT  # relative paths such as configs/data/x.jsonl resolve under it
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 FORMATS = ("auto", "alpaca", "chat", "sharegpt", "text")
 SOURCE_KEYS = ("path", "format", "fields", "weight", "max_records", "split")

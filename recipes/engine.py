@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from recipes import config_files
 from recipes.modeling import resolve_dtype
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+CONFIG_DIR = config_files.CONFIGS / "deepspeed"
 ADAMW_BETAS = (0.9, 0.999)
 ADAMW_EPS = 1e-8
 ENGINE_STATE_FILE = "engine_state.pt"

@@ -19,7 +19,7 @@ from selora import quant
 from recipes import gguf_cache
 from recipes.shared_build import BuildUnavailable
 
-ROOT = Path(__file__).resolve().parents[1]
+from recipes.config_files import ROOT  # the folder holding configs/ (a clone or the installed package)
 # Decoder-only families whose attention and MLP projections transformers names q/k/v/o_proj and gate/up/down_proj
 # (Phi-3: fused, below), each tested on a tiny random model in tests/test_model_families.py. Gemma 3 checkpoints with
 # a vision tower ("gemma3") are not among them: their tower's projections carry the same names.
