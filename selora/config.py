@@ -51,6 +51,10 @@ def method_config(method: str) -> type["LoRAConfig"]:
 class LoRAConfig:
     """Plain LoRA: dW = scaling * B @ A with A (r x in), B (out x r), B = 0 at init.
 
+    Each field is a recipe's ``adapter.*`` key; its default here is the recipes' default (no other file restates it).
+    r: the rank of the update.
+    alpha: the update's scale, alpha / r (alpha / sqrt(r) with use_rslora).
+    dropout: dropout on the adapter's input (the recipes use 0.05).
     target_modules: module-name suffixes (``"q_proj"``) or, when an entry starts with ``"re:"``, a regular
     expression matched against the full module name (``"re:.*layers\\.[0-3]\\..*proj"``).
     use_rslora: scaling = alpha / sqrt(r) (rank-stabilised) instead of alpha / r.
@@ -61,6 +65,7 @@ class LoRAConfig:
     projections of a 7B model on one GPU) or "randomized" (torch.svd_lowrank, 4 power iterations: seconds; the
     top-r directions of a pretrained weight agree closely; PEFT's "pissa_niter_4"). Either way the base keeps the
     exact residual, so the model's function is unchanged.
+    seed: seeds every layer's initialisation (and SeLoRA's index sets), the same in every process.
     """
 
     method: ClassVar[str] = "lora"
@@ -130,6 +135,7 @@ class SeLoRAConfig(LoRAConfig):
     is the paper's 1 - eta), or ``n_coefficients * r`` when given, so the adapter has about ``spectral_ratio``
     times LoRA's parameters while the decoded factors stay dense.
 
+    spectral_ratio: trainable entries per factor / the factor's size, in (0, 1] (0.5: half LoRA's parameters).
     basis: a name in the ``selora.bases`` registry (``selora.bases.names()``); the default "haar" is the paper's
     SeLoRA_W. Names adapters carried before selora 0.2 resolve through ``selora.bases.ALIASES``.
     n_coefficients: learnable entries per factor row (count = n_coefficients * r), instead of spectral_ratio.

@@ -10,7 +10,6 @@ from omegaconf import OmegaConf
 from launch import config as launch_config
 from launch.config import ConfigError
 from recipes.validate import validate
-from selora import bases
 
 from conftest import TINY_MODEL
 
@@ -79,8 +78,9 @@ def library_defaults(*classes, skip=()) -> dict:
 
 
 def test_adapter_and_srlora_schema_and_defaults_yaml_are_the_librarys():
-    """One source of truth: the library's dataclasses. The schema is derived from them; defaults.yaml must
-    state exactly their defaults (recipe choices such as dropout 0.05 live in the recipe yamls)."""
+    """One source of truth: the library's dataclasses. The schema is derived from them; defaults.yaml states no
+    adapter default but the method (the launcher's own key), and its srlora section states exactly the library's
+    defaults (recipe choices such as dropout 0.05 live in the recipe yamls)."""
     import selora
     adapter = library_defaults(selora.LoRAConfig, selora.SeLoRAConfig)
     srlora = library_defaults(selora.SRLoRAConfig, skip=("warmup_steps",))  # the run's train.warmup_steps
@@ -88,12 +88,23 @@ def test_adapter_and_srlora_schema_and_defaults_yaml_are_the_librarys():
     assert schema["adapter"] == {"method": "selora", **adapter}
     assert schema["srlora"] == {"enabled": False, **srlora}
     written = OmegaConf.to_container(OmegaConf.load(launch_config.DEFAULTS))
-    for section, expected in (("adapter", adapter), ("srlora", srlora)):
-        differ = {k: (written[section].get(k, "missing"), v) for k, v in expected.items() if written[section].get(k, "missing") != v}
-        assert not differ, f"configs/defaults.yaml {section}: (written, library default) = {differ}"
-    basis_line = next(l for l in launch_config.DEFAULTS.read_text().splitlines() if l.strip().startswith("basis:"))
-    # The bases are listed once, in the library's registry: the defaults file points there instead of a copy.
-    assert "selora.bases" in basis_line and not any(f"| {name}" in basis_line for name in bases.names()), basis_line
+    assert written["adapter"] == {"method": "selora"}
+    differ = {k: (written["srlora"].get(k, "missing"), v) for k, v in srlora.items() if written["srlora"].get(k, "missing") != v}
+    assert not differ, f"configs/defaults.yaml srlora: (written, library default) = {differ}"
+
+
+def test_every_adapter_key_is_documented_in_its_method_class():
+    """defaults.yaml leaves the adapter keys to the library: every field of every registered method is documented
+    in the docstring of the class that declares it (``name: ...`` at the start of a line)."""
+    import inspect
+
+    import selora
+    for cls in selora.ADAPTER_METHODS.values():
+        for f in dataclasses.fields(cls):
+            owner = next(c for c in cls.__mro__ if f.name in vars(c).get("__annotations__", {}))
+            lines = [line.strip() for line in inspect.getdoc(owner).splitlines()]
+            assert any(line.startswith(f"{f.name}:") for line in lines), \
+                f"{owner.__name__}.{f.name} is not documented in its docstring (a line '{f.name}: ...')"
 
 
 def test_recipe_values_reach_the_library_configs():
