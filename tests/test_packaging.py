@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.packaging
 def test_a_plain_install_trains_the_default_recipe_from_another_folder(tmp_path):
+    # The build runs without isolation (no index needed), so this environment's setuptools builds the wheel; it
+    # has bdist_wheel built in from 70.1 (torch 2.13 itself requires >= 77).
+    pytest.importorskip("setuptools", minversion="70.1")
     # A copy of the tree, so the in-tree build (build/, *.egg-info) neither writes into the repository nor reuses
     # stale files from an earlier build there.
     source = tmp_path / "source"
