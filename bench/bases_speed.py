@@ -90,7 +90,7 @@ def decode_table(args, device: torch.device) -> list[dict]:
                 runs = candidates(rank, length, device, stacked)
                 for name, run in runs.items():
                     try:
-                        ms = time_ms(run, device, args.repeats, warmup=3)
+                        ms = time_ms(run, device, args.repeats, warmup=1 if args.smoke else 3)
                         output = run().detach()
                     except Exception as error:  # a candidate that cannot run this shape is reported, not fatal
                         rows_out.append({"rank": rank, "width": length, "factors": stacked, "candidate": name,
