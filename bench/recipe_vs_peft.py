@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, pick_device, write_results
+from common import RESULTS, ROOT, median_range, pick_device, write_results
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # DeepSpeed's FusedAdam needs a JIT build on the GPU machine; torch's own Adam keeps the comparison about the loop.
@@ -76,9 +76,6 @@ RECIPE_ROWS = [
      [PF, GRANULARITY], False),
     ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", [PF], False),
     ("recipe plain 4-bit SRLoRA (padding-free)", "plain", "srlora", "qlora_srlora", [PF], False),
-    ("recipe plain 4-bit LoRA", "plain", "lora", "qlora_lora", [], False),
-    ("recipe plain 4-bit SeLoRA", "plain", "selora", "qlora_selora", [], False),
-    ("recipe plain 4-bit SRLoRA", "plain", "srlora", "qlora_srlora", [], False),
 ]
 
 
@@ -226,8 +223,6 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     timed = [line for line in lines if line["step"] > args.warmup]
     # Each line covers one step: its wall time is its real tokens over its tokens/s.
     step_times = {line["step"]: line["tokens"] / line["tokens_per_s"] for line in timed if "tokens" in line}
-    if not step_times:  # an older metrics line without "tokens": fall back to the token rate alone
-        return {"tokens_per_s": statistics.median(line["tokens_per_s"] for line in timed), "padding_share": None}
     recomposition_steps = {line["step"] for line in timed if "srlora" in line}
     plain = [t for s, t in step_times.items() if s not in recomposition_steps]
     step = statistics.median(plain)
@@ -292,11 +287,8 @@ def rounds_table(rows: list) -> list[str]:
              "| shape | row | rounds | tokens/s | x PEFT loop | step (ms) |", "|---|---|---|---|---|---|"]
     for (shape, name), group in runs.items():
         def cell(key, scale=1.0, digits=2):
-            values = [scale * row[key] for row in group if key in row]
-            if not values:
-                return ""
-            return (f"{statistics.median(values):,.{digits}f} [{min(values):,.{digits}f}-"
-                    f"{max(values):,.{digits}f}]")
+            middle, low, high = median_range(scale * row[key] for row in group)
+            return f"{middle:,.{digits}f} [{low:,.{digits}f}-{high:,.{digits}f}]"
         lines.append(f"| {shape} | {name} | {len(group)} | {cell('tokens_per_s', digits=0)} | "
                      f"{cell('ratio_to_peft_loop')} | {cell('step_s', 1e3, 1)} |")
     return lines

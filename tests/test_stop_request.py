@@ -1,7 +1,7 @@
 """recipes/stop_request.py on one process: a signal or the stop file becomes a request; the same signal twice
 within DUPLICATE_WINDOW_S is one request; a later second signal, or the grace deadline, ends the process at once
-with ABORTED, also while the main thread is busy (bench/stop_checkpoint_time.py's smoke run: tests/test_bench.py). (Several ranks
-agreeing, the checkpoint and the requeue are in tests/test_slurm.py's two-node test.)"""
+with ABORTED, also while the main thread is busy. (bench/stop_checkpoint_time.py's smoke run: tests/test_bench.py;
+several ranks agreeing, the checkpoint and the requeue are in tests/test_slurm.py's two-node test.)"""
 import os
 import signal
 import subprocess
