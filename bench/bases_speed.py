@@ -13,12 +13,11 @@ Candidates for the 2-D inverse DWT (all exact linear maps; the table gives their
 """
 from __future__ import annotations
 
-import argparse
 import gc
 
 import torch
 
-from common import RESULTS, pick_device, time_ms, write_results
+from common import argument_parser, pick_device, time_ms, write_results
 import selora  # noqa: E402  (common puts the repository on the path)
 from selora.decode import IndexSet, SpectralDecode  # noqa: E402
 
@@ -131,8 +130,7 @@ def write(args, name: str, decode_rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser = argument_parser(__doc__)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, seconds")
     parser.add_argument("--repeats", type=int, default=30)
     args = parser.parse_args(argv)

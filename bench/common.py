@@ -5,6 +5,7 @@ commit the numbers were measured at (docs/benchmarks/README.md lists the current
 """
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import statistics
@@ -19,6 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "docs" / "benchmarks"
+
+
+def argument_parser(doc: str) -> argparse.ArgumentParser:
+    """A script's parser: its docstring as help, and ``--out``, the folder for its dated results."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(RESULTS), help="folder for <question>_<date>.{md,json}")
+    return parser
 
 
 def pick_device(cpu: bool = False) -> tuple[torch.device, torch.dtype, str]:

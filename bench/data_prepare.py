@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, git_commit, write_results
+from common import ROOT, argument_parser, git_commit, write_results
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which were be this are have not "
          "number total each more than how many apples train miles hours price answer step first then so").split()
@@ -103,9 +103,8 @@ def start(path: Path, cache: Path, in_process: bool = False) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for data_prepare_<date>.{md,json}")
     parser.add_argument("--note", default="", help="a line about the machine's state (e.g. other jobs on the cores)")
     parser.add_argument("--in-process", action="store_true", help="both starts in this process (a quick smoke run; "
                         "the numbers then include this process's own imports and memory)")

@@ -22,7 +22,6 @@ that many seconds, so a call never runs into its time limit with nothing written
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from common import RESULTS, ROOT, median_range, pick_device, write_results
+from common import ROOT, argument_parser, median_range, pick_device, write_results
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # DeepSpeed's FusedAdam needs a JIT build on the GPU machine; torch's own Adam keeps the comparison about the loop.
@@ -295,7 +294,7 @@ def rounds_table(rows: list) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--shape", default="llama_1b_bench", help="a preset of configs/models/")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -304,7 +303,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--srlora-interval", type=int, default=100)
     parser.add_argument("--rows", default="all", help="all | core | comma-separated row names")
-    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset (or --shape), few steps")
     parser.add_argument("--breakdown", action="store_true",
                         help="log seconds per phase in every recipe row (synchronises the GPU between phases)")

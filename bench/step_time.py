@@ -17,14 +17,13 @@ Peak memory is measured separately, one model on the GPU at a time (not on CPU).
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import time
 
 import torch
 
-from common import RESULTS, interleaved_rounds, median_range, pick_device, synchronize, write_results
+from common import argument_parser, interleaved_rounds, median_range, pick_device, synchronize, write_results
 import selora  # noqa: E402  (common puts the repository on the path)
 from selora.srlora import SRLoRA  # noqa: E402
 
@@ -153,8 +152,7 @@ def interleaved_times(quant: str, layer_counts: tuple[int, int], args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser = argument_parser(__doc__)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=1024)

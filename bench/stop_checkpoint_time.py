@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import RESULTS, write_results
+from common import argument_parser, write_results
 
 # (in, out) of the targeted projections of one LLaMA-7B layer
 SHAPES = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096), "gate": (4096, 11008),
@@ -84,15 +84,15 @@ def child(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
+    # the stand-in training process that main starts
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="widths / 256: seconds on any CPU")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=2.0)
     parser.add_argument("--grace", type=float, default=25.0)
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--output-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         sys.exit(child(args))

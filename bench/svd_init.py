@@ -12,7 +12,6 @@ each shape and extrapolated to 224; the randomized directions are checked agains
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -20,7 +19,7 @@ import time
 import torch
 from torch import nn
 
-from common import RESULTS, pick_device, synchronize, write_results
+from common import argument_parser, pick_device, synchronize, write_results
 import selora  # noqa: E402  (common puts the repository on the path)
 from selora.svd import principal_directions, sharded_principal_directions  # noqa: E402
 
@@ -35,8 +34,7 @@ class Projections(nn.Module):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser = argument_parser(__doc__)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--full-layers", type=int, default=4, help="layers whose full SVDs go through the scheduler")
