@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device, _dtype, name = pick_device(cpu=args.smoke)
     args.ranks, args.widths, args.stacked = (8, 16, 32, 64), (4096, 11008, 14336), 32
     if args.smoke:
-        args.ranks, args.widths, args.stacked, args.repeats = (4, 8), (64, 96), 4, 3
+        args.ranks, args.widths, args.stacked, args.repeats = (4, 8), (64, 96), 4, 1
     rows = decode_table(args, device)
     print("\n" + write(args, name, rows))
     return rows
