@@ -6,8 +6,8 @@ warm cache (what every later start and every other rank does). Each start's wall
 (the process's ru_maxrss, its tokenizing workers counted separately) are measured; the file size says what
 "memory proportional to the raw JSON" would be.
 
-    python bench/data_prepare.py                         # 1,000,000 records -> docs/benchmarks/data_prepare.{md,json}
-    python bench/data_prepare.py --records 300 --in-process --out /tmp/x   # the CPU smoke test
+    python bench/data_prepare.py                         # 1,000,000 records -> docs/benchmarks/data_prepare_<date>.{md,json}
+    python bench/data_prepare.py --records 300 --in-process --out /tmp/x   # the CPU smoke (tests/test_bench.py)
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import ROOT, argument_parser, git_commit, write_results
 
 WORDS = ("the of and to in is was for on that with as by at from his her an which were be this are have not "
          "number total each more than how many apples train miles hours price answer step first then so").split()
@@ -103,18 +102,9 @@ def start(path: Path, cache: Path, in_process: bool = False) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argument_parser(__doc__)
     parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks", help="folder for data_prepare.{md,json}")
     parser.add_argument("--note", default="", help="a line about the machine's state (e.g. other jobs on the cores)")
     parser.add_argument("--in-process", action="store_true", help="both starts in this process (a quick smoke run; "
                         "the numbers then include this process's own imports and memory)")
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     assert cold["built"] and not warm["built"] and cold["first_tokens"] == warm["first_tokens"]
     report = cold["report"]
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "commit": commit(), "cpu_cores": os.cpu_count(), "records": args.records,
+              "commit": git_commit(), "cpu_cores": os.cpu_count(), "records": args.records,
               "file_mb": file_mb,
               "file_written_s": round(written, 1), "note": args.note,
               "first_start_s": round(cold["seconds"], 1), "records_per_s": round(args.records / cold["seconds"]),
@@ -147,9 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
               "second_start_after_imports_s": round(warm["seconds_after_imports"], 2),
               "second_start_peak_rss_mb": round(warm["peak_rss_mb"]), "tokens": report["lengths"]["total_tokens"],
               "packed_rows": warm["rows"], "row_fill": report.get("row_fill")}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "data_prepare.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.out / "data_prepare.md").write_text(markdown(result))
+    write_results(args.out, "data_prepare", markdown(result), result, f"CPU, {os.cpu_count()} cores")
     print(markdown(result))
     return result
 

@@ -14,15 +14,14 @@ after a recomposition at the first timed step, plus that step's extra time divid
 
     python bench/recipe_vs_peft.py --shape llama_1b_bench --batch 8 --seq 256          # one GPU call per scale
     python bench/recipe_vs_peft.py --shape llama2_7b --batch 4 --seq 1024 --rows core
-    python bench/recipe_vs_peft.py --smoke                                              # CPU, tiny, < 2 min
+    python bench/recipe_vs_peft.py --smoke --rows 'recipe plain LoRA'                  # CPU, tiny (tests/test_bench.py)
 
-Rows go to docs/benchmarks/recipe_vs_peft.json ({"device", "rows": [...]}; rows of other shapes are kept, this
-shape's are replaced) and recipe_vs_peft.md, rewritten after every row; ``--budget`` stops starting rows after
+Rows go to docs/benchmarks/recipe_vs_peft_<date>.{json,md} ({"date", "device", "commit", "rows": [...]}; rows of
+other shapes run the same day are kept, this shape's are replaced), rewritten after every row; ``--budget`` stops starting rows after
 that many seconds, so a call never runs into its time limit with nothing written.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,8 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+
+from common import ROOT, argument_parser, median_range, pick_device, write_results
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # DeepSpeed's FusedAdam needs a JIT build on the GPU machine; torch's own Adam keeps the comparison about the loop.
@@ -47,7 +47,13 @@ def zero_overrides(**zero) -> str:
     return TORCH_ADAM[:-1] + ", zero_optimization: {" + settings + "}}"
 
 
-# (row name, engine, method, recipe, extra overrides); "core" rows are the ones the targets are stated for.
+# (row name, engine, method, recipe, extra overrides, core); "core" rows are the ones the targets are stated for.
+# Padded rows are packed; padding-free rows (data.padding_free) put each micro-batch in one flat row, the
+# examples kept apart by varlen flash attention on a GPU.
+PF = "data.padding_free=true"
+# DeepSpeed's own fetch granularity instead of the engine's whole-layer fetch (recipes/engine.py); at the 1.3B
+# shape the whole model is one unit. DeepSpeed 0.19.8 fails with it on CPU (record_stream).
+GRANULARITY = zero_overrides(stage3_module_granularity_threshold=10000000)
 RECIPE_ROWS = [
     ("recipe plain LoRA", "plain", "lora", "llama_lora", [], True),
     ("recipe plain SeLoRA", "plain", "selora", "llama_selora", [], True),
@@ -56,48 +62,19 @@ RECIPE_ROWS = [
     ("recipe ZeRO-2 SeLoRA", "zero2", "selora", "llama_selora", [], False),
     ("recipe ZeRO-3 LoRA", "zero3", "lora", "llama_lora", [], True),
     ("recipe ZeRO-3 SeLoRA", "zero3", "selora", "llama_selora", [], False),
-    # DeepSpeed's own granularity rule instead of the engine's whole-layer fetch (recipes/engine.py): the outermost
-    # module under 1e7 parameters per descendant and 1e9 in all is fetched as one unit; at the 1.3B shape that is
-    # the whole model. DeepSpeed 0.19.8 fails with it on CPU (record_stream).
-    ("recipe ZeRO-3 LoRA (granularity threshold 1e7)", "zero3", "lora", "llama_lora",
-     [zero_overrides(stage3_module_granularity_threshold=10000000)], False),
-    # Diagnostics for the 2026-11-25 H100 run (docs/benchmarks/README.md): does one fixed batch width remove the
-    # host time cuDNN attention takes per call, and is plain LoRA slower than SRLoRA because of its B = 0 start?
-    ("recipe plain LoRA (one batch width)", "plain", "lora", "llama_lora", ["data.pad_to_multiple_of=${data.max_length}"],
-     False),
-    ("recipe plain LoRA (PiSSA start)", "plain", "lora", "llama_lora", ["adapter.init=pissa"], False),
-    # Padding-free batches (data.padding_free): each micro-batch one flat row, the examples' attention kept apart
-    # by torch's varlen flash attention (model.attention=auto on a GPU), or by SDPA with a block mask.
-    ("recipe plain LoRA (padding-free)", "plain", "lora", "llama_lora", ["data.padding_free=true"], False),
-    ("recipe plain SeLoRA (padding-free)", "plain", "selora", "llama_selora", ["data.padding_free=true"], False),
-    ("recipe plain SRLoRA (padding-free)", "plain", "srlora", "llama_srlora", ["data.padding_free=true"], False),
-    # The same without the recipe's PiSSA start, whose full SVDs of 224 weights take minutes at 7B (the step
-    # itself does not depend on the start).
+    ("recipe plain LoRA (padding-free)", "plain", "lora", "llama_lora", [PF], False),
+    ("recipe plain SeLoRA (padding-free)", "plain", "selora", "llama_selora", [PF], False),
+    ("recipe plain SRLoRA (padding-free)", "plain", "srlora", "llama_srlora", [PF], False),
+    # without the recipe's PiSSA start, whose full SVDs of 224 weights take minutes at 7B (the step does not
+    # depend on the start)
     ("recipe plain SRLoRA (padding-free default start)", "plain", "srlora", "llama_srlora",
-     ["data.padding_free=true", "adapter.init=default"], False),
-    ("recipe plain LoRA (padding-free SDPA mask)", "plain", "lora", "llama_lora",
-     ["data.padding_free=true", "model.attention=sdpa"], False),
-    ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", ["data.padding_free=true"], False),
-    # ZeRO-2 settings for adapter training, where the gradients are a few tens of MB: is overlapping their
-    # reduction with the backward worth its per-backward device synchronisation and per-gradient stream work?
-    # (zero2.json has it off since the 2026-12-02 measurements; this row turns it back on.)
-    ("recipe ZeRO-2 LoRA (padding-free overlap_comm on)", "zero2", "lora", "llama_lora",
-     ["data.padding_free=true", zero_overrides(overlap_comm=True)], False),
-    ("recipe ZeRO-2 LoRA (padding-free no overlap_comm one bucket)", "zero2", "lora", "llama_lora",
-     ["data.padding_free=true", zero_overrides(overlap_comm=False, reduce_bucket_size=500000000)], False),
-    ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", ["data.padding_free=true"], False),
+     [PF, "adapter.init=default"], False),
+    ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", [PF], False),
+    ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", [PF], False),
     ("recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7)", "zero3", "lora", "llama_lora",
-     ["data.padding_free=true", zero_overrides(stage3_module_granularity_threshold=10000000)], False),
-    # The same with a prefetch window of several decoder layers (the default, 0.9 h^2 elements, is less than one).
-    ("recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7 deep prefetch)", "zero3", "lora", "llama_lora",
-     ["data.padding_free=true",
-      zero_overrides(stage3_module_granularity_threshold=10000000, stage3_prefetch_bucket_size=500000000)],
-     False),
-    ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", ["data.padding_free=true"], False),
-    ("recipe plain 4-bit SRLoRA (padding-free)", "plain", "srlora", "qlora_srlora", ["data.padding_free=true"], False),
-    ("recipe plain 4-bit LoRA", "plain", "lora", "qlora_lora", [], False),
-    ("recipe plain 4-bit SeLoRA", "plain", "selora", "qlora_selora", [], False),
-    ("recipe plain 4-bit SRLoRA", "plain", "srlora", "qlora_srlora", [], False),
+     [PF, GRANULARITY], False),
+    ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", [PF], False),
+    ("recipe plain 4-bit SRLoRA (padding-free)", "plain", "srlora", "qlora_srlora", [PF], False),
 ]
 
 
@@ -108,7 +85,6 @@ def preset(name: str) -> dict:
 
 # ----- the two anchors ---------------------------------------------------------------------------------------
 def build_peft_model(shape: str, rank: int, device, dtype):
-    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(**preset(shape))
@@ -122,7 +98,6 @@ def build_peft_model(shape: str, rank: int, device, dtype):
 
 
 def random_batches(count: int, batch: int, seq: int, vocab: int, device):
-    import torch
     generator = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(count)]
 
@@ -133,7 +108,6 @@ class PeftLoop:
     50% within a call (other tenants), and a row is compared with the loop timed beside it."""
 
     def __init__(self, args, device, dtype):
-        import torch
         self.args, self.device = args, device
         self.model = build_peft_model(args.shape, args.rank, device, dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -143,7 +117,6 @@ class PeftLoop:
 
     def step(self, ids) -> float:
         """One optimizer step on token ids (batch, seq); returns the loss."""
-        import torch
         loss = self.model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
@@ -151,22 +124,15 @@ class PeftLoop:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def time(self, profile_dir: Path | None = None) -> dict:
-        """Warm-up plus timed steps; ``profile_dir``: also torch-profile three steps after the warm-up (the same
-        tables as a recipe's train.profile_steps) into profile_dir/profile/ops.txt."""
-        import torch
-        from recipes.profiling import StepProfiler
+    def time(self) -> dict:
+        """Warm-up plus timed steps: tokens/s and seconds per step (median of the timed steps)."""
         args = self.args
-        profiler = StepProfiler([args.warmup + 1, args.warmup + 3] if profile_dir else [], profile_dir or ".",
-                                self.device, 0, trace=False)
         times = []
         self.model.train()
-        for step, ids in enumerate(self.batches, 1):
-            profiler.before_step(step)
+        for ids in self.batches:
             start = time.perf_counter()
             self.step(ids)
             times.append(time.perf_counter() - start)
-            profiler.after_step(step)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # the recipe row that runs next gets the memory this loop had cached
         step = statistics.median(times[args.warmup:])
@@ -175,7 +141,6 @@ class PeftLoop:
 
 def hf_trainer(args, device, dtype) -> dict:
     """HF Trainer + PEFT on the same model and batch; step times from a callback (warm-up steps left out)."""
-    import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
     model = build_peft_model(args.shape, args.rank, device, dtype)
     steps = args.warmup + args.steps
@@ -257,8 +222,6 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     timed = [line for line in lines if line["step"] > args.warmup]
     # Each line covers one step: its wall time is its real tokens over its tokens/s.
     step_times = {line["step"]: line["tokens"] / line["tokens_per_s"] for line in timed if "tokens" in line}
-    if not step_times:  # an older metrics line without "tokens": fall back to the token rate alone
-        return {"tokens_per_s": statistics.median(line["tokens_per_s"] for line in timed), "padding_share": None}
     recomposition_steps = {line["step"] for line in timed if "srlora" in line}
     plain = [t for s, t in step_times.items() if s not in recomposition_steps]
     step = statistics.median(plain)
@@ -277,54 +240,6 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     if recomposition_steps:
         row["recomposition_s"] = round(extra_time / len(recomposition_steps), 3)
     return row
-
-
-def profile_rows(args, rows, out: Path, device, dtype) -> None:
-    """Where each row's step time goes: the row run in this process under cProfile (Python host time by function;
-    on a GPU, time the host spends waiting shows in the synchronising call: ``item``, ``to``) and torch.profiler
-    over three steps after the warm-up (operators by device and host time, calls that wait for the device, kernel
-    launches). The PEFT loop is profiled once beside them. Files: recipe_vs_peft_profile_<row>.txt (cProfile,
-    phases, then the torch.profiler tables) and recipe_vs_peft_ops_peft_loop.txt."""
-    import cProfile
-    import io
-    import pstats
-    from launch.config import resolve
-    from recipes import finetune
-    from recipes.metrics import read_metrics
-    args = argparse.Namespace(**{**vars(args), "breakdown": True})  # the profiled run also logs its phases
-    with tempfile.TemporaryDirectory() as work:
-        PeftLoop(args, device, dtype).time(profile_dir=Path(work) / "peft_loop")
-        loop_ops = (Path(work) / "peft_loop" / "profile" / "ops.txt").read_text()
-        (out / "recipe_vs_peft_ops_peft_loop.txt").write_text(loop_ops)
-        print("--- plain PEFT loop: " + loop_ops[loop_ops.index("## calls that wait"):])
-        for row_name, engine, method, recipe, extra, _core in rows:
-            run_dir = Path(work) / slug(row_name)
-            # after the first timed step, where SRLoRA rows recompose (its cost is measured apart, amortised)
-            profiled = [f"train.profile_steps=[{args.warmup + 2},{args.warmup + 4}]"]
-            cfg = resolve(recipe, [*recipe_overrides(args, engine, method, extra), *profiled,
-                                   f"train.output_dir={run_dir}"])
-            profiler = cProfile.Profile()
-            profiler.enable()
-            finetune.run(cfg)
-            profiler.disable()
-            phases = [line["time_breakdown"] for line in read_metrics(run_dir / "metrics.jsonl")
-                      if "time_breakdown" in line and line["step"] > args.warmup]
-            text = io.StringIO()
-            text.write(f"{row_name}, {args.shape} {args.batch}x{args.seq}\n")
-            if phases:
-                text.write("seconds per step by phase (median): " + ", ".join(
-                    f"{key} {statistics.median(p[key] for p in phases) * 1e3:.1f} ms" for key in phases[0]) + "\n")
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
-            ops = (run_dir / "profile" / "ops.txt").read_text()
-            (out / f"recipe_vs_peft_profile_{slug(row_name)}.txt").write_text(text.getvalue() + "\n" + ops)
-            print(text.getvalue()[:6000])
-            print(f"--- {row_name}: " + ops[ops.index("## calls that wait"):])
-
-
-def slug(row_name: str) -> str:
-    """A row name as a file name: recipe plain SRLoRA (padding-free) -> plain_srlora_padding-free."""
-    words = row_name.removeprefix("recipe ").lower().replace("(", "").replace(")", "").split()
-    return "_".join(words)
 
 
 # ----- table -------------------------------------------------------------------------------------------------
@@ -371,18 +286,15 @@ def rounds_table(rows: list) -> list[str]:
              "| shape | row | rounds | tokens/s | x PEFT loop | step (ms) |", "|---|---|---|---|---|---|"]
     for (shape, name), group in runs.items():
         def cell(key, scale=1.0, digits=2):
-            values = [scale * row[key] for row in group if key in row]
-            if not values:
-                return ""
-            return (f"{statistics.median(values):,.{digits}f} [{min(values):,.{digits}f}-"
-                    f"{max(values):,.{digits}f}]")
+            middle, low, high = median_range(scale * row[key] for row in group)
+            return f"{middle:,.{digits}f} [{low:,.{digits}f}-{high:,.{digits}f}]"
         lines.append(f"| {shape} | {name} | {len(group)} | {cell('tokens_per_s', digits=0)} | "
                      f"{cell('ratio_to_peft_loop')} | {cell('step_s', 1e3, 1)} |")
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argument_parser(__doc__)
     parser.add_argument("--shape", default="llama_1b_bench", help="a preset of configs/models/")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -391,7 +303,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--srlora-interval", type=int, default=100)
     parser.add_argument("--rows", default="all", help="all | core | comma-separated row names")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset (or --shape), few steps")
     parser.add_argument("--breakdown", action="store_true",
                         help="log seconds per phase in every recipe row (synchronises the GPU between phases)")
@@ -399,26 +310,18 @@ def main() -> None:
                         help="start no recipe row after this many seconds (the table so far is written after every row)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the rows this many times, interleaved; the table adds each row's median over them")
-    parser.add_argument("--profile", default=None, metavar="ROWS",
-                        help="comma-separated recipe rows to run again in-process under cProfile and torch.profiler "
-                             "(where host and device time go); files recipe_vs_peft_profile_<row>.txt")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     names = [row.strip() for row in args.rows.split(",")]
-    profiled = [row.strip() for row in args.profile.split(",")] if args.profile else []
     unknown = [row for row in names if row not in ("all", "core", *(r[0] for r in RECIPE_ROWS))]
-    unknown += [row for row in profiled if row not in (r[0] for r in RECIPE_ROWS)]
     if unknown:
-        parser.error(f"--rows / --profile: no row named {unknown}; give all, core or names from: "
+        parser.error(f"--rows: no row named {unknown}; give all, core or names from: "
                      + ", ".join(repr(r[0]) for r in RECIPE_ROWS))
     wanted = RECIPE_ROWS if args.rows == "all" else [r for r in RECIPE_ROWS if r[5]] if args.rows == "core" else \
         [next(r for r in RECIPE_ROWS if r[0] == name) for name in names]  # in the order given
-    import torch
     if args.smoke:
         args.batch, args.seq, args.steps, args.warmup, args.rank = 2, 256, 6, 3, 8
         args.shape = "tiny_llama" if args.shape == "llama_1b_bench" else args.shape
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    device, dtype, name = pick_device()
     shape_label = f"{args.shape} {args.batch}x{args.seq}"
 
     trainer = hf_trainer(args, device, dtype)  # first: its model is gone before the loop's stays resident
@@ -429,9 +332,10 @@ def main() -> None:
         wanted = [r for r in wanted if r[1] == "plain" and "4-bit" not in r[0]]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    target = out / ("recipe_vs_peft_smoke.json" if args.smoke else "recipe_vs_peft.json")
-    earlier = json.loads(target.read_text())["rows"] if target.is_file() else []
-    write_table(target, earlier, rows, anchors, shape_label, name)
+    question = "recipe_vs_peft_smoke" if args.smoke else "recipe_vs_peft"
+    today = out / f"{question}_{time.strftime('%Y-%m-%d')}.json"
+    earlier = json.loads(today.read_text())["rows"] if today.is_file() else []
+    write_table(out, question, earlier, rows, anchors, shape_label, name)
     begun = time.time()
     # Rounds interleave the rows (A B A B ...), so a drift of the host's speed falls on every row alike.
     order = [(round_index, row) for round_index in range(1, args.rounds + 1) for row in wanted]
@@ -451,14 +355,14 @@ def main() -> None:
             rows.append(row)
             print(f"{row_name}: {rows[-1].get('tokens_per_s', rows[-1].get('error'))} ({time.time() - started:.0f} s)",
                   flush=True)
-            write_table(target, earlier, rows, anchors, shape_label, name)  # a call cut short keeps what finished
-    if profiled:
-        profile_rows(args, [next(r for r in RECIPE_ROWS if r[0] == name) for name in profiled], out, device, dtype)
-    print(write_table(target, earlier, rows, anchors, shape_label, name))
+            write_table(out, question, earlier, rows, anchors, shape_label, name)  # a call cut short keeps what finished
+    print(write_table(out, question, earlier, rows, anchors, shape_label, name))
+    return {"rows": rows}
 
 
-def write_table(target: Path, earlier: list, rows: list, anchors: dict, shape_label: str, device_name: str) -> str:
-    """Ratios to this call's anchors; the json keeps other scales' rows (``earlier``) and replaces this one's."""
+def write_table(out: Path, question: str, earlier: list, rows: list, anchors: dict, shape_label: str,
+                device_name: str) -> str:
+    """Ratios to this call's anchors; today's json keeps other scales' rows (``earlier``) and replaces this one's."""
     for row in rows:
         row["shape"] = shape_label
         if "tokens_per_s" in row:
@@ -466,9 +370,8 @@ def write_table(target: Path, earlier: list, rows: list, anchors: dict, shape_la
             row["ratio_to_peft_loop"] = row["tokens_per_s"] / loop
             row["ratio_to_trainer"] = row["tokens_per_s"] / anchors["HF Trainer + PEFT"]["tokens_per_s"]
     document = {"device": device_name, "rows": [r for r in earlier if r.get("shape") != shape_label] + rows}
-    target.write_text(json.dumps(document, indent=1) + "\n")
     table = markdown(document)
-    target.with_suffix(".md").write_text(table)
+    write_results(out, question, table, document, device_name)
     return table
 
 

@@ -7,8 +7,8 @@ The adapter: LLaMA-7B (32 layers, hidden 4096, MLP 11008), r=16 on q, k, v, o, g
 trainable parameters. The training step is a sleep of --step-seconds (a 7B step's length depends on the GPU);
 the signal comes at a random point inside a step.
 
-    python bench/stop_checkpoint_time.py                # 7B-sized, writes docs/benchmarks/stop_checkpoint_time.json
-    python bench/stop_checkpoint_time.py --smoke        # a tiny adapter, seconds (tests/test_stop_request.py)
+    python bench/stop_checkpoint_time.py                # 7B-sized, writes docs/benchmarks/stop_checkpoint_time_<date>.json
+    python bench/stop_checkpoint_time.py --smoke        # a tiny adapter, seconds, nothing written (tests/test_bench.py)
 """
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import argument_parser, write_results
 
 # (in, out) of the targeted projections of one LLaMA-7B layer
 SHAPES = {"q": (4096, 4096), "k": (4096, 4096), "v": (4096, 4096), "o": (4096, 4096), "gate": (4096, 11008),
@@ -84,17 +83,17 @@ def child(args) -> int:
             return STOPPED
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> dict:
+    parser = argument_parser(__doc__)
+    # the stand-in training process that main starts
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--output-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="widths / 256: seconds on any CPU")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--step-seconds", type=float, default=2.0)
     parser.add_argument("--grace", type=float, default=25.0)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "stop_checkpoint_time.json"))
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--output-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--scale", type=int, default=1, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         sys.exit(child(args))
     scale = 256 if args.smoke else 1
@@ -116,11 +115,12 @@ def main() -> None:
                        "exit_status": status, "checkpoint_bytes": size})
     trainable = trainable_parameters(32, 16, scale)
     report = {"what": "graceful stop of a LLaMA-7B r=16 q,k,v,o,gate,up,down adapter: checkpoint write and "
-                      "SIGTERM-to-exit", "date": time.strftime("%Y-%m-%d"), "device": f"CPU, {os.cpu_count()} cores "
-              "(shared)", "trainable_parameters": trainable, "step_seconds": args.step_seconds, "rounds": rounds}
+                      "SIGTERM-to-exit", "trainable_parameters": trainable, "step_seconds": args.step_seconds,
+              "rounds": rounds}
     print(json.dumps(report, indent=1))
     if not args.smoke:
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        write_results(args.out, "stop_checkpoint_time", None, report, f"CPU, {os.cpu_count()} cores (shared)")
+    return report
 
 
 if __name__ == "__main__":

@@ -242,16 +242,3 @@ def test_bad_records_of_new_formats_name_their_row_or_line(tmp_path, tokenizer):
     path = write(tmp_path / "odd.jsonl", [{"question": "a"}], "jsonl")
     with pytest.raises(DataError, match=r"cannot tell the format from its fields \(question\)"):
         data_prepare.build_datasets(config([path]), tokenizer, seed=0)
-
-
-def test_bench_data_prepare_smoke(tmp_path):
-    """bench/data_prepare.py at a few hundred records: a cold start tokenizes, a warm one reads the cache."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("bench_data_prepare", data.ROOT / "bench" / "data_prepare.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = bench.main(["--records", "300", "--in-process", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "data_prepare.json").read_text())
-    assert saved == result and result["records"] == 300 and result["packed_rows"] > 0
-    assert result["tokens"] > 300 * 20 and result["first_start_peak_rss_mb"] > 0
-    assert "300 synthetic short ShareGPT" in (tmp_path / "data_prepare.md").read_text()

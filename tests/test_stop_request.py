@@ -1,7 +1,7 @@
 """recipes/stop_request.py on one process: a signal or the stop file becomes a request; the same signal twice
 within DUPLICATE_WINDOW_S is one request; a later second signal, or the grace deadline, ends the process at once
-with ABORTED, also while the main thread is busy; bench/stop_checkpoint_time.py's CPU smoke run. (Several ranks
-agreeing, the checkpoint and the requeue are in tests/test_slurm.py's two-node test.)"""
+with ABORTED, also while the main thread is busy. (bench/stop_checkpoint_time.py's smoke run: tests/test_bench.py;
+several ranks agreeing, the checkpoint and the requeue are in tests/test_slurm.py's two-node test.)"""
 import os
 import signal
 import subprocess
@@ -71,14 +71,3 @@ def test_a_second_signal_aborts_but_a_duplicate_does_not():
     result, seconds = run_child(second, grace_s=30)
     assert result.returncode == ABORTED and "a second signal (SIGTERM) after SIGTERM" in result.stderr
     assert seconds < 20
-
-
-def test_the_stop_bench_runs_on_the_cpu():
-    """bench/stop_checkpoint_time.py --smoke: a tiny adapter, one SIGTERM, a checkpoint, exit 75."""
-    import json
-    result = subprocess.run([sys.executable, "bench/stop_checkpoint_time.py", "--smoke", "--rounds", "1",
-                             "--step-seconds", "0.2"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    (round_,) = json.loads(result.stdout)["rounds"]
-    assert round_["exit_status"] == 75 and round_["checkpoint_bytes"] > 0
-    assert 0 < round_["checkpoint_s"] <= round_["signal_to_exit_s"] < 25

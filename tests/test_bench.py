@@ -1,0 +1,111 @@
+"""Every bench/ script's CPU smoke run, in this process through its main(argv): the tables have the rows they
+should, the numbers are finite and positive, ratios are against the same run's baseline, and the results land in
+the dated files bench/common.py names."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import common  # noqa: E402
+
+
+def dated(out: Path, question: str, suffix: str = ".json") -> Path:
+    path = out / f"{question}_{time.strftime('%Y-%m-%d')}{suffix}"
+    assert path.is_file(), sorted(p.name for p in out.iterdir())
+    return path
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_results_are_dated_and_carry_device_and_commit(tmp_path):
+    path = common.write_results(tmp_path, "question", "# table\n", {"rows": [1]}, "cpu")
+    saved = json.loads(path.read_text())
+    assert path == dated(tmp_path, "question") and saved["rows"] == [1] and saved["device"] == "cpu"
+    assert saved["date"] == time.strftime("%Y-%m-%d") and saved["commit"] and path.with_suffix(".md").is_file()
+
+
+def test_interleaved_rounds_visit_every_run_once_per_round():
+    calls = []
+    results = common.interleaved_rounds({key: lambda key=key: calls.append(key) or len(calls) for key in "abc"}, 4)
+    assert sorted(calls) == sorted("abc" * 4) and all(len(values) == 4 for values in results.values())
+    assert set(calls[:3]) == set("abc")  # a round visits every key before the next round starts
+    assert common.median_range([3, 1, 2]) == (2, 1, 3)
+    device = common.pick_device(cpu=True)[0]
+    assert positive(common.time_ms(lambda: sum(range(1000)), device, repeats=3))
+
+
+def test_recipe_vs_peft_smoke(tmp_path):
+    import recipe_vs_peft
+    recipe_vs_peft.main(["--smoke", "--rows", "recipe plain LoRA", "--out", str(tmp_path)])
+    document = json.loads(dated(tmp_path, "recipe_vs_peft_smoke").read_text())
+    rows = {row["name"]: row for row in document["rows"]}
+    assert list(rows) == ["plain PEFT loop", "HF Trainer + PEFT", "recipe plain LoRA"]
+    loop, trainer, recipe = rows.values()
+    assert "error" not in recipe and all(positive(row["tokens_per_s"]) for row in rows.values())
+    assert loop["ratio_to_peft_loop"] == 1.0 and trainer["ratio_to_trainer"] == 1.0
+    assert recipe["ratio_to_peft_loop"] == pytest.approx(recipe["tokens_per_s"] / recipe["peft_loop_tokens_per_s"])
+    assert recipe["ratio_to_trainer"] == pytest.approx(recipe["tokens_per_s"] / trainer["tokens_per_s"])
+    table = dated(tmp_path, "recipe_vs_peft_smoke", ".md").read_text()
+    assert table.count("| tiny_llama 2x256 |") == 3
+
+
+def test_step_time_smoke(tmp_path):
+    import step_time
+    rows = step_time.main(["--smoke", "--methods", "peft_lora,selora_selora", "--steps", "2", "--out", str(tmp_path)])
+    assert [row["method"] for row in rows] == ["peft_lora", "selora_selora"]
+    assert all(positive(row["step_s"]) and positive(row["trainable_per_layer"]) for row in rows)
+    assert rows[0]["step_ratio_vs_peft"] == 1.0  # the baseline against itself, round by round
+    ratio = rows[1]["step_ratio_vs_peft"]
+    assert rows[1]["step_ratio_spread"][0] <= ratio <= rows[1]["step_ratio_spread"][1]
+    assert rows[1]["trainable_per_layer"] < rows[0]["trainable_per_layer"]  # spectral ratio 0.5
+    assert json.loads(dated(tmp_path, "step_time").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
+def test_bases_speed_smoke(tmp_path):
+    import bases_speed
+    rows = bases_speed.main(["--smoke", "--out", str(tmp_path)])
+    timed = [row for row in rows if "fwd_bwd_ms" in row]
+    assert {row["candidate"] for row in timed} >= {f"selora {name}" for name in bases_speed.BASES}
+    assert len({(row["rank"], row["width"], row["factors"]) for row in timed}) == 2 * 2 * 2
+    assert all(positive(row["fwd_bwd_ms"]) for row in timed)
+    assert all(row["max_diff_vs_selora_haar"] < 1e-4 for row in timed if "max_diff_vs_selora_haar" in row)
+    assert dated(tmp_path, "bases_speed", ".md").read_text().count("| selora haar |") == 8
+
+
+def test_svd_init_smoke(tmp_path):
+    import svd_init
+    results = svd_init.main(["--smoke", "--out", str(tmp_path)])
+    assert results["matrices"] == 14 and results["full_scheduled_matrices"] == 7
+    assert all(positive(results[key]) for key in ("randomized_s", "full_s", "full_extrapolated_s_1gpu"))
+    assert results["randomized_max_rel_singular_value_error"] < 0.1
+    assert json.loads(dated(tmp_path, "svd_init_1gpu").read_text())["matrices"] == 14
+
+
+def test_data_prepare_smoke(tmp_path):
+    """A few hundred records: a cold start tokenizes, a warm one reads the cache."""
+    import data_prepare
+    result = data_prepare.main(["--records", "300", "--in-process", "--out", str(tmp_path)])
+    saved = json.loads(dated(tmp_path, "data_prepare").read_text())
+    assert {key: saved[key] for key in result} == result and result["records"] == 300 and result["packed_rows"] > 0
+    assert result["tokens"] > 300 * 20 and result["first_start_peak_rss_mb"] > 0
+    assert "300 synthetic short ShareGPT" in dated(tmp_path, "data_prepare", ".md").read_text()
+
+
+def test_stop_checkpoint_time_smoke(tmp_path):
+    """A tiny adapter, one SIGTERM, a checkpoint, exit 75, inside the grace period."""
+    import stop_checkpoint_time
+    report = stop_checkpoint_time.main(["--smoke", "--rounds", "1", "--step-seconds", "0.2", "--out", str(tmp_path)])
+    (round_,) = report["rounds"]
+    assert round_["exit_status"] == 75 and round_["checkpoint_bytes"] > 0
+    assert 0 < round_["checkpoint_s"] <= round_["signal_to_exit_s"] < 25
+    assert not list(tmp_path.iterdir())  # a smoke run writes no result
