@@ -659,22 +659,36 @@ def sweep_table(records: list[dict]) -> str:
             + "|---" * (width + 2) + "|\n" + "\n".join(lines) + "\n")
 
 
-MAIN_PAIRS = [("SeLoRA_W r16 50%", "LoRA r16", "same rank, half the parameters"),
-              ("SeLoRA_W r16 50%", "LoRA r8", "same parameter count"),
-              ("SeLoRA_F r16 50%", "SeLoRA_W r16 50%", "Fourier vs wavelet"),
-              ("DCT-rows r16 50%", "SeLoRA_W r16 50%", "row-wise DCT vs 2-D wavelet"),
-              ("SeLoRA_W r32 25%", "LoRA r8", "same parameter count, rank 32"),
-              ("SeDoRA_W r16 50%", "SeLoRA_W r16 50%", "DoRA on top"),
-              ("SRLoRA r16 (paper)", "LoRA r16", "SRLoRA (paper settings) vs LoRA"),
-              ("SRLoRA r16 (defaults)", "LoRA r16", "SRLoRA (earlier recipe defaults) vs LoRA"),
-              ("SeLoRA_W+SRLoRA r16 50%", "SeLoRA_W r16 50%", "SRLoRA on top of SeLoRA_W")]
+# The pairs the verdicts rest on, per study: method A | method B | what the difference measures.
+COMPARISONS = {"main": """
+SeLoRA_W r16 50% | LoRA r16 | same rank, half the parameters
+SeLoRA_W r16 50% | LoRA r8 | same parameter count
+SeLoRA_F r16 50% | SeLoRA_W r16 50% | Fourier vs wavelet
+DCT-rows r16 50% | SeLoRA_W r16 50% | row-wise DCT vs 2-D wavelet
+SeLoRA_W r32 25% | LoRA r8 | same parameter count, rank 32
+SeDoRA_W r16 50% | SeLoRA_W r16 50% | DoRA on top
+SRLoRA r16 (paper) | LoRA r16 | SRLoRA (paper settings) vs LoRA
+SRLoRA r16 (defaults) | LoRA r16 | SRLoRA (earlier recipe defaults) vs LoRA
+SeLoRA_W+SRLoRA r16 50% | SeLoRA_W r16 50% | SRLoRA on top of SeLoRA_W""",
+                "srlora": """
+SRLoRA r4 (paper) | LoRA r4 | SRLoRA vs LoRA, same rank
+SRLoRA r4 (paper) | LoRA r12 | SRLoRA vs LoRA at its r_target (3x the parameters)
+PiSSA r4 | LoRA r4 | the PiSSA start alone
+SRLoRA r4 (paper) | PiSSA r4 | recomposition on top of the PiSSA start
+SRLoRA r4 (B=0 start) | LoRA r4 | recomposition with the B = 0 start
+SRLoRA r4 (r_target 8r) | SRLoRA r4 (paper) | 13 switches instead of 3
+SRLoRA r4 (1 pair per switch) | SRLoRA r4 (paper) | 1 pair per switch, 7 switches
+SRLoRA r2 (paper) | LoRA r2 | SRLoRA vs LoRA, rank 2
+SRLoRA r2 (paper) | LoRA r6 | SRLoRA r2 vs LoRA at its r_target
+SeLoRA_W r4 50% | LoRA r4 | SeLoRA_W vs LoRA, rank 4
+SeLoRA_W+SRLoRA r4 50% | SeLoRA_W r4 50% | SRLoRA on top of SeLoRA_W"""}
 
 
 def comparisons(records: list[dict], steps: int) -> str:
     """The pairs the verdicts rest on: difference of means of the math answer loss and accuracy, with spreads."""
     groups = by_method(records, steps)
     rows = []
-    for a, b, what in SRLORA_PAIRS if STUDY == "srlora" else MAIN_PAIRS:
+    for a, b, what in (line.split(" | ") for line in COMPARISONS[STUDY].strip().splitlines()):
         if a not in groups or b not in groups:
             continue
         ga, gb = groups[a], groups[b]
@@ -687,19 +701,6 @@ def comparisons(records: list[dict], steps: int) -> str:
         rows.append([what, a, b, *cells, f"{len(ga)} vs {len(gb)}"])
     return "\n".join(markdown(["comparison", "A", "B", "math loss A - B", "math acc A - B", "choice loss A - B", "seeds"],
                               rows)) + "\n"
-
-
-SRLORA_PAIRS = [("SRLoRA r4 (paper)", "LoRA r4", "SRLoRA vs LoRA, same rank"),
-                ("SRLoRA r4 (paper)", "LoRA r12", "SRLoRA vs LoRA at its r_target (3x the parameters)"),
-                ("PiSSA r4", "LoRA r4", "the PiSSA start alone"),
-                ("SRLoRA r4 (paper)", "PiSSA r4", "recomposition on top of the PiSSA start"),
-                ("SRLoRA r4 (B=0 start)", "LoRA r4", "recomposition with the B = 0 start"),
-                ("SRLoRA r4 (r_target 8r)", "SRLoRA r4 (paper)", "13 switches instead of 3"),
-                ("SRLoRA r4 (1 pair per switch)", "SRLoRA r4 (paper)", "1 pair per switch, 7 switches"),
-                ("SRLoRA r2 (paper)", "LoRA r2", "SRLoRA vs LoRA, rank 2"),
-                ("SRLoRA r2 (paper)", "LoRA r6", "SRLoRA r2 vs LoRA at its r_target"),
-                ("SeLoRA_W r4 50%", "LoRA r4", "SeLoRA_W vs LoRA, rank 4"),
-                ("SeLoRA_W+SRLoRA r4 50%", "SeLoRA_W r4 50%", "SRLoRA on top of SeLoRA_W")]
 
 
 def smoothed_curve(record: dict, window: int = 10) -> list[tuple[int, float]]:
