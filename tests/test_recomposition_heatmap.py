@@ -1,4 +1,4 @@
-"""bench/recomposition_heatmap.py reads a run's SRLoRA events and draws them."""
+"""launch/recomposition_heatmap.py reads a run's SRLoRA events and draws them."""
 import json
 import subprocess
 import sys
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from launch import recomposition_heatmap as heatmap
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-import recomposition_heatmap as heatmap  # noqa: E402
 
 
 def write_run(run_dir: Path, events_by_step: dict[int, list[dict]]) -> Path:
@@ -32,8 +32,8 @@ def test_matrix_places_every_fusion(tmp_path):
 
 def test_a_run_without_recompositions_is_a_clear_error(tmp_path):
     run = write_run(tmp_path / "plain", {})
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "recomposition_heatmap.py"), str(run)],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "launch.recomposition_heatmap", str(run)],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and "records no recomposition" in result.stderr
     with pytest.raises(SystemExit, match="not found"):
         heatmap.read_events(tmp_path / "nowhere")

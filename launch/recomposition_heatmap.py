@@ -1,7 +1,7 @@
 """Which pairs of which layers SRLoRA fused, and when: a heatmap from a run's own metrics.jsonl.
 
-    python bench/recomposition_heatmap.py runs/llama_srlora            # writes runs/llama_srlora/recompositions.png
-    python bench/recomposition_heatmap.py RUN_DIR --out picture.png
+    python -m launch.recomposition_heatmap runs/llama_srlora    # writes runs/llama_srlora/recompositions.png
+    python -m launch.recomposition_heatmap RUN_DIR --out picture.png
 
 Rows are adapted layers (in model order), columns the recomposition steps; a cell shows which pair slots were
 fused at that step (the pair index, or several). A second panel counts fusions per pair slot over the run.
