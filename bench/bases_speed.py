@@ -1,6 +1,5 @@
 """How fast do SeLoRA's bases decode? Decode + adjoint (forward + backward) of every basis and implementation
-candidate on LLaMA-7B factor shapes, on one GPU. (The training step per basis: bench/step_time.py --methods
-selora_lora,selora_haar,selora_fft2.)
+candidate on LLaMA-7B factor shapes, on one GPU. (The whole recipe's step per method: bench/recipe_vs_peft.py.)
 
 Candidates for the 2-D inverse DWT (all exact linear maps; the table gives their max difference to selora's):
   selora        selora.bases (polyphase along the width, a small dense matrix along the rank; no conv kernels)

@@ -59,18 +59,6 @@ def test_recipe_vs_peft_smoke(tmp_path):
     assert table.count("| tiny_llama 2x256 |") == 3
 
 
-def test_step_time_smoke(tmp_path):
-    import step_time
-    rows = step_time.main(["--smoke", "--methods", "peft_lora,selora_selora", "--steps", "2", "--out", str(tmp_path)])
-    assert [row["method"] for row in rows] == ["peft_lora", "selora_selora"]
-    assert all(positive(row["step_s"]) and positive(row["trainable_per_layer"]) for row in rows)
-    assert rows[0]["step_ratio_vs_peft"] == 1.0  # the baseline against itself, round by round
-    ratio = rows[1]["step_ratio_vs_peft"]
-    assert rows[1]["step_ratio_spread"][0] <= ratio <= rows[1]["step_ratio_spread"][1]
-    assert rows[1]["trainable_per_layer"] < rows[0]["trainable_per_layer"]  # spectral ratio 0.5
-    assert json.loads(dated(tmp_path, "step_time").read_text())["rows"] == json.loads(json.dumps(rows))
-
-
 def test_bases_speed_smoke(tmp_path):
     import bases_speed
     rows = bases_speed.main(["--smoke", "--out", str(tmp_path)])
