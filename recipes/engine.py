@@ -65,9 +65,7 @@ def lr_schedule(optimizer: torch.optim.Optimizer, train, total_steps: int) -> to
                 train.min_lr_ratio x the peak (warmup_stable_decay; its warm-up starts at that floor)"""
     from transformers import get_scheduler
 
-    kind, warmup = str(train.lr_scheduler), int(train.warmup_steps)
-    if kind not in LR_SCHEDULES:
-        raise EngineConfigError(f"train.lr_scheduler={kind!r}: choose one of {', '.join(LR_SCHEDULES)}")
+    kind, warmup = str(train.lr_scheduler), int(train.warmup_steps)  # a known kind: recipes/validate.py checked it
     floor = float(train.min_lr_ratio)
     extra = {}
     if kind == "cosine":

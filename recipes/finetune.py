@@ -1,7 +1,7 @@
 """Instruction fine-tuning with SeLoRA / LoRA adapters (and optionally SRLoRA), plain PyTorch or DeepSpeed.
 
 Read `run` top to bottom: the config and the output directory are checked (recipes/validate.py,
-recipes/checkpoint.py), data is built, the model is loaded and given adapters, the
+recipes/resume.py), data is built, the model is loaded and given adapters, the
 engine is built, a checkpoint is resumed if there is one, the loop runs, the adapter is exported.
 
     python launch/train.py --recipe llama_selora train.max_steps=100
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 import selora
-from recipes import checkpoint, engine as engines
+from recipes import checkpoint, engine as engines, resume
 from recipes.best_eval import BestEval
 from recipes.checkpoint import TrainerState
 from recipes.data import IGNORE_INDEX, make_collate_fn, pad_multiple
@@ -54,7 +54,8 @@ def run(cfg) -> dict:
     # Every check that needs no data or weights first: a bad value fails in a second, before anything is read,
     # loaded or written.
     adapter_config, srlora_config = validate(cfg)
-    resume_from = checkpoint.plan_resume(cfg, total_steps=int(train.max_steps) or None)
+    settings = resume.run_settings(cfg)  # what a checkpoint records and a resume must match
+    resume_from = resume.plan_resume(cfg, total_steps=int(train.max_steps) or None, settings=settings)
 
     seed_everything(train.seed)
     rank, world_size, device = setup_distributed(cfg)
@@ -81,7 +82,7 @@ def run(cfg) -> dict:
     if not train.max_steps:  # an epochs-based run knows its length only now, still before the model loads
         if srlora_config is not None:
             check_srlora_schedule(srlora_config, adapter_config, total_steps)
-        checkpoint.check_steps_left(resume_from, None, total_steps)
+        resume.check_steps_left(resume_from, None, total_steps)
 
     # Model, adapters, SRLoRA, engine.
     init_context = engines.zero3_init_context(cfg, total_steps, world_size)
@@ -106,7 +107,7 @@ def run(cfg) -> dict:
         state = checkpoint.load_checkpoint(resume_from, engine, model, srlora)
         say(f"resumed from {resume_from} at step {state.step}")
     elif train.overwrite:  # the user asked to replace a previous run: only now, when training really starts
-        checkpoint.clear_previous_run(output_dir)
+        resume.clear_previous_run(output_dir)
     write_run_record(output_dir, cfg, rank, world_size, resumed_from=resume_from)  # config.yaml, run_info.json
     best = BestEval(output_dir, train.early_stopping_patience, train.early_stopping_min_delta, bool(train.export_best),
                     state)
@@ -114,7 +115,6 @@ def run(cfg) -> dict:
     metrics = MetricsLogger(output_dir, rank, "tensorboard" in reports, resume_step=state.step,
                             trackers=tuple(name for name in reports if name != "tensorboard"),
                             config=OmegaConf.to_container(cfg, resolve=True))
-    settings = checkpoint.run_settings(cfg)
 
     # What the base model answers to train.sample_prompts (the adapter starts as a no-op), shown again at the end.
     sample_prompts = list(train.sample_prompts or [])

@@ -2,7 +2,7 @@
 read or loaded: cfg.train's numbers and choices, the adapter and SRLoRA settings (built into the library's own
 dataclasses, which validate themselves), the DeepSpeed config (through DeepSpeed's own parser). A bad value raises one error whose message
 names the key, the value and the fix. (The output directory and the checkpoint to resume are checked by
-recipes/checkpoint.py's `plan_resume`.)"""
+recipes/resume.py's `plan_resume`.)"""
 from __future__ import annotations
 
 import dataclasses
@@ -157,15 +157,6 @@ def srlora_config_from(cfg) -> selora.SRLoRAConfig:
 def check_srlora_schedule(srlora: selora.SRLoRAConfig, adapter: selora.LoRAConfig, total_steps: int | None) -> None:
     """The checks selora.SRLoRA makes once it has a model, made before there is one (a "paper" schedule is
     checked once the run's length is known)."""
-    if srlora.schedule == "paper":
-        if total_steps is None:
-            return
-        srlora = srlora.for_run(adapter.r, total_steps)
-    k = srlora.pairs_per_recomposition
-    if k >= adapter.r:
-        raise selora.ConfigValueError(f"srlora.pairs_per_recomposition={k} must be smaller than the rank "
-                                      f"adapter.r={adapter.r}: fusing every pair at once would leave nothing trained")
-    if total_steps is not None and not [s for s in srlora.recomposition_steps() if s <= total_steps]:
-        raise selora.ConfigValueError(
-            f"srlora schedule (start_step={srlora.start_step}, interval={srlora.interval}) never fires within "
-            f"{total_steps} training steps; lower srlora.start_step below train.max_steps")
+    if srlora.schedule == "paper" and total_steps is None:
+        return
+    srlora.checked_schedule(adapter.r, total_steps, rank_key="adapter.r")

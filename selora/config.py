@@ -277,6 +277,28 @@ class SRLoRAConfig:
         return dataclasses.replace(self, schedule="fixed", pairs_per_recomposition=pairs, start_step=interval,
                                    interval=interval, end_step=total_steps - 1)
 
+    def checked_schedule(self, r: int, total_steps: int | None, rank_key: str = "r") -> tuple["SRLoRAConfig", list[int]]:
+        """This config made concrete for rank ``r`` (`for_run`; a "paper" schedule needs ``total_steps``) and the
+        optimizer steps at which it recomposes within ``total_steps`` (all of them when None), checked: fewer pairs
+        per switch than the rank, and at least one switch in the run. ``rank_key`` names r in the messages."""
+        config = self
+        if self.schedule == "paper":  # steps and pairs follow from the rank and the run's length
+            if total_steps is None:
+                raise ConfigValueError("srlora.schedule=paper spreads the switches over the run: pass total_steps")
+            config = self.for_run(r, total_steps)
+        k = config.pairs_per_recomposition
+        if k >= r:
+            raise ConfigValueError(f"srlora.pairs_per_recomposition={k} must be smaller than the rank {rank_key}={r}: "
+                                   "fusing every pair at once would leave nothing trained")
+        steps = config.recomposition_steps()
+        if total_steps is not None:
+            steps = [s for s in steps if s <= total_steps]
+            if not steps:
+                raise ConfigValueError(
+                    f"srlora schedule (start_step={config.start_step}, interval={config.interval}) never fires "
+                    f"within {total_steps} training steps; lower srlora.start_step below train.max_steps")
+        return config, steps
+
     def recomposition_steps(self) -> list[int]:
         """Optimizer steps (1-based count of completed steps) at which a recomposition happens."""
         return list(range(self.start_step, self.end_step + 1, self.interval))

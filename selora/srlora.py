@@ -36,22 +36,9 @@ class SRLoRA:
             raise ConfigValueError("SRLoRA needs adapter layers: call selora.apply(model, config) first")
         adapter_config = model.selora_config
         self.r = adapter_config.r
-        if config.schedule == "paper":  # steps and pairs follow from the rank and the run's length
-            if total_steps is None:
-                raise ConfigValueError("srlora.schedule=paper spreads the switches over the run: pass total_steps")
-            config = config.for_run(self.r, total_steps)
+        config, steps = config.checked_schedule(self.r, total_steps)
         self.config = config
         k = config.pairs_per_recomposition
-        if k >= self.r:
-            raise ConfigValueError(f"srlora.pairs_per_recomposition={k} must be smaller than the rank r={self.r}: "
-                                   "fusing every pair at once would leave nothing trained in between")
-        steps = config.recomposition_steps()
-        if total_steps is not None:
-            steps = [s for s in steps if s <= total_steps]
-            if not steps:
-                raise ConfigValueError(
-                    f"srlora schedule (start_step={config.start_step}, interval={config.interval}) never fires "
-                    f"within {total_steps} training steps; lower srlora.start_step below train.max_steps")
         self.schedule = steps
         first_free = self.r if adapter_config.init == "pissa" else 0
         self.fusion_target = {}

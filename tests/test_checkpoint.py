@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from launch.config import resolve
-from recipes import checkpoint, finetune
+from recipes import checkpoint, finetune, resume
 from recipes.checkpoint import CheckpointError
 
 from conftest import SMALL_RUN
@@ -54,7 +54,7 @@ def test_corrupt_file_of_the_same_size_names_the_file_and_the_older_checkpoint(f
     corrupt_same_size(weights)
     assert weights.stat().st_size == size
     with pytest.raises(CheckpointError) as error:
-        checkpoint.find_checkpoint(out, str(step_4))
+        resume.find_checkpoint(out, str(step_4))
     message = str(error.value)
     assert str(weights) in message and "sha256" in message and f"train.resume={step_2}" in message
     # resume=auto uses the older checkpoint after one warning line and trains on from its step.
@@ -84,7 +84,7 @@ def test_setting_differences_name_every_one():
     recorded = {"model": {"preset": "tiny_llama", "quantization": "none"}, "adapter": {"r": 8, "use_dora": False}}
     now = {"model": {"preset": "tiny_llama", "quantization": "4bit", "bnb_4bit_quant_type": "nf4"},
            "adapter": {"r": 16, "use_dora": False}}
-    assert checkpoint.setting_differences(recorded, now) == [
+    assert resume.setting_differences(recorded, now) == [
         "adapter.r=8 (now 16)", "model.bnb_4bit_quant_type=unset (now 'nf4')", "model.quantization='none' (now '4bit')"]
 
 
@@ -93,9 +93,9 @@ def test_a_setting_added_after_the_checkpoint_is_no_difference_at_its_default():
     # exactly as those checkpoints did, so a resume is not refused for them.
     recorded = {"srlora": {"enabled": True, "start_step": 10}}
     now = {"srlora": {"enabled": True, "start_step": 10, "schedule": "fixed", "target_rank": None}}
-    assert checkpoint.setting_differences(recorded, now, checkpoint.library_defaults()) == []
-    assert checkpoint.setting_differences(recorded, {"srlora": {**now["srlora"], "schedule": "paper"}},
-                                          checkpoint.library_defaults()) == ["srlora.schedule=unset (now 'paper')"]
+    assert resume.setting_differences(recorded, now, resume.library_defaults()) == []
+    assert resume.setting_differences(recorded, {"srlora": {**now["srlora"], "schedule": "paper"}},
+                                          resume.library_defaults()) == ["srlora.schedule=unset (now 'paper')"]
 
 
 def test_output_folders_get_the_users_umask(finished):

@@ -72,7 +72,7 @@ def test_broken_checkpoints_fail_early_and_partial_ones_are_ignored(tmp_path, ca
     # A step directory written half-way (no pointer update) is never resumed from.
     shutil.copytree(checkpoints / "step_4", checkpoints / "step_6")
     next(p for p in (checkpoints / "step_6").rglob("*") if p.is_file()).unlink()
-    assert finetune.checkpoint.find_checkpoint(tmp_path, "auto") == checkpoints / "step_4"
+    assert finetune.resume.find_checkpoint(tmp_path, "auto") == checkpoints / "step_4"
     # The pointer names a checkpoint whose files are gone: a one-line error naming what is missing and the
     # older checkpoint to use instead (train.resume=auto would use it, see tests/test_checkpoint.py).
     shutil.rmtree(checkpoints / "step_4")

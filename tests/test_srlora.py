@@ -412,3 +412,18 @@ def test_scores_decode_same_shape_layers_together_or_one_by_one_alike(config):
         assert not group.together
         for got, want in zip(group.stacked_factors("cpu"), expected()):
             assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_schedule_checked_by_one_function_for_the_recipe_and_the_library():
+    """recipes/validate.py's early check and selora.SRLoRA raise the same message (only r's name differs)."""
+    from recipes.validate import check_srlora_schedule
+
+    model = tiny_llama()
+    selora.apply(model, selora.LoRAConfig(r=4))
+    for config, total_steps in ((SRLoRAConfig(start_step=20, end_step=40), 10),
+                                (SRLoRAConfig(pairs_per_recomposition=4), 100)):
+        with pytest.raises(ConfigValueError) as early:
+            check_srlora_schedule(config, selora.LoRAConfig(r=4), total_steps)
+        with pytest.raises(ConfigValueError) as late:
+            SRLoRA(model, config, total_steps=total_steps)
+        assert str(early.value) == str(late.value).replace("rank r=", "rank adapter.r=")
