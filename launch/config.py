@@ -35,6 +35,7 @@ class ModelSection:
     bnb_4bit_compute_dtype: str = "auto"
     gradient_checkpointing: bool = False
     attention: str = "auto"
+    compile: str = "auto"
     seed: int = 0
     gguf_cache: bool = True
 

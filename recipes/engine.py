@@ -399,6 +399,12 @@ def _walk(tree, prefix=""):
         yield prefix.rstrip("."), tree
 
 
+def zero_stage(engine) -> int:
+    """The ZeRO stage ``engine`` runs (0 for the plain engine)."""
+    stage = getattr(engine, "zero_optimization_stage", None)
+    return int(stage()) if callable(stage) else 0
+
+
 def uses_deepspeed(cfg) -> bool:
     return cfg.deepspeed.config is not None
 

@@ -32,6 +32,7 @@ from recipes.best_eval import BestEval
 from recipes.checkpoint import TrainerState
 from recipes.data import IGNORE_INDEX, make_collate_fn, pad_multiple
 from recipes.data_prepare import build_datasets
+from recipes.compiled_regions import compile_choice, compile_regions
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
@@ -100,6 +101,10 @@ def run(cfg) -> dict:
     engine = engines.build_engine(model, cfg, total_steps, world_size)
     if getattr(engine, "fetch_units", None):
         say(f"ZeRO-3 gathers each {' and '.join(engine.fetch_units)} whole (one gather per layer)")
+    compiled, compile_line = compile_choice(cfg.model.compile, device, engines.zero_stage(engine), cfg.model.quantization)
+    if compiled:
+        compile_regions(model)
+    say(compile_line)
 
     # Resume (or start fresh): engine, adapter, SRLoRA, RNG and data position exactly as the checkpoint left them.
     state = TrainerState(world_size=world_size)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import selora
+from recipes.compiled_regions import eager_for_generation
 from recipes.data import IGNORE_INDEX, encode_prompt, encode_record
 from recipes.modeling import load_model, load_tokenizer
 
@@ -110,9 +111,10 @@ def generate(model: nn.Module, tokenizer, prompts: list[list[int]], max_new_toke
         width = max(len(p) for p in batch)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             num_beams=1, use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-                             synced_gpus=synced_gpus)
+        with eager_for_generation():  # a trained model's compiled regions (model.compile) would recompile per token
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 num_beams=1, use_cache=True, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                                 synced_gpus=synced_gpus)
         answers += tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
         if progress is not None:
             progress.update(len(batch))

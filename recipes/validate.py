@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import selora
 from recipes import engine as engines
+from recipes.compiled_regions import CompileConfigError, check_compile_setting
 from recipes.data import pad_multiple
 from recipes.data_prepare import check_data_config
 from recipes.packed_attention import AttentionConfigError, resolve_attention
@@ -38,6 +39,10 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     try:
         resolve_attention(cfg.model.attention, bool(cfg.data.padding_free), torch.device("cpu"))
     except AttentionConfigError as error:
+        raise RecipeConfigError(str(error)) from None
+    try:
+        check_compile_setting(cfg.model.compile)
+    except CompileConfigError as error:
         raise RecipeConfigError(str(error)) from None
     try:
         profile_window(cfg.train.profile_steps)
