@@ -22,6 +22,7 @@ that many seconds, so a call never runs into its time limit with nothing written
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -51,9 +52,7 @@ def zero_overrides(**zero) -> str:
 # Padded rows are packed; padding-free rows (data.padding_free) put each micro-batch in one flat row, the
 # examples kept apart by varlen flash attention on a GPU.
 PF = "data.padding_free=true"
-# DeepSpeed's own fetch granularity instead of the engine's whole-layer fetch (recipes/engine.py); at the 1.3B
-# shape the whole model is one unit. DeepSpeed 0.19.8 fails with it on CPU (record_stream).
-GRANULARITY = zero_overrides(stage3_module_granularity_threshold=10000000)
+EAGER, COMPILED = "model.compile=false", "model.compile=true"  # model.compile=auto compiles on a GPU's plain/ZeRO-2
 RECIPE_ROWS = [
     ("recipe plain LoRA", "plain", "lora", "llama_lora", [], True),
     ("recipe plain SeLoRA", "plain", "selora", "llama_selora", [], True),
@@ -71,11 +70,21 @@ RECIPE_ROWS = [
      [PF, "adapter.init=default"], False),
     ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", [PF], False),
     ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", [PF], False),
-    ("recipe ZeRO-3 LoRA (padding-free granularity threshold 1e7)", "zero3", "lora", "llama_lora",
-     [PF, GRANULARITY], False),
+    ("recipe ZeRO-3 LoRA (padding-free, compiled)", "zero3", "lora", "llama_lora", [PF, COMPILED], False),
+    ("recipe plain LoRA (padding-free, eager)", "plain", "lora", "llama_lora", [PF, EAGER], False),
+    ("recipe plain SeLoRA (padding-free, eager)", "plain", "selora", "llama_selora", [PF, EAGER], False),
+    ("recipe ZeRO-2 LoRA (padding-free, eager)", "zero2", "lora", "llama_lora", [PF, EAGER], False),
+    # 4-bit rows are compared with a PEFT loop on the same bitsandbytes nf4 base (QLORA_LOOP)
     ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", [PF], False),
+    ("recipe plain 4-bit SeLoRA (padding-free)", "plain", "selora", "qlora_selora", [PF], False),
     ("recipe plain 4-bit SRLoRA (padding-free)", "plain", "srlora", "qlora_srlora", [PF], False),
+    ("recipe plain 4-bit LoRA (padding-free, compiled)", "plain", "lora", "qlora_lora", [PF, COMPILED], False),
+    ("recipe plain 4-bit SeLoRA (padding-free, compiled)", "plain", "selora", "qlora_selora", [PF, COMPILED], False),
 ]
+PEFT_LOOP, QLORA_LOOP = "plain PEFT loop", "PEFT loop on the nf4 base"
+# bf16 matrix work an H100/H200 reaches (the device notes: ~790 TFLOP/s), for the hardware-FLOPs share.
+PEAK_FLOPS = 790e12
+
 
 
 def preset(name: str) -> dict:
@@ -84,17 +93,27 @@ def preset(name: str) -> dict:
 
 
 # ----- the two anchors ---------------------------------------------------------------------------------------
-def build_peft_model(shape: str, rank: int, device, dtype):
+def build_peft_model(shape: str, rank: int, device, dtype, quantization: str = "none"):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(**preset(shape))
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if quantization != "none":  # the recipe's own swap to bitsandbytes layers: the same base as its 4-bit rows
+        from recipes.modeling import quantize_linears
+        quantize_linears(model, quantization, dtype)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=PROJECTIONS)
     return get_peft_model(model, lora)
+
+
+def matmul_parameters(shape: dict) -> int:
+    """Weights that multiply each token (the projections and the output layer) of a LLaMA-shaped preset."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h // shape["num_attention_heads"] * shape.get("num_key_value_heads", shape["num_attention_heads"])
+    return layers * (2 * h * h + 2 * h * kv + 3 * h * i) + h * shape["vocab_size"]
 
 
 def random_batches(count: int, batch: int, seq: int, vocab: int, device):
@@ -107,13 +126,14 @@ class PeftLoop:
     stays resident, so the loop is timed again right after every recipe row: this host's speed drifts by up to
     50% within a call (other tenants), and a row is compared with the loop timed beside it."""
 
-    def __init__(self, args, device, dtype):
+    def __init__(self, args, device, dtype, quantization: str = "none"):
         self.args, self.device = args, device
-        self.model = build_peft_model(args.shape, args.rank, device, dtype)
+        self.model = build_peft_model(args.shape, args.rank, device, dtype, quantization)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, fused=device.type == "cuda")
         self.batches = random_batches(args.warmup + args.steps, args.batch, args.seq, self.model.config.vocab_size,
                                       device)
+        self.resident = 0  # bytes of other models kept on the GPU beside this one
 
     def step(self, ids) -> float:
         """One optimizer step on token ids (batch, seq); returns the loss."""
@@ -129,14 +149,18 @@ class PeftLoop:
         args = self.args
         times = []
         self.model.train()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         for ids in self.batches:
             start = time.perf_counter()
             self.step(ids)
             times.append(time.perf_counter() - start)
-        if self.device.type == "cuda":
+        result = {}
+        if self.device.type == "cuda":  # what the loop itself needs; the other resident loop's weights left out
+            result["peak_memory_gib"] = (torch.cuda.max_memory_allocated(self.device) - self.resident) / 2**30
             torch.cuda.empty_cache()  # the recipe row that runs next gets the memory this loop had cached
         step = statistics.median(times[args.warmup:])
-        return {"tokens_per_s": args.batch * args.seq / step, "step_s": step, "padding_share": 0.0}
+        return {"tokens_per_s": args.batch * args.seq / step, "step_s": step, "padding_share": 0.0, **result}
 
 
 def hf_trainer(args, device, dtype) -> dict:
@@ -233,6 +257,8 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
            # same data, seed and start in every row of a method: rows that should compute the same function
            # (padded, padding-free with either attention) must agree here up to bf16 rounding
            "first_loss": next((line["loss"] for line in lines if line["step"] == 1), None)}
+    if any("peak_memory_gib" in line for line in lines):
+        row["peak_memory_gib"] = max(line.get("peak_memory_gib", 0.0) for line in lines)
     breakdown = [line["time_breakdown"] for line in timed if "time_breakdown" in line]
     if breakdown:
         row["time_breakdown_ms"] = {key: round(1e3 * statistics.median(b[key] for b in breakdown), 2)
@@ -253,14 +279,18 @@ def markdown(document: dict) -> str:
              "`x Trainer` is against the one HF Trainer run at the start.",
              "",
              "`first loss` is the step-1 loss: rows of one method start from the same weights on the same examples, so "
-             "padded and padding-free rows (either attention) must agree to bf16 rounding.", "",
+             "padded and padding-free rows (either attention) must agree to bf16 rounding. 4-bit rows are against "
+             f"the {QLORA_LOOP} (PEFT LoRA on the recipe's own bitsandbytes nf4 layers) timed beside them. "
+             "`peak GiB`: allocated high-water mark of the row (a loop's: its own, the other resident loop left "
+             "out). `hw FLOPs`: 6 x the matmul weights x tokens/s (forward, recomputed forward, input gradients) "
+             f"over {PEAK_FLOPS / 1e12:.0f} TFLOP/s.", "",
              "| shape | row | engine | method | tokens/s | PEFT loop beside it | x PEFT loop | x Trainer | padding | "
-             "same work | first loss | breakdown (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "same work | first loss | peak GiB | hw FLOPs | breakdown (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in document["rows"]:
         if "error" in row:
             lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | failed: "
-                         f"{row['error']} | | | | | | | |")
+                         f"{row['error']} | | | | | | | | | |")
             continue
         pad = "" if row.get("padding_share") is None else f"{100 * row['padding_share']:.1f}%"
         same_work = "" if row.get("padding_share") is None else \
@@ -268,9 +298,12 @@ def markdown(document: dict) -> str:
         breakdown = ", ".join(f"{k} {v}" for k, v in row.get("time_breakdown_ms", {}).items())
         first_loss = "" if row.get("first_loss") is None else f"{row['first_loss']:.4f}"
         beside = f"{row['peft_loop_tokens_per_s']:,.0f}" if "peft_loop_tokens_per_s" in row else ""
+        trainer = f"{row['ratio_to_trainer']:.2f}" if "ratio_to_trainer" in row else ""
+        memory = f"{row['peak_memory_gib']:.1f}" if "peak_memory_gib" in row else ""
+        flops = f"{100 * row['hw_flops_share']:.0f}%" if "hw_flops_share" in row else ""
         lines.append(f"| {row['shape']} | {row['name']} | {row['engine']} | {row['method']} | "
-                     f"{row['tokens_per_s']:,.0f} | {beside} | {row['ratio_to_peft_loop']:.2f} | {row['ratio_to_trainer']:.2f} | "
-                     f"{pad} | {same_work} | {first_loss} | {breakdown} |")
+                     f"{row['tokens_per_s']:,.0f} | {beside} | {row['ratio_to_peft_loop']:.2f} | {trainer} | "
+                     f"{pad} | {same_work} | {first_loss} | {memory} | {flops} | {breakdown} |")
     return "\n".join(lines + rounds_table(document["rows"])) + "\n"
 
 
@@ -308,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="log seconds per phase in every recipe row (synchronises the GPU between phases)")
     parser.add_argument("--budget", type=float, default=None, metavar="SECONDS",
                         help="start no recipe row after this many seconds (the table so far is written after every row)")
+    parser.add_argument("--trainer", action=argparse.BooleanOptionalAction, default=True,
+                        help="time HF Trainer + PEFT as a second anchor (--no-trainer: leave it out)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the rows this many times, interleaved; the table adds each row's median over them")
     args = parser.parse_args(argv)
@@ -324,12 +359,18 @@ def main(argv: list[str] | None = None) -> dict:
     device, dtype, name = pick_device()
     shape_label = f"{args.shape} {args.batch}x{args.seq}"
 
-    trainer = hf_trainer(args, device, dtype)  # first: its model is gone before the loop's stays resident
-    loop = PeftLoop(args, device, dtype)
-    anchors = {"plain PEFT loop": loop.time(), "HF Trainer + PEFT": trainer}
-    rows = [{"name": key, "engine": "anchor", "method": "peft_lora", **value} for key, value in anchors.items()]
     if device.type != "cuda":  # bitsandbytes 4-bit and DeepSpeed on CPU are covered by the tests, not timed here
         wanted = [r for r in wanted if r[1] == "plain" and "4-bit" not in r[0]]
+    anchors = {"HF Trainer + PEFT": hf_trainer(args, device, dtype)} if args.trainer else {}  # gone before the loops stay
+    loops = {PEFT_LOOP: PeftLoop(args, device, dtype)}
+    if any(r[3].startswith("qlora") for r in wanted):
+        resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        loops[QLORA_LOOP] = PeftLoop(args, device, dtype, quantization="4bit")
+        loops[QLORA_LOOP].resident = resident
+        loops[PEFT_LOOP].resident = torch.cuda.memory_allocated(device) - resident if device.type == "cuda" else 0
+    anchors = {**{name: loop.time() for name, loop in loops.items()}, **anchors}
+    rows = [{"name": key, "engine": "anchor", "method": "peft_lora", **value} for key, value in anchors.items()]
+    last_timed = {name: anchors[name]["tokens_per_s"] for name in loops}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     question = "recipe_vs_peft_smoke" if args.smoke else "recipe_vs_peft"
@@ -345,13 +386,14 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"{row_name}: not run (--budget {args.budget:.0f} s spent)", flush=True)
                 continue
             started = time.time()
-            before = rows[-1].get("peft_loop_after", anchors["plain PEFT loop"]["tokens_per_s"])
-            row = {"name": row_name, "engine": engine, "method": method,
+            anchor = QLORA_LOOP if recipe.startswith("qlora") else PEFT_LOOP
+            row = {"name": row_name, "engine": engine, "method": method, "anchor": anchor,
                    **recipe_row(args, recipe, engine, method, extra, Path(work))}
             if args.rounds > 1:
                 row["round"] = round_index
-            row["peft_loop_after"] = loop.time()["tokens_per_s"]
-            row["peft_loop_tokens_per_s"] = (before + row["peft_loop_after"]) / 2  # the loop just before and after
+            after = loops[anchor].time()["tokens_per_s"]
+            row["peft_loop_tokens_per_s"] = (last_timed[anchor] + after) / 2  # the loop just before and after
+            last_timed[anchor] = after
             rows.append(row)
             print(f"{row_name}: {rows[-1].get('tokens_per_s', rows[-1].get('error'))} ({time.time() - started:.0f} s)",
                   flush=True)
@@ -363,12 +405,16 @@ def main(argv: list[str] | None = None) -> dict:
 def write_table(out: Path, question: str, earlier: list, rows: list, anchors: dict, shape_label: str,
                 device_name: str) -> str:
     """Ratios to this call's anchors; today's json keeps other scales' rows (``earlier``) and replaces this one's."""
+    matmul_weights = matmul_parameters(preset(shape_label.split()[0]))
     for row in rows:
         row["shape"] = shape_label
         if "tokens_per_s" in row:
-            loop = row.get("peft_loop_tokens_per_s", anchors["plain PEFT loop"]["tokens_per_s"])
+            loop = row.get("peft_loop_tokens_per_s", anchors[row.get("anchor", row["name"])]["tokens_per_s"])
             row["ratio_to_peft_loop"] = row["tokens_per_s"] / loop
-            row["ratio_to_trainer"] = row["tokens_per_s"] / anchors["HF Trainer + PEFT"]["tokens_per_s"]
+            if "HF Trainer + PEFT" in anchors:
+                row["ratio_to_trainer"] = row["tokens_per_s"] / anchors["HF Trainer + PEFT"]["tokens_per_s"]
+            if "cuda" in device_name.lower() or "nvidia" in device_name.lower():
+                row["hw_flops_share"] = 6 * matmul_weights * row["tokens_per_s"] / PEAK_FLOPS
     document = {"device": device_name, "rows": [r for r in earlier if r.get("shape") != shape_label] + rows}
     table = markdown(document)
     write_results(out, question, table, document, device_name)

@@ -437,6 +437,8 @@ class LogWindow:
         elapsed = time.perf_counter() - self.started
         result = {"loss": loss / self.steps, "tokens_per_s": tokens / max(elapsed, 1e-9),
                   "tokens": tokens / self.steps, "padding_share": 1.0 - tokens / max(slots, 1.0)}
+        if self.device.type == "cuda":  # this rank's high-water mark since the start (what an out-of-memory meets)
+            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.loss_sum.zero_()
         self.tokens.zero_()
         self.slots = 0

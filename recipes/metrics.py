@@ -4,7 +4,7 @@ trackers of train.report_to (W&B, MLflow: recipes/trackers.py).
 Only rank 0 writes; other ranks get a logger whose methods do nothing, so the loop calls it unconditionally.
 A line looks like {"step": 12, "loss": 1.93, "lr": 0.0002, "tokens_per_s": 5310.2, "tokens": 1790.0,
 "padding_share": 0.03} (real tokens per optimizer step, and the share of computed positions that were padding),
-plus "eval_loss" when evaluated, "srlora" (the recomposition events) when SRLoRA fused pairs at that step, and
+plus "peak_memory_gib" on a GPU (rank 0's allocated high-water mark so far), "eval_loss" when evaluated, "srlora" (the recomposition events) when SRLoRA fused pairs at that step, and
 "time_breakdown" (seconds per step by phase) with train.time_breakdown=true.
 """
 from __future__ import annotations
