@@ -70,16 +70,16 @@ RECIPE_ROWS = [
      [PF, "adapter.init=default"], False),
     ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", [PF], False),
     ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", [PF], False),
-    ("recipe ZeRO-3 LoRA (padding-free, compiled)", "zero3", "lora", "llama_lora", [PF, COMPILED], False),
-    ("recipe plain LoRA (padding-free, eager)", "plain", "lora", "llama_lora", [PF, EAGER], False),
-    ("recipe plain SeLoRA (padding-free, eager)", "plain", "selora", "llama_selora", [PF, EAGER], False),
-    ("recipe ZeRO-2 LoRA (padding-free, eager)", "zero2", "lora", "llama_lora", [PF, EAGER], False),
+    ("recipe ZeRO-3 LoRA (padding-free compiled)", "zero3", "lora", "llama_lora", [PF, COMPILED], False),
+    ("recipe plain LoRA (padding-free eager)", "plain", "lora", "llama_lora", [PF, EAGER], False),
+    ("recipe plain SeLoRA (padding-free eager)", "plain", "selora", "llama_selora", [PF, EAGER], False),
+    ("recipe ZeRO-2 LoRA (padding-free eager)", "zero2", "lora", "llama_lora", [PF, EAGER], False),
     # 4-bit rows are compared with a PEFT loop on the same bitsandbytes nf4 base (QLORA_LOOP)
     ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", [PF], False),
     ("recipe plain 4-bit SeLoRA (padding-free)", "plain", "selora", "qlora_selora", [PF], False),
     ("recipe plain 4-bit SRLoRA (padding-free)", "plain", "srlora", "qlora_srlora", [PF], False),
-    ("recipe plain 4-bit LoRA (padding-free, compiled)", "plain", "lora", "qlora_lora", [PF, COMPILED], False),
-    ("recipe plain 4-bit SeLoRA (padding-free, compiled)", "plain", "selora", "qlora_selora", [PF, COMPILED], False),
+    ("recipe plain 4-bit LoRA (padding-free compiled)", "plain", "lora", "qlora_lora", [PF, COMPILED], False),
+    ("recipe plain 4-bit SeLoRA (padding-free compiled)", "plain", "selora", "qlora_selora", [PF, COMPILED], False),
 ]
 PEFT_LOOP, QLORA_LOOP = "plain PEFT loop", "PEFT loop on the nf4 base"
 # bf16 matrix work an H100/H200 reaches (the device notes: ~790 TFLOP/s), for the hardware-FLOPs share.
