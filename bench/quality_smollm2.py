@@ -434,7 +434,7 @@ def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: 
             running.append((job, run_dir, process, time.time()))
         if not running:
             if pending:
-                print(f"budget spent: {len(pending)} runs left for the next call", flush=True)
+                print(f"{len(pending)} runs left for the next call (budget spent, or a failed sweep run)", flush=True)
             break
         time.sleep(1)
         for entry in [e for e in running if e[2].poll() is not None]:
