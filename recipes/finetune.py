@@ -60,6 +60,7 @@ def run(cfg) -> dict:
 # ----- setup: the plan, this process, the data ----------------------------------------------------------------
 @dataclass
 class TrainingData:
+    """What `prepare_data` built: the tokenizer, the data sets and this rank's order of micro-batches."""
     tokenizer: Any
     train_ds: Any
     eval_ds: Any  # None without eval data
@@ -107,29 +108,29 @@ def set_up(cfg) -> Setup:
     # A signal (or the batch script's stop file) from here on stops the run after an optimizer step, not mid-way.
     stop = StopRequest(list(train.stop_signals), float(train.stop_grace_s), os.environ.get(STOP_FILE_ENV), rank,
                        plan.device).install()
-    setup = Setup(plan, settings, resume_from, rank, world_size, stop, data=None)
-    setup.data = prepare_data(cfg, setup)
-    return setup
+    data = prepare_data(cfg, plan, resume_from, rank, world_size)
+    return Setup(plan, settings, resume_from, rank, world_size, stop, data)
 
 
-def prepare_data(cfg, setup: Setup) -> TrainingData:
+def prepare_data(cfg, plan: RunPlan, resume_from: Path | None, rank: int, world_size: int) -> TrainingData:
     """Tokenizer, data sets, collate and this rank's order of micro-batches. Data before the model: bad data fails
     in seconds, not after loading billions of weights. An epochs-based run learns its length here."""
-    train, plan = cfg.train, setup.plan
+    train = cfg.train
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, train.seed, int(train.micro_batch_size))
     collate = make_collate_fn(tokenizer.pad_token_id, plan.pad_multiple, int(cfg.data.max_length),
                               padding_free=bool(cfg.data.padding_free))
     # Padding-free: one packed row of micro_batch_size x max_length tokens is the micro-batch.
     rows_per_micro_batch = 1 if cfg.data.padding_free else int(train.micro_batch_size)
-    order = DataOrder(len(train_ds), rows_per_micro_batch, setup.rank, setup.world_size, int(train.seed))
+    order = DataOrder(len(train_ds), rows_per_micro_batch, rank, world_size, int(train.seed))
     total_steps = total_optimizer_steps(train, order.batches_per_epoch)
-    setup.say(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
+    if rank == 0:
+        print(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
               f"{total_steps} optimizer steps")
     if not train.max_steps:  # an epochs-based run knows its length only now, still before the model loads
         if plan.srlora is not None:
             check_srlora_schedule(plan.srlora, plan.adapter, total_steps)
-        resume.check_steps_left(setup.resume_from, None, total_steps)
+        resume.check_steps_left(resume_from, None, total_steps)
     return TrainingData(tokenizer, train_ds, eval_ds, collate, order, total_steps)
 
 
@@ -145,6 +146,7 @@ class Trainee:
 
 
 def build(cfg, setup: Setup) -> Trainee:
+    """The base model, its adapters and SRLoRA, the engine over them, and the state training starts from."""
     plan, total_steps = setup.plan, setup.data.total_steps
     model, model_info = load_base_model(cfg, setup)
     selora.apply(model, plan.adapter)
