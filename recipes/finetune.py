@@ -295,9 +295,10 @@ def train_loop(cfg, setup: Setup, trainee: Trainee) -> dict:
         raise stop_at_step_boundary(output_dir, engine, model, srlora, state, setup.settings, total_steps, stop)
     if best.should_stop(state):
         setup.say(f"early stopping at step {state.step}: {state.evals_without_improvement} evaluations without an "
-            f"improvement over the best eval loss {state.best_eval_loss:.4f} (step {state.best_step})")
+                  f"improvement over the best eval loss {state.best_eval_loss:.4f} (step {state.best_step})")
     if best.restore(state, model, srlora) is not None:
-        setup.say(f"exporting the best evaluation's adapter: step {state.best_step}, eval loss {state.best_eval_loss:.4f}")
+        setup.say(f"exporting the best evaluation's adapter: step {state.best_step}, eval loss "
+                  f"{state.best_eval_loss:.4f}")
     return last
 
 

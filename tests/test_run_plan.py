@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from launch.config import resolve
-from recipes import data, engine, modeling, packed_attention
+from recipes import data, engine, finetune, modeling, packed_attention  # all imported before any wrapping
 from recipes.validate import RunPlan, validate
 
 from conftest import SMALL_RUN, TINY_MODEL
@@ -45,7 +45,7 @@ def test_validate_returns_the_plan_for_the_device():
                                                 "data.padding_free=true", "deepspeed.config=zero2"])
     cpu = validate(cfg, torch.device("cpu"))
     assert isinstance(cpu, RunPlan) and cpu.device == torch.device("cpu") and cpu.world_size == 1
-    assert cpu.adapter.r == cfg.adapter.r and cpu.srlora is not None and cpu.srlora.warmup_steps == cfg.train.warmup_steps
+    assert cpu.adapter.r == cfg.adapter.r and cpu.srlora.warmup_steps == cfg.train.warmup_steps
     assert cpu.precision.dtype == torch.float16 and cpu.precision.loss_scaling and cpu.precision.quantization == "none"
     assert (cpu.pad_multiple, cpu.attention) == (1, "sdpa")
     assert cpu.deepspeed["fp16"]["enabled"] is True  # float16 computes with DeepSpeed's loss scale
@@ -86,8 +86,6 @@ def test_each_resolution_runs_once_per_start_under_deepspeed_zero3(tmp_path):
 
 
 def finetune_run(overrides: list[str], recipe: str = "llama_selora") -> dict:
-    from recipes import finetune
-
     return finetune.run(resolve(recipe, SMALL_RUN + ["train.save_every=0", "train.export_peft=false", *overrides]))
 
 
