@@ -31,10 +31,11 @@ def check_compile_setting(setting) -> str:
     return choice
 
 
-def compile_choice(setting, device: torch.device, zero_stage: int, quantization: str) -> tuple[bool, str]:
-    """Whether to compile, and the one log line that says so and why. ``auto`` compiles where it was measured
-    to win and to train exactly (docs/benchmarks/recipe_vs_peft_*.md): a GPU, the plain engine or ZeRO-2, a
-    bf16/fp32 base. ZeRO-3 (parameters gathered by hooks per layer) and bitsandbytes bases stay eager."""
+def compile_choice(setting, device: torch.device, quantization: str) -> tuple[bool, str]:
+    """Whether to compile, and the one log line that says so and why. ``auto`` compiles on a GPU, where it was
+    measured to win and to train exactly (docs/benchmarks/recipe_vs_peft_2026-12-05.md: the plain engine, ZeRO-2
+    and ZeRO-3, bf16 and nf4 bases); 8-bit bases (not measured) and the CPU (compiling costs more than it saves
+    on a short run) stay eager."""
     choice = check_compile_setting(setting)
     if choice == "false":
         return False, "model.compile=false: eager"
@@ -42,8 +43,7 @@ def compile_choice(setting, device: torch.device, zero_stage: int, quantization:
         return True, "model.compile=true: decoder regions compiled (torch.compile)"
     reasons = [reason for reason, applies in (
         ("not on a GPU", device.type != "cuda"),
-        ("ZeRO-3", zero_stage == 3),
-        (f"a {quantization} base", quantization != "none")) if applies]
+        ("an 8bit base", quantization == "8bit")) if applies]
     if reasons:
         return False, f"model.compile=auto: eager ({', '.join(reasons)}; model.compile=true compiles anyway)"
     return True, "model.compile=auto: decoder regions compiled (torch.compile; model.compile=false turns it off)"

@@ -16,7 +16,8 @@ The loop in recipes/finetune.py only ever touches:
     engine.full_state_dict()              every weight, whole (ZeRO-3 gathers to rank 0), for a merged export
 
 Everything DeepSpeed-specific lives in this file: the JSON configs under configs/deepspeed/, filling their
-"auto" values from cfg.train, deepspeed.initialize, and the ZeRO-3 init context for model loading.
+"auto" values from cfg.train (once per start: `planned_deepspeed_config`, which recipes/validate.py calls) and
+from the model's size (`sized_for_model`), deepspeed.initialize, and the ZeRO-3 init context for model loading.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import torch
 from omegaconf import OmegaConf
 
 from recipes import config_files
-from recipes.modeling import resolve_dtype
+from recipes.modeling import resolve_precision
 
 CONFIG_DIR = config_files.CONFIGS / "deepspeed"
 ADAMW_BETAS = (0.9, 0.999)
@@ -79,12 +80,10 @@ def lr_schedule(optimizer: torch.optim.Optimizer, train, total_steps: int) -> to
 
 def loss_scaling(cfg) -> bool:
     """Whether training computes in float16 (model.dtype=float16, or a 4-bit base computing in it): its gradients
-    underflow without a loss scale (bfloat16 and float32 have float32's range and need none)."""
+    underflow without a loss scale (bfloat16 and float32 have float32's range and need none). For callers without
+    a run plan; the recipe passes the plan's ``precision.loss_scaling`` instead."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    compute = cfg.model.dtype
-    if cfg.model.quantization == "4bit" and cfg.model.bnb_4bit_compute_dtype != "auto":
-        compute = cfg.model.bnb_4bit_compute_dtype
-    return resolve_dtype(str(compute), device) == torch.float16
+    return resolve_precision(cfg.model, device).loss_scaling
 
 
 # ----- plain PyTorch ---------------------------------------------------------------------------------------
@@ -92,7 +91,8 @@ class PlainEngine:
     """One process, no DeepSpeed: AdamW, manual gradient accumulation, clipping, the shared lr schedule, and a
     dynamic loss scale (torch.amp.GradScaler) when training computes in float16."""
 
-    def __init__(self, model: torch.nn.Module, cfg, total_steps: int):
+    def __init__(self, model: torch.nn.Module, cfg, total_steps: int, loss_scale: bool | None = None):
+        """``loss_scale``: whether training computes in float16 (the run plan's); None works it out from cfg."""
         train = cfg.train
         self.module = model
         self.params = trainable_parameters(model)
@@ -103,7 +103,8 @@ class PlainEngine:
         self.scheduler = lr_schedule(self.optimizer, train, total_steps)
         # float16 gradients underflow without a loss scale; the adapter weights (and so their gradients and
         # AdamW's state) stay float32, which GradScaler needs to unscale them.
-        self.scaler = torch.amp.GradScaler(self.params[0].device.type) if loss_scaling(cfg) else None
+        loss_scale = loss_scaling(cfg) if loss_scale is None else loss_scale
+        self.scaler = torch.amp.GradScaler(self.params[0].device.type) if loss_scale else None
         self.accumulation = int(train.gradient_accumulation_steps)
         self.max_grad_norm = train.max_grad_norm
         self.micro_steps = 0
@@ -271,13 +272,16 @@ def _read_json(path: Path) -> dict:
     return config
 
 
-def check_deepspeed_config(cfg, total_steps: int, world_size: int) -> None:
+def check_deepspeed_config(cfg, total_steps: int, world_size: int, planned: dict | None = None) -> None:
     """What DeepSpeed would refuse at deepspeed.initialize, after the model has loaded, refused now: the resolved
     config (file, overrides, filled "auto" values) goes through DeepSpeed's own parser, and the optimizer type through
-    its list of known ones (a scheduler section is refused by `deepspeed_json`: the lr schedule is selora's)."""
+    its list of known ones (a scheduler section is refused by `deepspeed_json`: the lr schedule is selora's).
+    ``planned``: `planned_deepspeed_config`'s result when the caller has it (else it is worked out here)."""
     import pydantic
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
-    config = deepspeed_config(cfg, total_steps, world_size)
+    if planned is None:
+        planned = planned_deepspeed_config(cfg, world_size, loss_scaling(cfg))
+    config = sized_for_model(planned, None)
     where = f"deepspeed.config={str(cfg.deepspeed.config)!r} (with deepspeed.overrides)"
     # DeepSpeed takes its own optimizers (any case) and any torch.optim class by name.
     optimizer = config.get("optimizer", {}).get("type")
@@ -341,12 +345,19 @@ def deepspeed_json(cfg) -> dict:
 
 
 def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | None = None) -> dict:
-    """The DeepSpeed config named by cfg.deepspeed.config with every "auto" filled from cfg.train.
+    """The DeepSpeed config named by cfg.deepspeed.config with every "auto" filled from cfg.train (and the ZeRO
+    bucket sizes from ``hidden_size``): `planned_deepspeed_config`, then `sized_for_model`, for callers without a
+    run plan."""
+    return sized_for_model(planned_deepspeed_config(cfg, world_size, loss_scaling(cfg)), hidden_size)
+
+
+def planned_deepspeed_config(cfg, world_size: int, loss_scale: bool) -> dict:
+    """The DeepSpeed config named by cfg.deepspeed.config with every "auto" filled from cfg.train, but the ZeRO
+    bucket sizes that follow the model's width (`sized_for_model` fills them).
 
     Values the JSON sets explicitly are kept. cfg.deepspeed.overrides (optional mapping) is merged on top,
     e.g. {"zero_optimization": {"stage3_param_persistence_threshold": 0}}. No "scheduler": the engine hands
-    DeepSpeed `lr_schedule`'s.
-    """
+    DeepSpeed `lr_schedule`'s. ``loss_scale``: whether training computes in float16 (DeepSpeed's "fp16")."""
     train = cfg.train
     config = deepspeed_json(cfg)
     micro, accumulation = int(train.micro_batch_size), int(train.gradient_accumulation_steps)
@@ -362,7 +373,7 @@ def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | 
 
     on_cuda = torch.cuda.is_available()
     fp16 = config.setdefault("fp16", {})
-    _fill(fp16, "enabled", loss_scaling(cfg))  # DeepSpeed's own dynamic loss scale, as the plain engine's scaler
+    _fill(fp16, "enabled", loss_scale)  # DeepSpeed's own dynamic loss scale, as the plain engine's scaler
     bf16 = config.setdefault("bf16", {})
     _fill(bf16, "enabled", bool(on_cuda and torch.cuda.is_bf16_supported() and not fp16["enabled"]))
 
@@ -376,7 +387,15 @@ def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | 
         params.setdefault("torch_adam", True)
         config.setdefault("zero_force_ds_cpu_optimizer", False)
 
-    zero = config.setdefault("zero_optimization", {"stage": 0})
+    config.setdefault("zero_optimization", {"stage": 0})
+    return config
+
+
+def sized_for_model(planned: dict, hidden_size: int | None) -> dict:
+    """A copy of ``planned`` with the ZeRO bucket sizes the JSON leaves "auto" filled from the model's width
+    (defaults without one: the config ZeRO-3's init context builds the model under), every "auto" then filled."""
+    config = copy.deepcopy(planned)
+    zero = config["zero_optimization"]
     h = hidden_size
     _fill(zero, "reduce_bucket_size", h * h if h else 500_000_000)
     _fill(zero, "stage3_prefetch_bucket_size", int(0.9 * h * h) if h else 50_000_000)
@@ -399,27 +418,21 @@ def _walk(tree, prefix=""):
         yield prefix.rstrip("."), tree
 
 
-def zero_stage(engine) -> int:
-    """The ZeRO stage ``engine`` runs (0 for the plain engine)."""
-    stage = getattr(engine, "zero_optimization_stage", None)
-    return int(stage()) if callable(stage) else 0
-
-
 def uses_deepspeed(cfg) -> bool:
     return cfg.deepspeed.config is not None
 
 
-def zero3_init_context(cfg, total_steps: int, world_size: int):
+def zero3_init_context(cfg, planned: dict | None):
     """Context for building the base model sharded over ranks (ZeRO-3 with deepspeed.zero3_init), else a no-op.
+    ``planned``: `planned_deepspeed_config`'s result (None: plain PyTorch).
 
     transformers also needs to know (HfDeepSpeedConfig) so that from_pretrained loads weights into the shards.
     """
-    if not uses_deepspeed(cfg) or not cfg.deepspeed.zero3_init:
+    if planned is None or not cfg.deepspeed.zero3_init:
         return contextlib.nullcontext()
-    config = deepspeed_config(cfg, total_steps, world_size)
-    if config["zero_optimization"].get("stage", 0) != 3:
+    if planned["zero_optimization"].get("stage", 0) != 3:
         return contextlib.nullcontext()
-    return _zero3_init(config)
+    return _zero3_init(sized_for_model(planned, None))
 
 
 @contextlib.contextmanager
@@ -440,10 +453,11 @@ def check_world_size(cfg, world_size: int) -> None:
                                 "needs DeepSpeed; set deepspeed.config=zero2 (or zero3)")
 
 
-def build_engine(model: torch.nn.Module, cfg, steps: int, world_size: int = 1):
-    """The engine for ``model`` (adapters applied) training ``steps`` optimizer steps."""
-    check_world_size(cfg, world_size)
-    if not uses_deepspeed(cfg):
-        return PlainEngine(model, cfg, steps)
+def build_engine(model: torch.nn.Module, cfg, steps: int, planned: dict | None, loss_scale: bool):
+    """The engine for ``model`` (adapters applied) training ``steps`` optimizer steps: DeepSpeed's on
+    ``planned`` (`planned_deepspeed_config`'s result, sized here for the model), or plain PyTorch when None.
+    ``loss_scale``: whether training computes in float16. (The world size was checked by `check_world_size`.)"""
+    if planned is None:
+        return PlainEngine(model, cfg, steps, loss_scale)
     hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    return DeepSpeedEngine(model, deepspeed_config(cfg, steps, world_size, hidden), cfg.train, steps)
+    return DeepSpeedEngine(model, sized_for_model(planned, hidden), cfg.train, steps)

@@ -1,8 +1,9 @@
 """Instruction fine-tuning with SeLoRA / LoRA adapters (and optionally SRLoRA), plain PyTorch or DeepSpeed.
 
-Read `run` top to bottom: the config and the output directory are checked (recipes/validate.py,
-recipes/resume.py), data is built, the model is loaded and given adapters, the
-engine is built, a checkpoint is resumed if there is one, the loop runs, the adapter is exported.
+Read `run` top to bottom, four steps: `set_up` checks the config once into a plan (recipes/validate.py) and the
+output directory (recipes/resume.py), starts the process group and builds the data; `build` loads the model, gives
+it adapters, builds the engine and resumes a checkpoint if there is one; `train_loop` runs the optimizer steps;
+`export` writes the adapter.
 
     python launch/train.py --recipe llama_selora train.max_steps=100
     deepspeed launch/train.py --recipe llama_srlora deepspeed.config=zero3
@@ -16,8 +17,10 @@ import random
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -30,117 +33,207 @@ import selora
 from recipes import checkpoint, engine as engines, resume
 from recipes.best_eval import BestEval
 from recipes.checkpoint import TrainerState
-from recipes.data import IGNORE_INDEX, make_collate_fn, pad_multiple
+from recipes.data import IGNORE_INDEX, make_collate_fn
 from recipes.data_prepare import build_datasets
-from recipes.compiled_regions import compile_choice, compile_regions
+from recipes.compiled_regions import compile_regions
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
-from recipes.modeling import (check_quantization_backend, check_target_modules, load_model, load_tokenizer,
-                              resolve_dtype)
-from recipes.packed_attention import attention_for_model, use_attention
+from recipes.modeling import check_quantization_backend, check_target_modules, load_model, load_tokenizer
+from recipes.packed_attention import fit_to_model, use_attention
 from recipes.run_record import write_run_record
 from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
 from recipes.trackers import report_to
-from recipes.validate import check_srlora_schedule, validate
+from recipes.validate import RunPlan, check_srlora_schedule, validate
 from selora.distributed import is_partitioned, world
 
 
 @uninstalled_after  # the stop signals' handlers are undone however run ends
 def run(cfg) -> dict:
-    """Train as ``cfg`` says; returns {"step", "loss", "eval_loss", "outputs": {kind: path}}."""
-    train = cfg.train
-    output_dir = Path(train.output_dir)
+    """Train as ``cfg`` says; returns {"step", "loss", "eval_loss", "best_step", "outputs": {kind: path}}."""
+    setup = set_up(cfg)  # checks, resume plan, process group, stop request, data: no weights yet
+    trainee = build(cfg, setup)  # model, adapters, SRLoRA, engine, the state training starts from
+    samples = sample_base_answers(cfg, setup, trainee)  # what the base answers to train.sample_prompts
+    last = train_loop(cfg, setup, trainee)
+    return export(cfg, setup, trainee, last, samples)
 
-    # Every check that needs no data or weights first: a bad value fails in a second, before anything is read,
-    # loaded or written.
-    adapter_config, srlora_config = validate(cfg)
-    settings = resume.run_settings(cfg)  # what a checkpoint records and a resume must match
+
+# ----- setup: the plan, this process, the data ----------------------------------------------------------------
+@dataclass
+class TrainingData:
+    """What `prepare_data` built: the tokenizer, the data sets and this rank's order of micro-batches."""
+    tokenizer: Any
+    train_ds: Any
+    eval_ds: Any  # None without eval data
+    collate: Callable
+    order: DataOrder
+    total_steps: int  # optimizer steps of the whole run
+
+
+@dataclass
+class Setup:
+    """What `set_up` prepared before any weights load."""
+    plan: RunPlan  # what validate resolved from the config, once
+    settings: dict  # what a checkpoint records and a resume must match (resume.run_settings)
+    resume_from: Path | None  # the checkpoint to resume, None for a fresh start
+    rank: int
+    world_size: int
+    stop: StopRequest
+    data: TrainingData
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    def say(self, *args, **kwargs) -> None:
+        """print, on rank 0 only."""
+        if self.rank == 0:
+            print(*args, **kwargs)
+
+
+def set_up(cfg) -> Setup:
+    """Every check that needs no data or weights first, so a bad value fails in a second, before anything is read,
+    loaded or written; then the process group, the stop request and the data."""
+    train = cfg.train
+    plan = validate(cfg)
+    settings = resume.run_settings(cfg)
     resume_from = resume.plan_resume(cfg, total_steps=int(train.max_steps) or None, settings=settings)
 
     seed_everything(train.seed)
-    rank, world_size, device = setup_distributed(cfg)
+    rank, world_size = setup_distributed(cfg, plan.device)
+    if world_size != plan.world_size:  # a group started before the run: the plan's DeepSpeed batch would be off
+        raise RuntimeError(f"torch.distributed has {world_size} processes but RANK/WORLD_SIZE say {plan.world_size}")
     engines.check_world_size(cfg, world_size)
-    check_quantization_backend(cfg.model.quantization, device)  # a 4/8-bit recipe this machine cannot run
-    check_target_modules(cfg.model, list(cfg.adapter.target_modules))  # Phi-3's fused projection names
-    resolve_dtype(cfg.model.dtype, device)
-    say = print if rank == 0 else (lambda *args, **kwargs: None)
+    check_quantization_backend(plan.precision.quantization, plan.device)  # a 4/8-bit recipe this machine cannot run
+    check_target_modules(cfg.model, list(cfg.adapter.target_modules))  # Phi-3's fused projections' names
     # A signal (or the batch script's stop file) from here on stops the run after an optimizer step, not mid-way.
     stop = StopRequest(list(train.stop_signals), float(train.stop_grace_s), os.environ.get(STOP_FILE_ENV), rank,
-                       device).install()
+                       plan.device).install()
+    data = prepare_data(cfg, plan, resume_from, rank, world_size)
+    return Setup(plan, settings, resume_from, rank, world_size, stop, data)
 
-    # Data before the model: bad data fails in seconds, not after loading billions of weights.
+
+def prepare_data(cfg, plan: RunPlan, resume_from: Path | None, rank: int, world_size: int) -> TrainingData:
+    """Tokenizer, data sets, collate and this rank's order of micro-batches. Data before the model: bad data fails
+    in seconds, not after loading billions of weights. An epochs-based run learns its length here."""
+    train = cfg.train
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.model)
     train_ds, eval_ds = build_datasets(cfg.data, tokenizer, train.seed, int(train.micro_batch_size))
-    collate = make_collate_fn(tokenizer.pad_token_id, pad_multiple(cfg.data, device), int(cfg.data.max_length),
+    collate = make_collate_fn(tokenizer.pad_token_id, plan.pad_multiple, int(cfg.data.max_length),
                               padding_free=bool(cfg.data.padding_free))
     # Padding-free: one packed row of micro_batch_size x max_length tokens is the micro-batch.
     rows_per_micro_batch = 1 if cfg.data.padding_free else int(train.micro_batch_size)
     order = DataOrder(len(train_ds), rows_per_micro_batch, rank, world_size, int(train.seed))
     total_steps = total_optimizer_steps(train, order.batches_per_epoch)
-    say(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
-        f"{total_steps} optimizer steps")
+    if rank == 0:
+        print(f"{len(train_ds)} training examples, {order.batches_per_epoch} micro-batches per epoch per rank, "
+              f"{total_steps} optimizer steps")
     if not train.max_steps:  # an epochs-based run knows its length only now, still before the model loads
-        if srlora_config is not None:
-            check_srlora_schedule(srlora_config, adapter_config, total_steps)
+        if plan.srlora is not None:
+            check_srlora_schedule(plan.srlora, plan.adapter, total_steps)
         resume.check_steps_left(resume_from, None, total_steps)
+    return TrainingData(tokenizer, train_ds, eval_ds, collate, order, total_steps)
 
-    # Model, adapters, SRLoRA, engine.
-    init_context = engines.zero3_init_context(cfg, total_steps, world_size)
-    model, model_info = load_model(cfg.model, device, init_context=init_context)
-    use_attention(model, attention_for_model(model, cfg.model.attention, bool(cfg.data.padding_free), device,
-                                             int(cfg.data.max_length)))
-    selora.apply(model, adapter_config)
-    say(selora.parameter_table(model))
+
+# ----- build: model, adapters, engine, the starting state -----------------------------------------------------
+@dataclass
+class Trainee:
+    """What `build` made: the adapted model, its SRLoRA (or None), the engine, and the state training starts from."""
+    model: torch.nn.Module
+    model_info: dict
+    srlora: Any
+    engine: Any
+    state: TrainerState
+
+
+def build(cfg, setup: Setup) -> Trainee:
+    """The base model, its adapters and SRLoRA, the engine over them, and the state training starts from."""
+    plan, total_steps = setup.plan, setup.data.total_steps
+    model, model_info = load_base_model(cfg, setup)
+    selora.apply(model, plan.adapter)
+    setup.say(selora.parameter_table(model))
     srlora = None
-    if srlora_config is not None:
+    if plan.srlora is not None:
         from selora.srlora import SRLoRA
 
-        srlora = SRLoRA(model, srlora_config, total_steps=total_steps)  # makes a "paper" schedule concrete
-        say(f"SRLoRA: {srlora.config.pairs_per_recomposition} pairs per layer at steps {srlora.schedule}")
-    engine = engines.build_engine(model, cfg, total_steps, world_size)
+        srlora = SRLoRA(model, plan.srlora, total_steps=total_steps)  # makes a "paper" schedule concrete
+        setup.say(f"SRLoRA: {srlora.config.pairs_per_recomposition} pairs per layer at steps {srlora.schedule}")
+    engine = engines.build_engine(model, cfg, total_steps, plan.deepspeed, plan.precision.loss_scaling)
     if getattr(engine, "fetch_units", None):
-        say(f"ZeRO-3 gathers each {' and '.join(engine.fetch_units)} whole (one gather per layer)")
-    compiled, compile_line = compile_choice(cfg.model.compile, device, engines.zero_stage(engine), cfg.model.quantization)
-    if compiled:
+        setup.say(f"ZeRO-3 gathers each {' and '.join(engine.fetch_units)} whole (one gather per layer)")
+    if plan.compiled:
         compile_regions(model)
-    say(compile_line)
+    setup.say(plan.compile_line)
+    state = start_state(cfg, setup, engine, model, srlora)
+    return Trainee(model, model_info, srlora, engine, state)
 
-    # Resume (or start fresh): engine, adapter, SRLoRA, RNG and data position exactly as the checkpoint left them.
-    state = TrainerState(world_size=world_size)
-    if resume_from is not None:
-        state = checkpoint.load_checkpoint(resume_from, engine, model, srlora)
-        say(f"resumed from {resume_from} at step {state.step}")
-    elif train.overwrite:  # the user asked to replace a previous run: only now, when training really starts
+
+def load_base_model(cfg, setup: Setup) -> tuple[torch.nn.Module, dict]:
+    """The base model in the plan's precision (born sharded under ZeRO-3's init context), attending with the
+    plan's attention as far as its family allows."""
+    plan = setup.plan
+    init_context = engines.zero3_init_context(cfg, plan.deepspeed)
+    model, model_info = load_model(cfg.model, plan.device, init_context=init_context, precision=plan.precision)
+    use_attention(model, fit_to_model(model, cfg.model.attention, plan.attention, int(cfg.data.max_length)))
+    return model, model_info
+
+
+def start_state(cfg, setup: Setup, engine, model, srlora) -> TrainerState:
+    """Resume (engine, adapter, SRLoRA, RNG and data position exactly as the checkpoint left them) or start fresh;
+    then the run's record (config.yaml, run_info.json)."""
+    output_dir = Path(cfg.train.output_dir)
+    state = TrainerState(world_size=setup.world_size)
+    if setup.resume_from is not None:
+        state = checkpoint.load_checkpoint(setup.resume_from, engine, model, srlora)
+        setup.say(f"resumed from {setup.resume_from} at step {state.step}")
+    elif cfg.train.overwrite:  # the user asked to replace a previous run: only now, when training really starts
         resume.clear_previous_run(output_dir)
-    write_run_record(output_dir, cfg, rank, world_size, resumed_from=resume_from)  # config.yaml, run_info.json
+    write_run_record(output_dir, cfg, setup.rank, setup.world_size, resumed_from=setup.resume_from)
+    return state
+
+
+@dataclass
+class SampleAnswers:
+    prompts: list  # train.sample_prompts, [] when none (or under ZeRO-3)
+    base: list | None  # the base model's answers (None when the run resumed: they were shown at its start)
+
+
+def sample_base_answers(cfg, setup: Setup, trainee: Trainee) -> SampleAnswers:
+    """What the base model answers to train.sample_prompts (the adapter starts as a no-op), shown again at the end."""
+    prompts = list(cfg.train.sample_prompts or [])
+    if prompts and any(is_partitioned(p) for p in trainee.model.parameters()):
+        # Generation needs whole weights on every rank; ZeRO-3's are sharded (and a generate left parameters
+        # in flight that the final export then could not gather).
+        setup.say("train.sample_prompts skipped under ZeRO-3 (the weights are sharded); try the prompts on the "
+                  "saved adapter with launch/generate.py")
+        prompts = []
+    base = None
+    if prompts and trainee.state.step == 0:
+        base = answer_prompts(trainee.model, setup.data.tokenizer, prompts, synced_gpus=setup.world_size > 1)
+    return SampleAnswers(prompts, base)
+
+
+# ----- the loop -----------------------------------------------------------------------------------------------
+def train_loop(cfg, setup: Setup, trainee: Trainee) -> dict:
+    """Micro-batches in a seeded order, an optimizer step every engine.accumulation of them, logs, evaluations
+    and checkpoints as cfg.train says, until the last step, an early stop or a stop request (which raises
+    `Stopped` after this step's checkpoint). Returns {"loss", "eval_loss"}: the last logged values."""
+    train, data, device = cfg.train, setup.data, setup.device
+    engine, model, srlora, state = trainee.engine, trainee.model, trainee.srlora, trainee.state
+    output_dir, total_steps, stop = Path(train.output_dir), data.total_steps, setup.stop
     best = BestEval(output_dir, train.early_stopping_patience, train.early_stopping_min_delta, bool(train.export_best),
                     state)
     reports = report_to(train)
-    metrics = MetricsLogger(output_dir, rank, "tensorboard" in reports, resume_step=state.step,
+    metrics = MetricsLogger(output_dir, setup.rank, "tensorboard" in reports, resume_step=state.step,
                             trackers=tuple(name for name in reports if name != "tensorboard"),
                             config=OmegaConf.to_container(cfg, resolve=True))
-
-    # What the base model answers to train.sample_prompts (the adapter starts as a no-op), shown again at the end.
-    sample_prompts = list(train.sample_prompts or [])
-    if sample_prompts and any(is_partitioned(p) for p in model.parameters()):
-        # Generation needs whole weights on every rank; ZeRO-3's are sharded (and a generate left parameters
-        # in flight that the final export then could not gather).
-        say("train.sample_prompts skipped under ZeRO-3 (the weights are sharded); try the prompts on the saved "
-            "adapter with launch/generate.py")
-        sample_prompts = []
-    base_answers = None
-    if sample_prompts and state.step == 0:
-        base_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
-
-    # The loop: micro-batches in a seeded order; an optimizer step every engine.accumulation of them.
-    progress = tqdm(total=total_steps, initial=state.step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=state.step, disable=setup.rank != 0, desc="train", dynamic_ncols=True)
     window = LogWindow(device)
     timer = PhaseTimer(device, enabled=bool(train.time_breakdown))
-    profiler = StepProfiler(train.profile_steps, output_dir, device, rank)
+    profiler = StepProfiler(train.profile_steps, output_dir, device, setup.rank)
     last = {"loss": None, "eval_loss": None}
     engine.train()
-    batches = order.micro_batches(train_ds, collate, state.epoch, state.batch_in_epoch)
+    batches = data.order.micro_batches(data.train_ds, data.collate, state.epoch, state.batch_in_epoch)
     # Everything built so far (model, data, tokenizer) lives for the whole run: moved out of the garbage
     # collector's sight, the collections that the step's short-lived objects trigger stop re-scanning it.
     gc.collect()
@@ -172,8 +265,8 @@ def run(cfg) -> dict:
                 if timer.enabled:
                     line["time_breakdown"] = timer.reduce()
             evaluate_now = train.eval_every and (step % train.eval_every == 0 or step == total_steps)
-            if eval_ds is not None and len(eval_ds) and evaluate_now:
-                eval_loss = evaluate(engine, eval_ds, collate, int(train.micro_batch_size), device)
+            if data.eval_ds is not None and len(data.eval_ds) and evaluate_now:
+                eval_loss = evaluate(engine, data.eval_ds, data.collate, int(train.micro_batch_size), device)
                 line["eval_loss"] = last["eval_loss"] = eval_loss
                 best.record(state, eval_loss, model, srlora)  # early stopping's count; export_best's adapter
                 engine.train()
@@ -185,7 +278,7 @@ def run(cfg) -> dict:
             if train.save_every and (step % train.save_every == 0 or step == total_steps or stopping):
                 if not window.finite():  # steps not logged yet: a diverged state is never saved over a good one
                     raise TrainingDiverged(step, float("nan"), lr, output_dir)
-                checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=settings)
+                checkpoint.save_checkpoint(output_dir, engine, model, srlora, state, settings=setup.settings)
                 best.checkpointed(state)
             timer.lap("log")
             profiler.after_step(step)
@@ -194,7 +287,7 @@ def run(cfg) -> dict:
         raise
     except Exception as error:  # e.g. a collective that failed because another rank died or stopped answering
         first_line = (str(error).splitlines() or [""])[0].split(". ")[0][:200]
-        print(f"rank {rank}: failed after optimizer step {state.step} ({type(error).__name__}: {first_line}); "
+        print(f"rank {setup.rank}: failed after optimizer step {state.step} ({type(error).__name__}: {first_line}); "
               f"checkpoints/latest in {output_dir} still names the last complete checkpoint", file=sys.stderr,
               flush=True)
         raise
@@ -203,23 +296,30 @@ def run(cfg) -> dict:
         progress.close()  # and an error message starts on a line of its own
     metrics.close()
     if stopped and state.step < total_steps and not best.should_stop(state):
-        raise stop_at_step_boundary(output_dir, engine, model, srlora, state, settings, total_steps, stop)
+        raise stop_at_step_boundary(output_dir, engine, model, srlora, state, setup.settings, total_steps, stop)
     if best.should_stop(state):
-        say(f"early stopping at step {state.step}: {state.evals_without_improvement} evaluations without an "
-            f"improvement over the best eval loss {state.best_eval_loss:.4f} (step {state.best_step})")
+        setup.say(f"early stopping at step {state.step}: {state.evals_without_improvement} evaluations without an "
+                  f"improvement over the best eval loss {state.best_eval_loss:.4f} (step {state.best_step})")
     if best.restore(state, model, srlora) is not None:
-        say(f"exporting the best evaluation's adapter: step {state.best_step}, eval loss {state.best_eval_loss:.4f}")
+        setup.say(f"exporting the best evaluation's adapter: step {state.best_step}, eval loss "
+                  f"{state.best_eval_loss:.4f}")
+    return last
 
-    # Exports: selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes).
-    outputs = checkpoint.export_final(output_dir, engine, model, srlora, export_peft=bool(train.export_peft),
-                                      save_merged=bool(train.save_merged),
-                                      base_model_name_or_path=base_model_name(cfg, model_info), tokenizer=tokenizer,
-                                      base_model=base_model_record(cfg.model))
-    if sample_prompts:
-        tuned_answers = answer_prompts(model, tokenizer, sample_prompts, synced_gpus=world_size > 1)
-        say(format_comparison(sample_prompts, base_answers, tuned_answers))
+
+# ----- export -------------------------------------------------------------------------------------------------
+def export(cfg, setup: Setup, trainee: Trainee, last: dict, samples: SampleAnswers) -> dict:
+    """Selora adapter, PEFT LoRA, merged model (all ranks call; rank 0 writes); the sample prompts' answers before
+    and after. Returns run's result."""
+    train, model, state, tokenizer = cfg.train, trainee.model, trainee.state, setup.data.tokenizer
+    outputs = checkpoint.export_final(Path(train.output_dir), trainee.engine, model, trainee.srlora,
+                                      export_peft=bool(train.export_peft), save_merged=bool(train.save_merged),
+                                      base_model_name_or_path=base_model_name(cfg, trainee.model_info),
+                                      tokenizer=tokenizer, base_model=base_model_record(cfg.model))
+    if samples.prompts:
+        tuned_answers = answer_prompts(model, tokenizer, samples.prompts, synced_gpus=setup.world_size > 1)
+        setup.say(format_comparison(samples.prompts, samples.base, tuned_answers))
     for kind, path in outputs.items():
-        say(f"{kind} saved to {path}")
+        setup.say(f"{kind} saved to {path}")
     return {"step": state.step, **last, "best_step": state.best_step, "outputs": outputs}
 
 
@@ -258,11 +358,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def setup_distributed(cfg) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device). torch.distributed is started only under a launcher (RANK/WORLD_SIZE set),
-    or as a one-process group when a DeepSpeed config is asked for without one (DeepSpeed needs a group)."""
+def setup_distributed(cfg, device: torch.device) -> tuple[int, int]:
+    """(rank, world_size); ``device`` (the plan's) becomes the current CUDA device. torch.distributed is started only
+    under a launcher (RANK/WORLD_SIZE set), or as a one-process group when a DeepSpeed config is asked for without
+    one (DeepSpeed needs a group)."""
     launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    on_cuda = torch.cuda.is_available()
     if launched or engines.uses_deepspeed(cfg):
         if not launched:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -270,14 +370,11 @@ def setup_distributed(cfg) -> tuple[int, int, torch.device]:
         import deepspeed
 
         # A collective that waits longer than this (a rank died or hangs) raises on every rank still waiting.
-        deepspeed.init_distributed(dist_backend="nccl" if on_cuda else "gloo",
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
                                    timeout=timedelta(seconds=float(cfg.train.collective_timeout_s)))
-    rank, world_size = world()
-    if not on_cuda:
-        return rank, world_size, torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    torch.cuda.set_device(local_rank)
-    return rank, world_size, torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return world()
 
 
 def _free_port() -> int:

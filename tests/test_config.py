@@ -30,8 +30,8 @@ def test_every_recipe_resolves(recipe):
     assert cfg.adapter.method in ("lora", "selora")
     assert cfg.model.quantization == ("4bit" if recipe.startswith("qlora") else "none")
     if cfg.srlora.enabled:  # recompositions happen inside the run, at the schedule the recipe asks for
-        adapter, srlora = validate(cfg)
-        steps = srlora.for_run(adapter.r, cfg.train.max_steps).recomposition_steps()
+        plan = validate(cfg)
+        steps = plan.srlora.for_run(plan.adapter.r, cfg.train.max_steps).recomposition_steps()
         assert steps and steps[0] >= cfg.train.warmup_steps and steps[-1] < cfg.train.max_steps
 
 
@@ -111,12 +111,13 @@ def test_recipe_values_reach_the_library_configs():
     """Every adapter/SRLoRA key (svd_oversample included) arrives in the library's config unchanged."""
     cfg = launch_config.resolve("llama_selora_srlora", TINY_MODEL + ["srlora.svd_oversample=3", "adapter.dropout=0.1",
                                                                      "adapter.n_coefficients=5", "train.warmup_steps=4"])
-    adapter, srlora = validate(cfg)
+    plan = validate(cfg)
+    adapter, srlora = plan.adapter, plan.srlora
     assert type(adapter).__name__ == "SeLoRAConfig" and adapter.dropout == 0.1 and adapter.n_coefficients == 5
     assert adapter.target_modules == tuple(cfg.adapter.target_modules)
     assert srlora.svd_oversample == 3 and srlora.warmup_steps == 4 and srlora.schedule == "paper"
     assert adapter.init == "pissa"  # the recipe's choice, with the paper's schedule
-    lora, _ = validate(launch_config.resolve("llama_lora", TINY_MODEL))
+    lora = validate(launch_config.resolve("llama_lora", TINY_MODEL)).adapter
     assert type(lora).__name__ == "LoRAConfig" and lora.dropout == 0.05  # the recipe's choice
 
 
