@@ -184,16 +184,27 @@ class SRLoRAConfig:
     ``pairs_per_recomposition`` least important pairs (per layer, or globally) into the base and
     re-initialise them along unused principal directions of the pretrained weight.
 
-    ema_beta / uncertainty_beta: smoothing of the sensitivity |theta * grad| and of its deviation (AdaLoRA).
+    start_step: first recomposition, in optimizer steps (>= 1; scores need one step of gradients).
+    end_step: last possible recomposition (steps past the run's end never come).
+    interval: steps between recompositions.
+    pairs_per_recomposition: pairs fused and re-initialised per layer (must be < r).
     schedule: "fixed" (the four keys above, as given) or "paper" (SRLoRA's own schedule, from a target rank: at
     each switch ``pairs_fraction`` x r pairs are re-initialised (the paper's gamma, about 0.5), the run makes
     N = (target_rank - r) / pairs switches, and they are spread evenly, every total_steps // N steps, the last one
-    before the final step; target_rank None means 3 r). With "paper", start_step, end_step, interval and
-    pairs_per_recomposition are derived by `for_run` once the rank and the run's length are known.
+    before the final step). With "paper", start_step, end_step, interval and pairs_per_recomposition are derived
+    by `for_run` once the rank and the run's length are known.
+    pairs_fraction: "paper": the share of the r pairs re-initialised per switch (gamma).
+    target_rank: "paper": the rank the switches add up to (None: 3 r).
+    ema_beta: smoothing of the importance score, the sensitivity |theta * grad| (AdaLoRA).
+    uncertainty_beta: smoothing of the score's uncertainty, its deviation (AdaLoRA).
+    scope: "layer" (the least important pairs of each layer) or "global" (of the whole model).
     svd: "full" or "randomized" (torch.svd_lowrank) for the principal directions.
+    svd_oversample: randomized SVD: extra directions sampled beyond those needed.
     quantized_fusion: "residual" (default: keep fused updates as a frozen low-rank residual beside a quantized
     base; the output does not jump) or "requantize" (dequantize, add, quantize again; measured output jump on
     the test model: ~8-10% relative for nf4, see docs/srlora.md).
+    warmup_steps: no recomposition before the learning-rate warm-up ends (a recipe sets it from
+    train.warmup_steps).
     """
 
     FIXED_SCHEDULE_KEYS: ClassVar[tuple[str, ...]] = ("start_step", "end_step", "interval", "pairs_per_recomposition")
