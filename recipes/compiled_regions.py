@@ -23,20 +23,14 @@ class CompileConfigError(ValueError):
     """model.compile holds a value the recipe does not know."""
 
 
-def check_compile_setting(setting) -> str:
-    """model.compile as one of CHOICES (a YAML true/false arrives as a bool or its string)."""
-    choice = str(setting).lower()
-    if choice not in CHOICES:
-        raise CompileConfigError(f"model.compile={setting!r}: choose one of {', '.join(CHOICES)}")
-    return choice
-
-
 def compile_choice(setting, device: torch.device, quantization: str) -> tuple[bool, str]:
     """Whether to compile, and the one log line that says so and why. ``auto`` compiles on a GPU, where it was
     measured to win and to train exactly (docs/benchmarks/recipe_vs_peft_2026-12-05.md: the plain engine, ZeRO-2
     and ZeRO-3, bf16 and nf4 bases); 8-bit bases (not measured) and the CPU (compiling costs more than it saves
-    on a short run) stay eager."""
-    choice = check_compile_setting(setting)
+    on a short run) stay eager. ``setting``: one of CHOICES (a YAML true/false arrives as a bool)."""
+    choice = str(setting).lower()
+    if choice not in CHOICES:
+        raise CompileConfigError(f"model.compile={setting!r}: choose one of {', '.join(CHOICES)}")
     if choice == "false":
         return False, "model.compile=false: eager"
     if choice == "true":

@@ -272,15 +272,13 @@ def _read_json(path: Path) -> dict:
     return config
 
 
-def check_deepspeed_config(cfg, total_steps: int, world_size: int, planned: dict | None = None) -> None:
+def check_deepspeed_config(cfg, planned: dict) -> None:
     """What DeepSpeed would refuse at deepspeed.initialize, after the model has loaded, refused now: the resolved
     config (file, overrides, filled "auto" values) goes through DeepSpeed's own parser, and the optimizer type through
     its list of known ones (a scheduler section is refused by `deepspeed_json`: the lr schedule is selora's).
-    ``planned``: `planned_deepspeed_config`'s result when the caller has it (else it is worked out here)."""
+    ``planned``: `planned_deepspeed_config`'s result (or `deepspeed_config`'s)."""
     import pydantic
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
-    if planned is None:
-        planned = planned_deepspeed_config(cfg, world_size, loss_scaling(cfg))
     config = sized_for_model(planned, None)
     where = f"deepspeed.config={str(cfg.deepspeed.config)!r} (with deepspeed.overrides)"
     # DeepSpeed takes its own optimizers (any case) and any torch.optim class by name.
@@ -289,7 +287,7 @@ def check_deepspeed_config(cfg, total_steps: int, world_size: int, planned: dict
         raise EngineConfigError(f"{where}: optimizer.type={optimizer!r} is not one DeepSpeed knows; choose one of "
                                 f"{DEEPSPEED_OPTIMIZERS} or a torch.optim class")
     # DeepSpeed's parser checks the batch sizes against the process group it sees, none yet (one process): the
-    # world size was checked by deepspeed_config above, so the copy it parses states one process's batch.
+    # world size was checked by planned_deepspeed_config, so the copy it parses states one process's batch.
     parsed = copy.deepcopy(config)
     parsed["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"]
     try:
@@ -344,7 +342,7 @@ def deepspeed_json(cfg) -> dict:
     return config
 
 
-def deepspeed_config(cfg, total_steps: int, world_size: int, hidden_size: int | None = None) -> dict:
+def deepspeed_config(cfg, world_size: int, hidden_size: int | None = None) -> dict:
     """The DeepSpeed config named by cfg.deepspeed.config with every "auto" filled from cfg.train (and the ZeRO
     bucket sizes from ``hidden_size``): `planned_deepspeed_config`, then `sized_for_model`, for callers without a
     run plan."""

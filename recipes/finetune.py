@@ -44,7 +44,7 @@ from recipes.packed_attention import fit_to_model, use_attention
 from recipes.run_record import write_run_record
 from recipes.stop_request import STOP_FILE_ENV, StopRequest, Stopped, uninstalled_after
 from recipes.trackers import report_to
-from recipes.validate import RunPlan, check_srlora_schedule, validate
+from recipes.validate import RunPlan, check_srlora_schedule, launched, validate
 from selora.distributed import is_partitioned, world
 
 
@@ -362,9 +362,9 @@ def setup_distributed(cfg, device: torch.device) -> tuple[int, int]:
     """(rank, world_size); ``device`` (the plan's) becomes the current CUDA device. torch.distributed is started only
     under a launcher (RANK/WORLD_SIZE set), or as a one-process group when a DeepSpeed config is asked for without
     one (DeepSpeed needs a group)."""
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if launched or engines.uses_deepspeed(cfg):
-        if not launched:
+    started_by_launcher = launched()
+    if started_by_launcher or engines.uses_deepspeed(cfg):
+        if not started_by_launcher:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(_free_port()))
         import deepspeed

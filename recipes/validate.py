@@ -100,7 +100,7 @@ def validate(cfg, device: torch.device | None = None) -> RunPlan:
     deepspeed = None
     if cfg.deepspeed.config is not None:  # what DeepSpeed would refuse once the model is loaded, refused now
         deepspeed = engines.planned_deepspeed_config(cfg, world_size, precision.loss_scaling)
-        engines.check_deepspeed_config(cfg, int(cfg.train.max_steps or 1), world_size, planned=deepspeed)
+        engines.check_deepspeed_config(cfg, deepspeed)
     return RunPlan(adapter=adapter, srlora=srlora, device=device, world_size=world_size, precision=precision,
                    pad_multiple=padding, attention=attention, deepspeed=deepspeed, compiled=compiled,
                    compile_line=compile_line)

@@ -45,13 +45,14 @@ def test_deepspeeds_parser_judges_a_config_for_several_processes_before_their_gr
     """validate runs before torch.distributed starts, where DeepSpeed's parser sees one process: a valid config for
     four ranks passes, and a key DeepSpeed refuses is named whatever the world size."""
     from launch.config import resolve
-    from recipes.engine import EngineConfigError, check_deepspeed_config
+    from recipes.engine import EngineConfigError, check_deepspeed_config, deepspeed_config
     for world_size in (1, 4):
-        check_deepspeed_config(resolve("llama_selora", ["deepspeed.config=zero3", *TINY_MODEL]), 10, world_size)
+        good = resolve("llama_selora", ["deepspeed.config=zero3", *TINY_MODEL])
+        check_deepspeed_config(good, deepspeed_config(good, world_size))
         bad = resolve("llama_selora", ["deepspeed.config=zero2", *TINY_MODEL,
                                        "deepspeed.overrides={zero_optimization: {offload_param: {device: gpu}}}"])
         with pytest.raises(EngineConfigError, match=r"zero_optimization\.offload_param\.device = 'gpu'"):
-            check_deepspeed_config(bad, 10, world_size)
+            check_deepspeed_config(bad, deepspeed_config(bad, world_size))
 
 
 # ----- the learning-rate schedule: one path for both engines ----------------------------------------------------
@@ -107,7 +108,7 @@ def build(kind_of_engine: str, cfg):
     model = torch.nn.Linear(4, 4)
     if kind_of_engine == "plain":
         return engine.PlainEngine(model, cfg, STEPS)
-    return engine.DeepSpeedEngine(model, engine.deepspeed_config(cfg, STEPS, 1), cfg.train, STEPS)
+    return engine.DeepSpeedEngine(model, engine.deepspeed_config(cfg, 1), cfg.train, STEPS)
 
 
 @pytest.mark.parametrize("kind,extra", [("cosine", ["train.min_lr_ratio=0.1"]), ("linear", []), ("constant", []),
@@ -201,6 +202,6 @@ def test_deepspeed_turns_its_loss_scale_on_for_float16(dtype, fp16):
     """DeepSpeed's "fp16" section follows model.dtype (its own dynamic loss scale, the plain engine's GradScaler);
     bf16 is never on together with it. Not run under DeepSpeed here: its fp16 optimizer needs a GPU."""
     from launch.config import resolve
-    config = engine.deepspeed_config(resolve("llama_lora", [f"model.dtype={dtype}", "deepspeed.config=zero2"]), 10, 1)
+    config = engine.deepspeed_config(resolve("llama_lora", [f"model.dtype={dtype}", "deepspeed.config=zero2"]), 1)
     assert config["fp16"]["enabled"] is fp16
     assert not (config["fp16"]["enabled"] and config["bf16"]["enabled"])
