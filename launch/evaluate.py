@@ -157,7 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        leave_process_group()
     return 0
+
+
+def leave_process_group() -> None:
+    """A process group left to the interpreter's exit can abort it (gloo; see recipes/finetune.leave_process_group)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             dist.barrier()  # no rank exits (and gets the others killed by the launcher) before the note exists
         return STOPPED
+    finally:
+        finetune.leave_process_group()
     return 0
 
 

@@ -365,8 +365,8 @@ def setup_distributed(cfg, device: torch.device) -> tuple[int, int]:
     started_by_launcher = launched()
     if started_by_launcher or engines.uses_deepspeed(cfg):
         if not started_by_launcher:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            own = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+            os.environ.update(own, **{OWN_GROUP_ENV: ",".join(own)})
         import deepspeed
 
         # A collective that waits longer than this (a rank died or hangs) raises on every rank still waiting.
@@ -375,6 +375,20 @@ def setup_distributed(cfg, device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return world()
+
+
+OWN_GROUP_ENV = "SELORA_OWN_PROCESS_GROUP"  # the launcher variables setup_distributed set itself, comma-separated
+
+
+def leave_process_group() -> None:
+    """Destroy this process's group, if any, before the interpreter exits: gloo's worker threads still alive at
+    interpreter shutdown abort the process ("terminate called without an active exception", exit -6) at random,
+    turning a finished run into a failed one (pytorch/pytorch#190489). A one-process group `setup_distributed`
+    made for itself also takes back the launcher variables it set, so a later run in this process starts afresh."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for name in filter(None, os.environ.pop(OWN_GROUP_ENV, "").split(",")):
+        os.environ.pop(name, None)
 
 
 def _free_port() -> int:

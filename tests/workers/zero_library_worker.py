@@ -163,6 +163,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for method in args.methods.split(","):
         run(method, args.model, out, args.stage)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit (pytorch#190489)
 
 
 if __name__ == "__main__":
