@@ -296,6 +296,8 @@ def train_loop(cfg, setup: Setup, trainee: Trainee) -> dict:
         progress.close()  # and an error message starts on a line of its own
     metrics.close()
     if stopped and state.step < total_steps and not best.should_stop(state):
+        if not window.finite():  # a stop's checkpoint, too, is never a diverged state
+            raise TrainingDiverged(state.step, float("nan"), engine.current_lr(), output_dir)
         raise stop_at_step_boundary(output_dir, engine, model, srlora, state, setup.settings, total_steps, stop)
     if best.should_stop(state):
         setup.say(f"early stopping at step {state.step}: {state.evals_without_improvement} evaluations without an "

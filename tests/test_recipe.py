@@ -10,6 +10,7 @@ import selora
 from launch.config import resolve
 from recipes import finetune, metrics
 from recipes.modeling import load_model
+from recipes.stop_request import STOP_FILE_ENV
 
 from conftest import TINY_MODEL
 
@@ -103,13 +104,17 @@ def test_the_loop_freezes_setup_out_of_the_collector_and_gives_it_back_even_when
     assert gc.get_freeze_count() == 0
 
 
-@pytest.mark.parametrize("log_every,save_every", [(1, 3), (0, 2)], ids=["at-its-log-line", "at-its-checkpoint"])
-def test_a_diverged_run_stops_with_a_clear_error_before_saving_it(tmp_path, monkeypatch, capsys, log_every, save_every):
+@pytest.mark.parametrize("log_every,save_every,stop_after", [(1, 3, 0), (0, 2, 0), (0, 3, 4)],
+                         ids=["at-its-log-line", "at-its-checkpoint", "at-a-stop-request"])
+def test_a_diverged_run_stops_with_a_clear_error_before_saving_it(tmp_path, monkeypatch, capsys, log_every, save_every,
+                                                                  stop_after):
     """The engines take every step (no overflow skipping): when the loss stops being a number, the run stops at the
-    next log line or checkpoint, whichever comes first, with a one-line error, and never saves the diverged state
-    (the last checkpoint stays the one to resume from)."""
+    next log line, checkpoint or stop request (whose checkpoint is not written), whichever comes first, with a
+    one-line error, and never saves the diverged state (the last checkpoint stays the one to resume from)."""
     real_step = finetune.engines.PlainEngine.step
     steps = []
+    stop_file = tmp_path / "stop"
+    monkeypatch.setenv(STOP_FILE_ENV, str(stop_file))
 
     def step_then_poison_after_the_third(self):
         stepped = real_step(self)
@@ -118,6 +123,8 @@ def test_a_diverged_run_stops_with_a_clear_error_before_saving_it(tmp_path, monk
             with torch.no_grad():
                 for param in self.params:
                     param.fill_(float("nan"))
+        if stop_after and sum(steps) == stop_after:  # as a batch script's stop file, after this step
+            stop_file.touch()
         return stepped
     monkeypatch.setattr(finetune.engines.PlainEngine, "step", step_then_poison_after_the_third)
     from launch.train import main
