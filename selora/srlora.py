@@ -110,10 +110,16 @@ class SRLoRA:
 
     @torch.no_grad()
     def update_scores(self) -> None:
+        """One EMA step of importance and uncertainty. A pair whose gradient overflowed (float16's loss scaling
+        skips such a step) keeps its scores: an inf would stay in the averages for good and make every later
+        ranking meaningless. Elementwise, so no step waits on the device to ask."""
         sensitivity = self._sensitivity()
         b1, b2 = self.config.ema_beta, self.config.uncertainty_beta
-        self.importance.mul_(b1).add_((1 - b1) * sensitivity)
-        self.uncertainty.mul_(b2).add_((1 - b2) * (sensitivity - self.importance).abs())
+        finite = torch.isfinite(sensitivity)
+        importance = b1 * self.importance + (1 - b1) * sensitivity
+        uncertainty = b2 * self.uncertainty + (1 - b2) * (sensitivity - importance).abs()
+        self.importance.copy_(torch.where(finite, importance, self.importance))
+        self.uncertainty.copy_(torch.where(finite, uncertainty, self.uncertainty))
 
     # ----- recomposition -----------------------------------------------------------------------------------
     def choose_pairs(self) -> dict[int, torch.Tensor]:

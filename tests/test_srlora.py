@@ -255,6 +255,30 @@ def test_sensitivity_matches_the_formula_over_accumulated_micro_batches(config):
     assert torch.allclose(rec.importance[0], expected, rtol=1e-5, atol=1e-7)
 
 
+def test_an_overflowed_gradient_leaves_the_scores_as_they_were():
+    """float16 loss scaling: a step whose gradients overflowed is skipped by the scaler; its inf/nan must not
+    enter the running averages (they would stay there for good), while the next good step updates as usual."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    selora.apply(model, selora.LoRAConfig(r=3, target_modules=("0",)))
+    with torch.no_grad():
+        selora.adapter_layers(model)["0"].lora_B.param.normal_()
+    rec = SRLoRA(model, SRLoRAConfig(start_step=50, end_step=50), total_steps=50)
+
+    def step(scale: float) -> None:
+        model(torch.randn(4, 12, generator=torch.Generator().manual_seed(0)) * scale).pow(2).sum().backward()
+        model.zero_grad()
+        rec.update_scores()
+
+    step(1.0)
+    before = (rec.importance.clone(), rec.uncertainty.clone())
+    assert before[0].gt(0).all() and before[1].gt(0).all()
+    step(1e30)  # the squared outputs overflow float32: gradients are inf
+    assert torch.equal(rec.importance, before[0]) and torch.equal(rec.uncertainty, before[1])
+    step(1.0)
+    assert torch.isfinite(rec.scores()).all() and not torch.equal(rec.importance, before[0])
+
+
 @pytest.mark.parametrize("basis", ["haar", "db4", "fft2", "bior2.2"])
 def test_whole_factor_refit_on_2d_bases(basis):
     """A recomposition on a 2-D factor re-fits the factor as a whole: the entries are the least-squares fit of
