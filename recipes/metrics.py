@@ -21,7 +21,7 @@ class MetricsLogger:
                  trackers: tuple[str, ...] = (), config: dict | None = None):
         """``resume_step``: lines past it (written by a run that died after its last checkpoint) are dropped,
         so the file reads as one uninterrupted run. ``trackers``: wandb / mlflow, started here (rank 0 only)
-        with ``config`` (the resolved config) as the run's settings."""
+        with ``config`` (the resolved config) as the run's settings, or continued when resuming."""
         self.enabled = rank == 0
         self.path = Path(output_dir) / METRICS_FILE
         self.writer = None
@@ -36,8 +36,8 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(Path(output_dir) / TENSORBOARD_DIR),
                                         purge_step=resume_step + 1 if resume_step else None)
-        from recipes.trackers import open_tracker
-        self.trackers = [open_tracker(name, Path(output_dir), config or {}) for name in trackers]
+        from recipes.trackers import open_trackers
+        self.trackers = open_trackers(trackers, Path(output_dir), config or {}, resumed=resume_step > 0)
 
     def log(self, step: int, **values) -> None:
         """Append one line; None values are left out. Numbers also go to TensorBoard as train/<name>."""

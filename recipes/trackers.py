@@ -7,16 +7,22 @@ network by default:
 - mlflow: a SQLite store in output_dir/mlflow.db (MLflow's own default backend; its plain-file store is retired)
   unless MLFLOW_TRACKING_URI names another; experiment from MLFLOW_EXPERIMENT_NAME (default "selora").
 
-Each start of a run (a resumed one too) is one tracker run, named after output_dir, with the resolved config as
-its config (W&B) or parameters (MLflow). Only global rank 0 logs (recipes/metrics.py opens them there only).
+A training run is one tracker run, named after output_dir, with the resolved config as its config (W&B) or
+parameters (MLflow). A start that resumes a checkpoint continues the run the first start opened (the ids are kept
+in output_dir/tracker_runs.json), however often a cluster requeues the job. The steps logged between the last
+checkpoint and the interruption come again with the same values (a resume is exact): W&B keeps the first of
+each, MLflow's history lists both. Only global rank 0 logs (recipes/metrics.py opens them there only).
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 import time
 from pathlib import Path
+
+from recipes.checkpoint import write_text_atomically
 
 CHOICES = ("tensorboard", "wandb", "mlflow")
 # What each tracker imports, and how to install it.
@@ -25,6 +31,7 @@ INSTALL = {"wandb": "pip install 'wandb>=0.19'",
            "mlflow": "pip install 'mlflow-skinny>=3' sqlalchemy alembic"}
 MLFLOW_DB = "mlflow.db"
 MLFLOW_ARTIFACTS = "mlartifacts"
+RUN_IDS = "tracker_runs.json"  # {tracker: run id} of this output_dir's training run
 
 
 class TrackerConfigError(ValueError):
@@ -66,18 +73,38 @@ def _default_mlflow_store() -> bool:
     return not uri or uri.startswith("sqlite:")
 
 
-def open_tracker(name: str, output_dir: Path, config: dict):
-    """The tracker ``name`` (wandb or mlflow) started for this run; it has ``log(step, scalars)`` and ``close()``."""
-    return {"wandb": WandbTracker, "mlflow": MlflowTracker}[name](Path(output_dir), config)
+def open_trackers(names, output_dir: Path, config: dict, resumed: bool) -> list:
+    """The trackers ``names`` (wandb, mlflow) started for this run, each with ``log(step, scalars)`` and
+    ``close()``; ``resumed`` (the start continues a checkpoint): continue the runs the first start opened."""
+    ids_file = Path(output_dir) / RUN_IDS
+    earlier = _read_run_ids(ids_file) if resumed else {}
+    trackers = {name: {"wandb": WandbTracker, "mlflow": MlflowTracker}[name](Path(output_dir), config,
+                                                                             earlier.get(name))
+                for name in names}
+    if trackers:
+        write_text_atomically(ids_file, json.dumps({**earlier, **{n: t.run_id for n, t in trackers.items()}}) + "\n")
+    return list(trackers.values())
+
+
+def _read_run_ids(path: Path) -> dict:
+    """{tracker: run id}; empty when the file is missing or unreadable (a new tracker run is then started)."""
+    try:
+        ids = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in ids.items() if isinstance(v, str)} if isinstance(ids, dict) else {}
 
 
 class WandbTracker:
-    def __init__(self, output_dir: Path, config: dict):
+    def __init__(self, output_dir: Path, config: dict, run_id: str | None = None):
+        """``run_id``: an earlier start's run, continued."""
         import wandb
 
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "selora"), name=output_dir.resolve().name,
                               dir=str(output_dir), mode=os.environ.get("WANDB_MODE", "offline"), config=config,
+                              id=run_id, resume="allow" if run_id else None,
                               settings=wandb.Settings(console="off", silent=True))
+        self.run_id = self.run.id
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         self.run.log(scalars, step=step)
@@ -87,14 +114,23 @@ class WandbTracker:
 
 
 class MlflowTracker:
-    def __init__(self, output_dir: Path, config: dict):
+    def __init__(self, output_dir: Path, config: dict, run_id: str | None = None):
+        """``run_id``: an earlier start's run, continued when the store still has it (its parameters stay)."""
         from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         output_dir = output_dir.resolve()
         default = not os.environ.get("MLFLOW_TRACKING_URI")
         uri = f"sqlite:///{output_dir / MLFLOW_DB}" if default else os.environ["MLFLOW_TRACKING_URI"]
         self.client = MlflowClient(tracking_uri=uri)
+        if run_id is not None:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+                return
+            except MlflowException:  # another store than the first start's: a run of its own
+                pass
         name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "selora")
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:

@@ -52,3 +52,50 @@ def test_wandb_offline_and_mlflow_local_get_the_run(tmp_path, monkeypatch):
     assert history == losses
     assert client.get_metric_history(run.info.run_id, "train/eval_loss")[0].value == lines[-1]["eval_loss"]
     assert not any(re.match(r"mlruns", p.name) for p in tmp_path.iterdir())
+
+
+def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint and resumed is one MLflow run with every step once, and one W&B
+    run (the resumed start's offline records carry the first start's id): what a requeued cluster job shows."""
+    import mlflow.tracking
+    import wandb
+
+    from recipes import metrics
+
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_API_KEY",
+                 "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    out = tmp_path / "run"
+    cfg = resolve("llama_selora", SMALL_RUN + ["train.max_steps=4", "train.save_every=2", "train.log_every=1",
+                                                "train.eval_every=0", "train.export_peft=false",
+                                                "train.sample_prompts=[]", "train.report_to=[wandb,mlflow]",
+                                                f"train.output_dir={out}"])
+    log = metrics.MetricsLogger.log
+
+    def killed_at_step_3(self, step, **values):
+        if step == 3:
+            raise KeyboardInterrupt("killed")
+        return log(self, step, **values)
+    monkeypatch.setattr(metrics.MetricsLogger, "log", killed_at_step_3)
+    try:
+        finetune.run(cfg)
+    except KeyboardInterrupt:
+        pass
+    else:
+        raise AssertionError("the run was not interrupted")
+    wandb.finish()  # the killed process's W&B run ends with it
+    first = json.loads((out / trackers.RUN_IDS).read_text())
+    monkeypatch.setattr(metrics.MetricsLogger, "log", log)
+    finetune.run(cfg)  # train.resume=auto: from step 2
+    assert json.loads((out / trackers.RUN_IDS).read_text()) == first
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{out / trackers.MLFLOW_DB}")
+    [run] = client.search_runs([client.get_experiment_by_name("selora").experiment_id])
+    assert run.info.run_id == first["mlflow"] and run.info.status == "FINISHED"
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    losses = {line["step"]: line["loss"] for line in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    assert history == sorted(losses.items()) and sorted(losses) == [1, 2, 3, 4]
+
+    starts = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(starts) == 2 and all(start.name.endswith(f"-{first['wandb']}") for start in starts)
