@@ -156,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
         leave_process_group()
+        return 2
+    leave_process_group()  # not after a crash: peers may still wait in a collective, and the launcher ends them
     return 0
 
 

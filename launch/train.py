@@ -71,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         print(note, flush=True)
     from recipes import finetune
     from recipes.stop_request import RESUME_FILE_ENV, STOPPED, Stopped
+    # Each way out that every rank takes together leaves the process group first. A crash does not: its peers may
+    # still wait in a collective, and the launcher ends them.
     try:
         finetune.run(config)
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
+        finetune.leave_process_group()
         return 2
     except Stopped as stopped:  # a signal or the batch script's stop file; a checkpoint was written
         if os.environ.get("RANK", "0") == "0":
@@ -83,9 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.barrier()  # no rank exits (and gets the others killed by the launcher) before the note exists
-        return STOPPED
-    finally:
         finetune.leave_process_group()
+        return STOPPED
+    finetune.leave_process_group()
     return 0
 
 
