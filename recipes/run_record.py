@@ -54,12 +54,16 @@ def package_versions() -> dict[str, str | None]:
 
 
 def source_commit(root: Path) -> dict | None:
-    """{"commit": HEAD's hash, "dirty": whether tracked files differ from it} of the git checkout ``root`` is in;
-    None where it is not one (an installed wheel) or git is not there."""
+    """{"commit": HEAD's hash, "dirty": whether tracked files differ from it} of the git checkout whose top folder
+    is ``root``; None where it is not one or git is not there. An installed copy (site-packages) is None even
+    inside some other repository, as a virtual environment within a project's checkout is: that HEAD is not
+    the source that ran."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
                               check=True).stdout.strip()
     try:
+        if Path(git("rev-parse", "--show-toplevel")).resolve() != Path(root).resolve():
+            return None
         commit = git("rev-parse", "HEAD")
         dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):

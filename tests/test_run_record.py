@@ -46,3 +46,20 @@ def test_saved_config_reruns_the_same_run(finished_run, tmp_path):
     assert info["python"] == ".".join(map(str, sys.version_info[:3]))
     assert info["source"] is None or (len(info["source"]["commit"]) == 40 and isinstance(info["source"]["dirty"], bool))
     assert info["started"].endswith("+00:00")
+
+
+def test_the_source_commit_is_the_checkout_s_own_not_an_enclosing_repository_s(tmp_path):
+    """A copy installed into a virtual environment inside some project's checkout records no commit: that
+    project's HEAD is not the source that ran."""
+    import subprocess
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    installed = tmp_path / ".venv" / "lib" / "site-packages"
+    installed.mkdir(parents=True)
+    assert run_record.source_commit(installed) is None
+    own = run_record.source_commit(tmp_path)
+    assert len(own["commit"]) == 40 and own["dirty"] is False
+    if (run_record.SOURCE / ".git").exists():  # the tests run from a clone
+        assert run_record.source_commit(run_record.SOURCE)["commit"] == subprocess.run(
+            ["git", "-C", str(run_record.SOURCE), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
