@@ -154,12 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         run(args)
+        code = 0
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
-        leave_process_group()
-        return 2
+        code = 2
     leave_process_group()  # not after a crash: peers may still wait in a collective, and the launcher ends them
-    return 0
+    return code
 
 
 def leave_process_group() -> None:

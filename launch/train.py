@@ -71,14 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         print(note, flush=True)
     from recipes import finetune
     from recipes.stop_request import RESUME_FILE_ENV, STOPPED, Stopped
-    # Each way out that every rank takes together leaves the process group first. A crash does not: its peers may
-    # still wait in a collective, and the launcher ends them.
     try:
         finetune.run(config)
+        code = 0
     except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
-        finetune.leave_process_group()
-        return 2
+        code = 2
     except Stopped as stopped:  # a signal or the batch script's stop file; a checkpoint was written
         if os.environ.get("RANK", "0") == "0":
             print(stopped, flush=True)
@@ -86,10 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.barrier()  # no rank exits (and gets the others killed by the launcher) before the note exists
-        finetune.leave_process_group()
-        return STOPPED
+        code = STOPPED
+    # Every way out that all ranks take together leaves the process group; a crash does not reach here (its peers
+    # may still wait in a collective, and the launcher ends them).
     finetune.leave_process_group()
-    return 0
+    return code
 
 
 if __name__ == "__main__":

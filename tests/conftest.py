@@ -104,3 +104,17 @@ def finished_run(tmp_path_factory):
     finetune.run(resolve("llama_selora", SMALL_RUN + ["train.max_steps=4", "train.save_every=2",
                                                       f"train.output_dir={out}"]))
     return out
+
+
+def kill_at_step(monkeypatch, step: int):
+    """From now on a run raises KeyboardInterrupt when it logs ``step`` (as if killed after that optimizer step,
+    before its log line); returns the function that lets runs log again."""
+    from recipes import metrics
+    log = metrics.MetricsLogger.log
+
+    def killed(self, at, **values):
+        if at == step:
+            raise KeyboardInterrupt("simulated kill")
+        return log(self, at, **values)
+    monkeypatch.setattr(metrics.MetricsLogger, "log", killed)
+    return lambda: monkeypatch.setattr(metrics.MetricsLogger, "log", log)

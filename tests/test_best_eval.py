@@ -9,9 +9,9 @@ from safetensors.torch import load_file
 
 import selora
 from launch.config import resolve
-from recipes import finetune, metrics
+from recipes import finetune
 
-from conftest import SMALL_RUN
+from conftest import SMALL_RUN, kill_at_step
 
 # A learning rate high enough that the eval loss of the tiny model turns up after a few steps (then stops).
 RUN = SMALL_RUN + ["train.max_steps=16", "train.eval_every=1", "train.save_every=1", "train.learning_rate=3e-2",
@@ -66,16 +66,10 @@ def test_early_stopping_across_a_resume_and_export_of_the_best(tmp_path, monkeyp
 
     # Killed at the stopping step (after its evaluation, before its checkpoint), resumed from the one before it,
     # where one evaluation without improvement was already counted.
-    log = metrics.MetricsLogger.log
-
-    def killed(self, step, **values):
-        if step == stop:
-            raise KeyboardInterrupt("simulated kill")
-        return log(self, step, **values)
-    monkeypatch.setattr(metrics.MetricsLogger, "log", killed)
+    revive = kill_at_step(monkeypatch, stop)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "resumed")
-    monkeypatch.setattr(metrics.MetricsLogger, "log", log)
+    revive()
     state = json.loads((tmp_path / "resumed" / "checkpoints" / f"step_{stop - 1}" / "trainer_state.json").read_text())
     assert state["best_step"] == best_step and state["evals_without_improvement"] == stop - 1 - best_step
     resumed = run(tmp_path / "resumed")

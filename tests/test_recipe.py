@@ -8,11 +8,11 @@ import torch
 
 import selora
 from launch.config import resolve
-from recipes import finetune, metrics
+from recipes import finetune
 from recipes.modeling import load_model
 from recipes.stop_request import STOP_FILE_ENV
 
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, kill_at_step
 
 SMALL = TINY_MODEL + ["data.max_train_records=32", "data.max_eval_records=8", "train.micro_batch_size=4",
          "train.gradient_accumulation_steps=1", "train.warmup_steps=1", "train.eval_every=4", "train.tensorboard=false"]
@@ -52,16 +52,10 @@ def test_crash_then_resume_gives_the_uninterrupted_losses(tmp_path, monkeypatch)
     common = ["train.max_steps=10", "train.save_every=4", "srlora.schedule=fixed", "srlora.start_step=3", "srlora.interval=3",
               "srlora.end_step=9"]
     run("llama_selora_srlora", tmp_path / "straight", *common)
-    original = metrics.MetricsLogger.log
-
-    def crash_at_step_7(self, step, **values):
-        if step == 7:
-            raise KeyboardInterrupt("simulated crash")
-        return original(self, step, **values)
-    monkeypatch.setattr(metrics.MetricsLogger, "log", crash_at_step_7)
+    revive = kill_at_step(monkeypatch, 7)
     with pytest.raises(KeyboardInterrupt):
         run("llama_selora_srlora", tmp_path / "crashed", *common)
-    monkeypatch.setattr(metrics.MetricsLogger, "log", original)
+    revive()
     assert (tmp_path / "crashed" / "checkpoints" / "latest").read_text().strip() == "step_4"
     run("llama_selora_srlora", tmp_path / "crashed", *common)  # resume=auto
     assert losses(tmp_path / "crashed") == losses(tmp_path / "straight")

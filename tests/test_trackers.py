@@ -3,10 +3,12 @@ metrics.jsonl at the same steps, with the resolved config, and no network; only 
 import json
 import re
 
+import pytest
+
 from launch.config import resolve
 from recipes import finetune, trackers
 
-from conftest import SMALL_RUN
+from conftest import SMALL_RUN, kill_at_step
 
 
 def test_wandb_offline_and_mlflow_local_get_the_run(tmp_path, monkeypatch):
@@ -60,8 +62,6 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
     import mlflow.tracking
     import wandb
 
-    from recipes import metrics
-
     for name in ("WANDB_MODE", "WANDB_PROJECT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "WANDB_API_KEY",
                  "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(name, raising=False)
@@ -71,22 +71,12 @@ def test_a_resumed_run_continues_its_tracker_runs(tmp_path, monkeypatch):
                                                 "train.eval_every=0", "train.export_peft=false",
                                                 "train.sample_prompts=[]", "train.report_to=[wandb,mlflow]",
                                                 f"train.output_dir={out}"])
-    log = metrics.MetricsLogger.log
-
-    def killed_at_step_3(self, step, **values):
-        if step == 3:
-            raise KeyboardInterrupt("killed")
-        return log(self, step, **values)
-    monkeypatch.setattr(metrics.MetricsLogger, "log", killed_at_step_3)
-    try:
+    revive = kill_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
         finetune.run(cfg)
-    except KeyboardInterrupt:
-        pass
-    else:
-        raise AssertionError("the run was not interrupted")
     wandb.finish()  # the killed process's W&B run ends with it
     first = json.loads((out / trackers.RUN_IDS).read_text())
-    monkeypatch.setattr(metrics.MetricsLogger, "log", log)
+    revive()
     finetune.run(cfg)  # train.resume=auto: from step 2
     assert json.loads((out / trackers.RUN_IDS).read_text()) == first
 
