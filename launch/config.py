@@ -36,6 +36,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
     attention: str = "auto"
     compile: str = "auto"
+    fused_loss: str = "auto"
     seed: int = 0
     gguf_cache: bool = True
 

@@ -36,6 +36,7 @@ from recipes.checkpoint import TrainerState
 from recipes.data import IGNORE_INDEX, make_collate_fn
 from recipes.data_prepare import build_datasets
 from recipes.compiled_regions import compile_regions
+from recipes.fused_loss import use_fused_loss
 from recipes.inference import answer_prompts, base_model_record, format_comparison
 from recipes.metrics import MetricsLogger, PhaseTimer
 from recipes.profiling import StepProfiler
@@ -164,6 +165,9 @@ def build(cfg, setup: Setup) -> Trainee:
     if plan.compiled:
         compile_regions(model)
     setup.say(plan.compile_line)
+    if plan.fused_loss:
+        use_fused_loss(model)
+    setup.say(plan.fused_loss_line)
     state = start_state(cfg, setup, engine, model, srlora)
     return Trainee(model, model_info, srlora, engine, state)
 

@@ -21,6 +21,7 @@ from recipes import engine as engines
 from recipes.compiled_regions import CompileConfigError, compile_choice
 from recipes.data import pad_multiple
 from recipes.data_prepare import check_data_config
+from recipes.fused_loss import FusedLossConfigError, fused_loss_choice
 from recipes.modeling import Precision, resolve_precision
 from recipes.packed_attention import AttentionConfigError, resolve_attention
 from recipes.profiling import profile_window
@@ -44,6 +45,8 @@ class RunPlan:
     deepspeed: dict | None  # the DeepSpeed config, every "auto" but the model-size ones filled; None: plain PyTorch
     compiled: bool = False  # model.compile on this device: the decoder regions are compiled once the engine is built
     compile_line: str = "model.compile=false: eager"  # the log line that says which, and why
+    fused_loss: bool = False  # model.fused_loss on this device and engine: the training loss skips the logits
+    fused_loss_line: str = "model.fused_loss=false: logits, then transformers' cross-entropy"
 
 
 def training_device(cfg) -> torch.device:
@@ -101,9 +104,14 @@ def validate(cfg, device: torch.device | None = None) -> RunPlan:
     if cfg.deepspeed.config is not None:  # what DeepSpeed would refuse once the model is loaded, refused now
         deepspeed = engines.planned_deepspeed_config(cfg, world_size, precision.loss_scaling)
         engines.check_deepspeed_config(cfg, deepspeed)
+    try:
+        zero_stage = int(deepspeed.get("zero_optimization", {}).get("stage", 0)) if deepspeed else 0
+        fused_loss, fused_loss_line = fused_loss_choice(cfg.model.fused_loss, device, zero_stage)
+    except FusedLossConfigError as error:
+        raise RecipeConfigError(str(error)) from None
     return RunPlan(adapter=adapter, srlora=srlora, device=device, world_size=world_size, precision=precision,
                    pad_multiple=padding, attention=attention, deepspeed=deepspeed, compiled=compiled,
-                   compile_line=compile_line)
+                   compile_line=compile_line, fused_loss=fused_loss, fused_loss_line=fused_loss_line)
 
 
 def check_example_boundaries(data_cfg) -> None:

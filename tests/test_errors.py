@@ -112,9 +112,9 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(argv, situation, messa
     elif situation == "wandb not installed":
         monkeypatch.setitem(sys.modules, "wandb", None)
     elif situation == "transformers before 4.53":  # no masking_utils: the import fails as on an old release
+        import transformers  # an earlier import in this process left the submodule on the package too (looking
+        monkeypatch.delattr(transformers, "masking_utils", raising=False)  # imports it, so before the block below)
         monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)
-        import transformers  # an earlier import in this process left the submodule on the package too
-        monkeypatch.delattr(transformers, "masking_utils", raising=False)
     else:
         assert situation == "", f"docs/errors.md: unknown situation {situation!r}; give tests/test_errors.py a setup"
     new = tmp_path / "new"

@@ -1,0 +1,87 @@
+"""model.fused_loss: the output layer and the cross-entropy as one chunked kernel (liger-kernel's fused linear
+cross-entropy), so a training forward never holds the (tokens, vocabulary) logits.
+
+transformers computes every position's logits in the compute dtype, then a float32 copy for the loss, and keeps
+them for the backward: at a LLaMA-3 shape (128k vocabulary, 4 x 2048 tokens) that is about 6 GiB per micro-batch,
+the largest tensor of the step. liger-kernel (BSD-2-Clause; the switch LLaMA-Factory and axolotl expose) computes
+the loss and the gradient of the hidden states chunk by chunk in its forward. Only the training forward (labels
+given) is routed through it; generation and label-free calls keep transformers' own forward. The summed token loss
+over ``num_items_in_batch`` is the recipe's loss, as with transformers.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+CHOICES = ("auto", "true", "false")
+
+
+class FusedLossConfigError(ValueError):
+    """model.fused_loss holds a value the recipe does not know, or asks for what cannot run here."""
+
+
+def liger_available() -> str | None:
+    """None when liger-kernel's fused linear cross-entropy can be imported, else why not (one line)."""
+    for module, fix in (("triton", "a CUDA build of torch brings it"), ("liger_kernel", "pip install 'selora[gpu]'")):
+        if importlib.util.find_spec(module) is None:
+            return f"no {module}: {fix}"
+    return None
+
+
+def fused_loss_choice(setting, device: torch.device, zero_stage: int) -> tuple[bool, str]:
+    """Whether to route the training loss through liger-kernel, and the one log line that says so and why. ``auto``
+    fuses where it can run: on a GPU with liger-kernel installed, outside ZeRO-3 (whose partitioned output weight
+    is gathered only inside the output layer's own forward). ``true`` where it cannot run is an error, raised
+    before any model is loaded. ``setting``: one of CHOICES (a YAML true/false arrives as a bool)."""
+    choice = str(setting).lower()
+    if choice not in CHOICES:
+        raise FusedLossConfigError(f"model.fused_loss={setting!r}: choose one of {', '.join(CHOICES)}")
+    if choice == "false":
+        return False, "model.fused_loss=false: logits, then transformers' cross-entropy"
+    missing = liger_available() if device.type == "cuda" else None
+    reasons = [reason for reason, applies in (
+        ("not on a GPU", device.type != "cuda"),
+        (missing, missing is not None),
+        ("under ZeRO-3", zero_stage == 3)) if applies]
+    if reasons and choice == "true":
+        raise FusedLossConfigError(f"model.fused_loss=true cannot run here ({'; '.join(reasons)}); set "
+                                   "model.fused_loss=auto or false")
+    if reasons:
+        return False, f"model.fused_loss=auto: logits, then transformers' cross-entropy ({'; '.join(reasons)})"
+    return True, (f"model.fused_loss={choice}: output layer and cross-entropy fused (liger-kernel; no logits are "
+                  "kept)")
+
+
+def liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """The causal-LM loss of ``hidden`` (batch, seq, h) through the output ``weight`` (vocab, h): labels shifted by
+    one position, -100 ignored; summed over ``num_items_in_batch`` when given, else the mean over learned tokens."""
+    from liger_kernel.transformers.model.loss_utils import LigerForCausalLMLoss
+    return LigerForCausalLMLoss(hidden_states=hidden, lm_head_weight=weight, labels=labels,
+                                hidden_size=hidden.shape[-1], num_items_in_batch=num_items_in_batch)
+
+
+LOSS = liger_loss  # tests swap in a plain-torch reference with the same contract (liger needs a GPU)
+
+
+def use_fused_loss(model: nn.Module) -> None:
+    """Route ``model``'s training forward (called with labels) through the fused loss, in place; other calls run
+    transformers' forward unchanged. ``model``: a *ForCausalLM with ``.model`` (the decoder) and ``.lm_head``."""
+    decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Linear) or head.bias is not None:
+        raise FusedLossConfigError(f"model.fused_loss: {type(model).__name__} has no decoder (.model) and bias-free "
+                                   "output layer (.lm_head); set model.fused_loss=false")
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise FusedLossConfigError(f"model.fused_loss: {type(model).__name__} caps its logits; set "
+                                   "model.fused_loss=false")
+    original = model.forward
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        if labels is None:
+            return original(input_ids=input_ids, **kwargs)
+        hidden = decoder(input_ids=input_ids, **kwargs).last_hidden_state
+        return CausalLMOutputWithPast(loss=LOSS(hidden, head.weight, labels, num_items_in_batch))
+
+    model.forward = forward
