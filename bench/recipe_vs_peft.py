@@ -53,6 +53,7 @@ def zero_overrides(**zero) -> str:
 # examples kept apart by varlen flash attention on a GPU.
 PF = "data.padding_free=true"
 EAGER, COMPILED = "model.compile=false", "model.compile=true"  # model.compile=auto compiles on a GPU's plain/ZeRO-2
+UNFUSED = "model.fused_loss=false"
 RECIPE_ROWS = [
     ("recipe plain LoRA", "plain", "lora", "llama_lora", [], True),
     ("recipe plain SeLoRA", "plain", "selora", "llama_selora", [], True),
@@ -74,6 +75,9 @@ RECIPE_ROWS = [
     ("recipe plain LoRA (padding-free eager)", "plain", "lora", "llama_lora", [PF, EAGER], False),
     ("recipe plain SeLoRA (padding-free eager)", "plain", "selora", "llama_selora", [PF, EAGER], False),
     ("recipe ZeRO-2 LoRA (padding-free eager)", "zero2", "lora", "llama_lora", [PF, EAGER], False),
+    # model.fused_loss=auto fuses the output layer and the loss on a GPU with liger-kernel: these keep the logits
+    ("recipe plain LoRA (padding-free logits)", "plain", "lora", "llama_lora", [PF, UNFUSED], False),
+    ("recipe plain SeLoRA (padding-free logits)", "plain", "selora", "llama_selora", [PF, UNFUSED], False),
     # 4-bit rows are compared with a PEFT loop on the same bitsandbytes nf4 base (QLORA_LOOP)
     ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", [PF], False),
     ("recipe plain 4-bit SeLoRA (padding-free)", "plain", "selora", "qlora_selora", [PF], False),

@@ -1,0 +1,89 @@
+"""Why a row of recipe_vs_peft.py is as fast as it is: runs named rows once each, with TorchDynamo's recompile and
+graph-break logs on and a torch.profiler window (train.profile_steps), and keeps what they wrote.
+
+    python bench/row_diagnosis.py --rows 'recipe plain 4-bit LoRA (padding-free compiled)' --out $OUT
+
+For each row, ``<out>/<row slug>/``: ``stderr.txt`` (the compile logs), ``ops.txt`` (the profile's operator
+tables) and ``metrics.jsonl``; the printed summary counts recompilations and graph breaks, with their reasons.
+No dated result: this answers "where does the time go", the timed comparison stays in recipe_vs_peft.py.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, argument_parser
+from recipe_vs_peft import RECIPE_ROWS, recipe_overrides
+
+SIGNALS = {"recompile": re.compile(r"Recompiling function (\w+)|triggered by the following guard failure"),
+           "graph break": re.compile(r"Graph break( in user code)?"),
+           "limit": re.compile(r"(cache_size_limit|recompile_limit) reached")}
+
+
+def summarise(stderr: str) -> dict:
+    """Counts of each signal, and the most frequent lines that follow a signal (the reasons)."""
+    lines = stderr.splitlines()
+    counts = {name: sum(1 for line in lines if pattern.search(line)) for name, pattern in SIGNALS.items()}
+    reasons = collections.Counter()
+    for index, line in enumerate(lines):
+        if any(pattern.search(line) for pattern in SIGNALS.values()):
+            reasons[" | ".join(l.strip()[:160] for l in lines[index:index + 3])] += 1
+    return {**counts, "reasons": reasons.most_common(6)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser(__doc__)
+    parser.add_argument("--rows", required=True, help="comma-separated row names of recipe_vs_peft.py")
+    parser.add_argument("--shape", default="llama_1b_bench")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6, help="steps after the warm-up")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--srlora-interval", type=int, default=100)
+    parser.add_argument("--profile", default="8,9", help="first,last optimizer step of the profile window")
+    parser.add_argument("--torch-logs", default="recompiles,graph_breaks")
+    parser.add_argument("--extra", default="", help="more overrides for every row, separated by spaces")
+    args = parser.parse_args(argv)
+    args.breakdown = False
+    rows = {row[0]: row for row in RECIPE_ROWS}
+    names = [name.strip() for name in args.rows.split(",")]
+    unknown = [name for name in names if name not in rows]
+    if unknown:
+        parser.error(f"--rows: no row named {unknown}")
+    out = Path(args.out)
+    first, last = args.profile.split(",")
+    for name in names:
+        _, engine, method, recipe, extra, _core = rows[name]
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        target = out / slug
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as work:
+            command = [sys.executable, "launch/train.py", "--recipe", recipe,
+                       *recipe_overrides(args, engine, method, list(extra) + args.extra.split()),
+                       f"train.output_dir={work}/run", f"train.profile_steps=[{first},{last}]"]
+            env = dict(os.environ, TORCH_LOGS=args.torch_logs,
+                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+            (target / "stderr.txt").write_text(result.stderr)
+            for found, keep in ((Path(work) / "run" / "profile" / "ops.txt", "ops.txt"),
+                                (Path(work) / "run" / "metrics.jsonl", "metrics.jsonl")):
+                if found.is_file():
+                    shutil.copy(found, target / keep)
+        summary = summarise(result.stderr)
+        print(f"== {name}: exit {result.returncode}; recompiles {summary['recompile']}, graph breaks "
+              f"{summary['graph break']}, limit hits {summary['limit']}")
+        for reason, count in summary["reasons"]:
+            print(f"   {count} x {reason}")
+        if result.returncode != 0:
+            print("   " + "\n   ".join(result.stderr.strip().splitlines()[-5:]))
+
+
+if __name__ == "__main__":
+    main()
