@@ -13,6 +13,7 @@ import collections
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from common import ROOT, argument_parser
 from recipe_vs_peft import RECIPE_ROWS, recipe_overrides
+from recipes.metrics import read_metrics
 
 SIGNALS = {"recompile": re.compile(r"Recompiling function (\w+)|triggered by the following guard failure"),
            "graph break": re.compile(r"Graph break( in user code)?"),
@@ -77,8 +79,14 @@ def main(argv: list[str] | None = None) -> None:
                 if found.is_file():
                     shutil.copy(found, target / keep)
         summary = summarise(result.stderr)
+        speeds = [line["tokens_per_s"] for line in read_metrics(target / "metrics.jsonl")
+                  if "tokens_per_s" in line and line["step"] > args.warmup and not int(first) <= line["step"] <= int(last)] \
+            if (target / "metrics.jsonl").is_file() else []
+        first_loss = next((line["loss"] for line in read_metrics(target / "metrics.jsonl") if line.get("step") == 1),
+                          None) if speeds else None
         print(f"== {name}: exit {result.returncode}; recompiles {summary['recompile']}, graph breaks "
-              f"{summary['graph break']}, limit hits {summary['limit']}")
+              f"{summary['graph break']}, limit hits {summary['limit']}; tokens/s (unprofiled steps) "
+              f"{statistics.median(speeds) if speeds else None}; first loss {first_loss}")
         for reason, count in summary["reasons"]:
             print(f"   {count} x {reason}")
         if result.returncode != 0:
