@@ -186,7 +186,8 @@ def quantize_linears(model: nn.Module, quantization: str, compute_dtype: torch.d
             if quantization == "4bit":
                 layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                           compute_dtype=compute_dtype, quant_type=quant_type)
-                layer.weight = bnb.nn.Params4bit(child.weight.data.float().cpu(), requires_grad=False, quant_type=quant_type)
+                # quantized where the weight lives (.to(device) below quantizes a not-yet-quantized Params4bit)
+                layer.weight = bnb.nn.Params4bit(child.weight.data.float(), requires_grad=False, quant_type=quant_type)
             else:
                 layer = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                             has_fp16_weights=False)
@@ -226,8 +227,12 @@ def load_model(model_cfg, device: torch.device, init_context=None,
         # Quantizing needs whole weights, and a .gguf (small weights meant for local use) is de-quantized whole in
         # memory: both are built unsharded and deepspeed.initialize partitions what it can afterwards (ZeRO-3).
         build_context = init_context if kind == "preset" and quantization == "none" else contextlib.nullcontext()
+        # A GPU preset outside ZeRO-3 is born on the GPU in its dtype: a 7B shape then takes seconds, not the
+        # minutes of a float32 build on the host (its seeded weights are the GPU generator's, not the CPU's).
+        on_gpu = kind == "preset" and device.type == "cuda" and isinstance(build_context, contextlib.nullcontext)
         with build_context:
-            model = _load_gguf(path, dtype, bool(model_cfg.gguf_cache)) if kind == "gguf" else _build_preset(model_cfg)
+            model = _load_gguf(path, dtype, bool(model_cfg.gguf_cache)) if kind == "gguf" else \
+                _build_preset(model_cfg, device if on_gpu else torch.device("cpu"), dtype if on_gpu else torch.float32)
         model = cast_parameters(model, dtype)
         if quantization != "none":  # on the target device first: bitsandbytes quantizes where the weight lives
             model = quantize_linears(model.to(device), quantization, dtype, model_cfg.bnb_4bit_quant_type)
@@ -254,12 +259,12 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def _build_preset(model_cfg) -> nn.Module:
+def _build_preset(model_cfg, device: torch.device, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.for_model(**preset_config(model_cfg.preset))
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(int(model_cfg.seed))
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, use_cache: bool) -> nn.Module:
