@@ -97,3 +97,25 @@ def test_stop_checkpoint_time_smoke(tmp_path):
     assert round_["exit_status"] == 75 and round_["checkpoint_bytes"] > 0
     assert 0 < round_["checkpoint_s"] <= round_["signal_to_exit_s"] < 25
     assert not list(tmp_path.iterdir())  # a smoke run writes no result
+
+
+def test_setup_time_smoke(tmp_path):
+    import setup_time
+    setup_time.main(["--smoke", "--out", str(tmp_path)])
+    document = json.loads(dated(tmp_path, "setup_time_smoke").read_text())
+    (row,) = document["rows"]
+    assert row["name"] == "tiny_llama bf16 from a local checkpoint" and "error" not in row
+    assert positive(row["seconds"]) and row["parameters"] == 1_444_480 and positive(document["checkpoint_write_s"])
+    assert "| tiny_llama bf16 from a local checkpoint |" in dated(tmp_path, "setup_time_smoke", ".md").read_text()
+
+
+def test_row_diagnosis_smoke(tmp_path, capsys):
+    import row_diagnosis
+    row_diagnosis.main(["--rows", "recipe plain LoRA (padding-free eager)", "--shape", "tiny_llama", "--batch", "2",
+                        "--rank", "8", "--steps", "3", "--warmup", "2", "--profile", "3,3", "--out", str(tmp_path)])
+    kept = tmp_path / "recipe_plain_LoRA_padding_free_eager"
+    assert "by self host time" in (kept / "ops.txt").read_text() and (kept / "metrics.jsonl").is_file()
+    summary = capsys.readouterr().out
+    assert "== recipe plain LoRA (padding-free eager): exit 0; recompiles 0, graph breaks 0" in summary
+    assert row_diagnosis.summarise("Recompiling function forward in x.py\n  triggered by the following guard "
+                                   "failure(s):\nGraph break in user code at y.py:3")["graph break"] == 1
