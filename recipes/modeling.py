@@ -243,7 +243,7 @@ def load_model(model_cfg, device: torch.device, init_context=None,
         selora.enable_gradient_checkpointing(model)
     model.config.use_cache = False
     info = {"name_or_path": name, "dtype": str(dtype), "quantization": quantization,
-            "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())}
+            "parameters": sum(quant.parameter_count(p) for p in model.parameters())}  # 4-bit: weights, not bytes
     return model, info
 
 

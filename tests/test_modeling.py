@@ -38,8 +38,9 @@ def test_preset_is_deterministic_per_seed():
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
 def test_quantized_preset_replaces_linears_and_stays_close(quantization):
     import bitsandbytes as bnb
-    reference, _ = load_model(model_cfg(), CPU)
+    reference, reference_info = load_model(model_cfg(), CPU)
     model, info = load_model(model_cfg(quantization=quantization), CPU)
+    assert info["parameters"] == reference_info["parameters"]  # weights, however many a byte of storage holds
     kind = bnb.nn.Linear4bit if quantization == "4bit" else bnb.nn.Linear8bitLt
     assert isinstance(model.model.layers[0].mlp.down_proj, kind)
     assert isinstance(model.lm_head, torch.nn.Linear) and not isinstance(model.lm_head, kind)
