@@ -46,13 +46,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from recipes.checkpoint import CheckpointError
     from recipes.finetune import TrainingDiverged
     from recipes.engine import EngineConfigError
+    from recipes.fused_loss import FusedLossConfigError
     from recipes.modeling import ModelLoadError
     from recipes.packed_attention import AttentionConfigError
     from recipes.shared_build import BuildFailed
     from recipes.validate import RecipeConfigError
     return (ConfigError, RecipeConfigError, DataError, ModelLoadError, CheckpointError, EngineConfigError,
             selora.ConfigValueError, selora.TargetModuleError, selora.AdapterFileError, FileNotFoundError,
-            TrainingDiverged, BuildFailed, AttentionConfigError)
+            TrainingDiverged, BuildFailed, AttentionConfigError, FusedLossConfigError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -165,9 +165,10 @@ def build(cfg, setup: Setup) -> Trainee:
     if plan.compiled:
         compile_regions(model)
     setup.say(plan.compile_line)
+    fused_loss_line = plan.fused_loss_line
     if plan.fused_loss:
-        use_fused_loss(model)
-    setup.say(plan.fused_loss_line)
+        fused_loss_line = use_fused_loss(model, fused_loss_line, required=str(cfg.model.fused_loss).lower() == "true")
+    setup.say(fused_loss_line)
     state = start_state(cfg, setup, engine, model, srlora)
     return Trainee(model, model_info, srlora, engine, state)
 

@@ -65,17 +65,27 @@ def liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 LOSS = liger_loss  # tests swap in a plain-torch reference with the same contract (liger needs a GPU)
 
 
-def use_fused_loss(model: nn.Module) -> None:
-    """Route ``model``'s training forward (called with labels) through the fused loss, in place; other calls run
-    transformers' forward unchanged. ``model``: a *ForCausalLM with ``.model`` (the decoder) and ``.lm_head``."""
+def unfusable(model: nn.Module) -> str | None:
+    """Why ``model``'s output layer and loss cannot be fused (one line), or None: the route needs a *ForCausalLM
+    with a decoder (``.model``) and a bias-free output layer (``.lm_head``), whose logits are not capped."""
     decoder, head = getattr(model, "model", None), getattr(model, "lm_head", None)
     if not isinstance(decoder, nn.Module) or not isinstance(head, nn.Linear) or head.bias is not None:
-        raise FusedLossConfigError(f"model.fused_loss: {type(model).__name__} has no decoder (.model) and bias-free "
-                                   "output layer (.lm_head); set model.fused_loss=false")
+        return f"{type(model).__name__} has no decoder (.model) and bias-free output layer (.lm_head)"
     if getattr(model.config, "final_logit_softcapping", None):
-        raise FusedLossConfigError(f"model.fused_loss: {type(model).__name__} caps its logits; set "
-                                   "model.fused_loss=false")
-    original = model.forward
+        return f"{type(model).__name__} caps its logits"
+    return None
+
+
+def use_fused_loss(model: nn.Module, line: str, required: bool) -> str:
+    """Route ``model``'s training forward (called with labels) through the fused loss, in place; other calls run
+    transformers' forward unchanged. Returns the log line; a model that cannot be fused (`unfusable`) is an error
+    when the fusion was ``required`` (model.fused_loss=true), else it keeps the logits and the line says why."""
+    reason = unfusable(model)
+    if reason is not None:
+        if required:
+            raise FusedLossConfigError(f"model.fused_loss=true: {reason}; set model.fused_loss=auto or false")
+        return f"model.fused_loss=auto: logits, then transformers' cross-entropy ({reason})"
+    decoder, head, original = model.model, model.lm_head, model.forward
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     def forward(input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
@@ -85,3 +95,4 @@ def use_fused_loss(model: nn.Module) -> None:
         return CausalLMOutputWithPast(loss=LOSS(hidden, head.weight, labels, num_items_in_batch))
 
     model.forward = forward
+    return line

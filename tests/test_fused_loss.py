@@ -62,7 +62,7 @@ def test_the_routed_forward_gives_transformers_loss_and_leaves_generation_alone(
     labels[0, :5] = -100
     expected = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7.0)).loss
     logits = model(input_ids=ids).logits
-    use_fused_loss(model)
+    assert use_fused_loss(model, "fused", required=True) == "fused"
     routed = model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(7.0))
     assert routed.logits is None  # no logits were made
     assert routed.loss.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -71,12 +71,19 @@ def test_the_routed_forward_gives_transformers_loss_and_leaves_generation_alone(
     assert torch.equal(model(input_ids=ids).logits, logits)  # label-free calls (generation) keep the logits
 
 
-def test_a_model_whose_output_layer_cannot_be_fused_is_refused(tiny_llama):
+def test_a_model_that_cannot_be_fused_keeps_its_logits_or_is_refused_when_fusion_was_asked(tiny_llama):
     model = tiny_llama()
+    model.config.final_logit_softcapping = 30.0  # as Gemma 2
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    expected = model(input_ids=ids, labels=ids).loss
+    assert use_fused_loss(model, "fused", required=False) == ("model.fused_loss=auto: logits, then transformers' "
+                                                              "cross-entropy (LlamaForCausalLM caps its logits)")
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, expected)  # forward untouched
     model.lm_head = torch.nn.Linear(64, 128, bias=True)
-    with pytest.raises(FusedLossConfigError, match=r"model.fused_loss: LlamaForCausalLM has no decoder \(.model\) and "
-                                                   r"bias-free output layer \(.lm_head\); set model.fused_loss=false"):
-        use_fused_loss(model)
+    with pytest.raises(FusedLossConfigError, match=r"model.fused_loss=true: LlamaForCausalLM has no decoder \(.model\) "
+                                                   r"and bias-free output layer \(.lm_head\); set model.fused_loss=auto "
+                                                   r"or false"):
+        use_fused_loss(model, "fused", required=True)
 
 
 def losses(path) -> list[float]:
@@ -89,7 +96,8 @@ def test_a_fused_run_trains_as_the_unfused_one(tmp_path, monkeypatch):
     the sample answers (generation) in the same run."""
     monkeypatch.setattr(fused_loss, "LOSS", reference_loss)
     routed = []
-    monkeypatch.setattr(finetune, "use_fused_loss", lambda model: routed.append(model) or use_fused_loss(model))
+    monkeypatch.setattr(finetune, "use_fused_loss",
+                        lambda model, *args, **kwargs: routed.append(model) or use_fused_loss(model, *args, **kwargs))
     choice = validation.fused_loss_choice
     monkeypatch.setattr(validation, "fused_loss_choice",  # as on a GPU with liger: the choice, not the device
                         lambda setting, device, stage: choice(setting, CUDA, stage) if str(setting).lower() == "true"
