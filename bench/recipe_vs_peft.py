@@ -330,15 +330,20 @@ def rounds_table(rows: list) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argument_parser(__doc__)
+def add_row_arguments(parser, steps: int) -> None:
+    """What a recipe row is run with (`recipe_overrides` reads them): shape, batch, rank, steps."""
     parser.add_argument("--shape", default="llama_1b_bench", help="a preset of configs/models/")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
+    parser.add_argument("--steps", type=int, default=steps, help="timed steps per row (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--srlora-interval", type=int, default=100)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argument_parser(__doc__)
+    add_row_arguments(parser, steps=20)
     parser.add_argument("--rows", default="all", help="all | core | comma-separated row names")
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset (or --shape), few steps")
     parser.add_argument("--breakdown", action="store_true",

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from common import ROOT, argument_parser
-from recipe_vs_peft import RECIPE_ROWS, recipe_overrides
+from recipe_vs_peft import RECIPE_ROWS, add_row_arguments, recipe_overrides
 from recipes.metrics import read_metrics
 
 SIGNALS = {"recompile": re.compile(r"Recompiling function (\w+)|triggered by the following guard failure"),
@@ -42,13 +42,7 @@ def summarise(stderr: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--rows", required=True, help="comma-separated row names of recipe_vs_peft.py")
-    parser.add_argument("--shape", default="llama_1b_bench")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=6, help="steps after the warm-up")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--srlora-interval", type=int, default=100)
+    add_row_arguments(parser, steps=6)
     parser.add_argument("--profile", default="8,9", help="first,last optimizer step of the profile window")
     parser.add_argument("--torch-logs", default="recompiles,graph_breaks")
     parser.add_argument("--extra", default="", help="more overrides for every row, separated by spaces")
