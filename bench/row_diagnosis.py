@@ -73,11 +73,10 @@ def main(argv: list[str] | None = None) -> None:
                 if found.is_file():
                     shutil.copy(found, target / keep)
         summary = summarise(result.stderr)
-        speeds = [line["tokens_per_s"] for line in read_metrics(target / "metrics.jsonl")
-                  if "tokens_per_s" in line and line["step"] > args.warmup and not int(first) <= line["step"] <= int(last)] \
-            if (target / "metrics.jsonl").is_file() else []
-        first_loss = next((line["loss"] for line in read_metrics(target / "metrics.jsonl") if line.get("step") == 1),
-                          None) if speeds else None
+        metrics = read_metrics(target / "metrics.jsonl") if (target / "metrics.jsonl").is_file() else []
+        speeds = [line["tokens_per_s"] for line in metrics
+                  if "tokens_per_s" in line and line["step"] > args.warmup and not int(first) <= line["step"] <= int(last)]
+        first_loss = next((line["loss"] for line in metrics if line.get("step") == 1), None)
         print(f"== {name}: exit {result.returncode}; recompiles {summary['recompile']}, graph breaks "
               f"{summary['graph break']}, limit hits {summary['limit']}; tokens/s (unprofiled steps) "
               f"{statistics.median(speeds) if speeds else None}; first loss {first_loss}")

@@ -12,6 +12,7 @@ docs/benchmarks/setup_time_<date>.{md,json}.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argument_parser(__doc__)
     parser.add_argument("--shape", default="llama2_7b", help="a preset of configs/models/")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny_llama, bf16 rows only")
-    parser.add_argument("--child", default=None, help=argparse_hidden())
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
         print(json.dumps(child(json.loads(args.child))))
@@ -105,11 +106,6 @@ def main(argv: list[str] | None = None) -> dict:
                   device_name)
     print(table)
     return {"rows": rows}
-
-
-def argparse_hidden():
-    import argparse
-    return argparse.SUPPRESS
 
 
 if __name__ == "__main__":

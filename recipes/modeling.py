@@ -230,9 +230,10 @@ def load_model(model_cfg, device: torch.device, init_context=None,
         # A GPU preset outside ZeRO-3 is born on the GPU in its dtype: a 7B shape then takes seconds, not the
         # minutes of a float32 build on the host (its seeded weights are the GPU generator's, not the CPU's).
         on_gpu = kind == "preset" and device.type == "cuda" and isinstance(build_context, contextlib.nullcontext)
+        build_device, build_dtype = (device, dtype) if on_gpu else (torch.device("cpu"), torch.float32)
         with build_context:
             model = _load_gguf(path, dtype, bool(model_cfg.gguf_cache)) if kind == "gguf" else \
-                _build_preset(model_cfg, device if on_gpu else torch.device("cpu"), dtype if on_gpu else torch.float32)
+                _build_preset(model_cfg, build_device, build_dtype)
         model = cast_parameters(model, dtype)
         if quantization != "none":  # on the target device first: bitsandbytes quantizes where the weight lives
             model = quantize_linears(model.to(device), quantization, dtype, model_cfg.bnb_4bit_quant_type)
