@@ -183,7 +183,7 @@ class AdapterLinear(nn.Module):
             rows.register_hook(add)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base_layer(x)
+        result = quant.base_output(self.base_layer, x)
         if self.merged:  # merge() wrote the adapter and any residual into the base
             return result
         A_rows, Bt_rows = self.lora_A(x.dtype), self.lora_B(x.dtype)

@@ -8,9 +8,11 @@ through `dense_weight` and `write_dense_weight`; nothing else in selora touches 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 try:  # bitsandbytes is a hard dependency, but keep plain-PyTorch use importable without it.
     import bitsandbytes as bnb
@@ -88,11 +90,49 @@ def dense_weight(layer: nn.Module) -> torch.Tensor:
     kind = base_kind(layer)
     if kind == "4bit":
         data, state = _standard_4bit(layer.weight)
+        if torch.compiler.is_compiling():  # as `base_output`: fused by the compiler, no library call in the graph
+            return dequantize_4bit_traced(data, state, torch.float32)
         return bnb_functional.dequantize_4bit(data, state).float()
     if kind == "8bit":
         codes, row_scale = _int8_parts(layer)
         return codes.float() * (row_scale.float().unsqueeze(1) / 127.0)
     return layer.weight.data.float()
+
+
+def base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``. Inside a compiled region (torch.compile) a 4-bit base instead dequantizes its weight with
+    torch ops (`dequantize_4bit_traced`), which the compiler fuses into one kernel that it can also re-run in the
+    backward: bitsandbytes' own path is a Python call into a library per use and four or five kernels (the nested
+    block scales, the 4-bit codes, in the backward a float32 copy then a cast), at each of a step's three uses of
+    the weight (forward, checkpoint recomputation, input gradient). Same values, same F.linear: the outputs and
+    gradients are bitsandbytes'. Eager calls (and 8-bit bases, the CPU's packed layout) keep bitsandbytes'."""
+    if not (torch.compiler.is_compiling() and base_kind(layer) == "4bit" and not _cpu_packed(layer.weight)):
+        return layer(x)
+    dtype = layer.compute_dtype or x.dtype
+    weight = dequantize_4bit_traced(layer.weight.data, layer.weight.quant_state, dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return F.linear(x.to(dtype), weight, bias).to(x.dtype)
+
+
+def dequantize_4bit_traced(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' blockwise 4-bit dequantization (nf4 or fp4, nested block scales or not) in torch ops:
+    each byte holds two codes (high nibble first), a code's value is ``state.code[code]`` times its block's scale,
+    computed in float32 and rounded once to ``dtype``, as bitsandbytes' kernels do. ``packed``: the standard
+    layout, any storage dtype. Returns (out, in)."""
+    count = math.prod(state.shape)
+    scales = state.absmax
+    if state.nested:  # the block scales are themselves 8-bit codes with float32 scales per 256 of them
+        inner = state.state2
+        scales = inner.code[scales.long()] * _per_block(inner.absmax, inner.blocksize, scales.numel()) + state.offset
+    codes = packed.reshape(-1).view(torch.uint8)
+    codes = torch.stack([codes >> 4, codes & 0x0F], dim=-1).reshape(-1)[:count]
+    values = state.code[codes.long()] * _per_block(scales.float(), state.blocksize, count)
+    return values.to(dtype).reshape(state.shape)
+
+
+def _per_block(scales: torch.Tensor, blocksize: int, count: int) -> torch.Tensor:
+    """Each block's scale repeated over its ``blocksize`` elements, cut to ``count`` (the last block may be short)."""
+    return scales.repeat_interleave(blocksize)[:count]
 
 
 def write_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:

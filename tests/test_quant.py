@@ -141,3 +141,59 @@ def test_qlora_recipe_evaluates_after_every_step(tmp_path):
                                    f"train.output_dir={tmp_path}"])
     result = finetune.run(cfg)
     assert result["eval_loss"] is not None and result["eval_loss"] == result["eval_loss"]  # ran, and not NaN
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_traced_4bit_dequantization_gives_bitsandbytes_values(quant_type, nested, storage):
+    """The torch-ops dequantization compiled regions use: bitsandbytes' values bit for bit, in float32 and bf16,
+    for a weight whose size is not a whole number of blocks (344 x 130 = 698.75 blocks of 64)."""
+    weight = torch.randn(344, 130, generator=torch.Generator().manual_seed(0))
+    packed = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=quant_type, compress_statistics=nested,
+                               quant_storage=storage).to("cpu")
+    reference = bnb.functional.dequantize_4bit(packed.data, packed.quant_state)
+    for dtype in (torch.float32, torch.bfloat16):
+        traced = quant.dequantize_4bit_traced(packed.data, packed.quant_state, dtype)
+        assert traced.dtype == dtype and torch.equal(traced, reference.to(dtype))
+
+
+def graph_recorder(graphs: list):
+    """A torch.compile backend that keeps the forward and backward graphs (AOTAutograd's) and runs them as they are."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+
+
+def test_a_compiled_4bit_adapter_dequantizes_in_its_graph_and_matches_eager():
+    """Compiled, an adapted 4-bit projection (bias, DoRA, float32 compute) runs no bitsandbytes call in its
+    forward or backward graph, and gives eager bitsandbytes' output and gradients (input and adapter)."""
+    # in-features a multiple of bitsandbytes' block (64): its CPU kernel (0.50.2) dequantizes other widths wrongly
+    model = adapted_stack((64, 40), use_dora=True)
+    layer = model[0]
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(2))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def run(module):
+        inputs = x.clone().requires_grad_(True)
+        out = module(inputs)
+        out.square().sum().backward()
+        grads = [inputs.grad] + [p.grad.clone() for p in trainable]
+        for p in trainable:
+            p.grad = None
+        return out.detach(), grads
+
+    eager_out, eager_grads = run(layer)
+    graphs = []
+    compiled = torch.compile(layer, backend=graph_recorder(graphs), fullgraph=True)
+    compiled_out, compiled_grads = run(compiled)
+    assert len(graphs) == 2  # forward and backward
+    called = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
+    assert not [name for name in called if "bitsandbytes" in name], called
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-5)
