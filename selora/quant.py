@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 try:  # bitsandbytes is a hard dependency, but keep plain-PyTorch use importable without it.
     import bitsandbytes as bnb
@@ -109,7 +110,10 @@ def base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if not (torch.compiler.is_compiling() and base_kind(layer) == "4bit" and not _cpu_packed(layer.weight)):
         return layer(x)
     dtype = layer.compute_dtype or x.dtype
-    weight = dequantize_4bit_traced(layer.weight.data, layer.weight.quant_state, dtype)
+    # Checkpointed: the backward dequantizes again instead of keeping the dense weight, which the compiler would
+    # otherwise keep (a dense copy of every base weight in memory, for a run without gradient checkpointing).
+    weight = checkpoint(dequantize_4bit_traced, layer.weight.data, layer.weight.quant_state, dtype,
+                        use_reentrant=False)
     bias = None if layer.bias is None else layer.bias.to(dtype)
     return F.linear(x.to(dtype), weight, bias).to(x.dtype)
 
@@ -118,21 +122,22 @@ def dequantize_4bit_traced(packed: torch.Tensor, state, dtype: torch.dtype) -> t
     """bitsandbytes' blockwise 4-bit dequantization (nf4 or fp4, nested block scales or not) in torch ops:
     each byte holds two codes (high nibble first), a code's value is ``state.code[code]`` times its block's scale,
     computed in float32 and rounded once to ``dtype``, as bitsandbytes' kernels do. ``packed``: the standard
-    layout, any storage dtype. Returns (out, in)."""
+    layout, any storage dtype. Returns (out, in). Element-wise, indexing and view ops only: one fused kernel."""
     count = math.prod(state.shape)
     scales = state.absmax
     if state.nested:  # the block scales are themselves 8-bit codes with float32 scales per 256 of them
         inner = state.state2
         scales = inner.code[scales.long()] * _per_block(inner.absmax, inner.blocksize, scales.numel()) + state.offset
-    codes = packed.reshape(-1).view(torch.uint8)
-    codes = torch.stack([codes >> 4, codes & 0x0F], dim=-1).reshape(-1)[:count]
+    codes = packed.reshape(-1).view(torch.uint8).unsqueeze(-1)  # (bytes, 1)
+    high = torch.arange(2, device=codes.device) == 0  # (2,): the first code of a byte is its high nibble
+    codes = torch.where(high, codes >> 4, codes & 0x0F).reshape(-1)[:count]
     values = state.code[codes.long()] * _per_block(scales.float(), state.blocksize, count)
     return values.to(dtype).reshape(state.shape)
 
 
 def _per_block(scales: torch.Tensor, blocksize: int, count: int) -> torch.Tensor:
     """Each block's scale repeated over its ``blocksize`` elements, cut to ``count`` (the last block may be short)."""
-    return scales.repeat_interleave(blocksize)[:count]
+    return scales.unsqueeze(-1).expand(-1, blocksize).reshape(-1)[:count]
 
 
 def write_dense_weight(layer: nn.Module, weight: torch.Tensor) -> None:

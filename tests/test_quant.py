@@ -159,19 +159,29 @@ def test_traced_4bit_dequantization_gives_bitsandbytes_values(quant_type, nested
 
 
 def graph_recorder(graphs: list):
-    """A torch.compile backend that keeps the forward and backward graphs (AOTAutograd's) and runs them as they are."""
+    """A torch.compile backend that keeps the forward and backward graphs, split as inductor splits them (the
+    min-cut partitioner: what the backward recomputes rather than keeps), and runs them as they are."""
     from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
 
     def keep(graph, example_inputs):
         graphs.append(graph)
         return graph.forward
 
-    return aot_autograd(fw_compiler=keep, bw_compiler=keep)
+    return aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=min_cut_rematerialization_partition)
+
+
+def kept_for_backward(forward_graph) -> list[torch.Tensor]:
+    """The example values of what a forward graph hands its backward (its outputs after the first)."""
+    output = next(node for node in forward_graph.graph.nodes if node.op == "output")
+    return [node.meta["val"] for node in output.args[0][1:] if hasattr(node, "meta") and "val" in node.meta]
 
 
 def test_a_compiled_4bit_adapter_dequantizes_in_its_graph_and_matches_eager():
     """Compiled, an adapted 4-bit projection (bias, DoRA, float32 compute) runs no bitsandbytes call in its
-    forward or backward graph, and gives eager bitsandbytes' output and gradients (input and adapter)."""
+    forward or backward graph, keeps no dense copy of its base weight for the backward (a compiled run without
+    gradient checkpointing would hold the whole model dense), and gives eager bitsandbytes' output and gradients
+    (input and adapter)."""
     # in-features a multiple of bitsandbytes' block (64): its CPU kernel (0.50.2) dequantizes other widths wrongly
     model = adapted_stack((64, 40), use_dora=True)
     layer = model[0]
@@ -194,6 +204,8 @@ def test_a_compiled_4bit_adapter_dequantizes_in_its_graph_and_matches_eager():
     assert len(graphs) == 2  # forward and backward
     called = {str(node.target) for graph in graphs for node in graph.graph.nodes if node.op == "call_function"}
     assert not [name for name in called if "bitsandbytes" in name], called
+    weight_size = layer.base_layer.out_features * layer.base_layer.in_features
+    assert not [kept.shape for kept in kept_for_backward(graphs[0]) if kept.numel() >= weight_size]
     torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-5)
     for compiled_grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-5, atol=1e-5)
