@@ -70,6 +70,9 @@ RECIPE_ROWS = [
     ("recipe plain SRLoRA (padding-free default start)", "plain", "srlora", "llama_srlora",
      [PF, "adapter.init=default"], False),
     ("recipe ZeRO-2 LoRA (padding-free)", "zero2", "lora", "llama_lora", [PF], False),
+    # zero2.json's contiguous_gradients=false against DeepSpeed's default (each gradient copied into one buffer)
+    ("recipe ZeRO-2 LoRA (padding-free contiguous gradients)", "zero2", "lora", "llama_lora",
+     [PF, zero_overrides(contiguous_gradients=True)], False),
     ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", [PF], False),
     ("recipe ZeRO-3 LoRA (padding-free compiled)", "zero3", "lora", "llama_lora", [PF, COMPILED], False),
     ("recipe plain LoRA (padding-free eager)", "plain", "lora", "llama_lora", [PF, EAGER], False),
