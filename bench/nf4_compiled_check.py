@@ -5,6 +5,11 @@ time of its forward + backward three ways: eager bitsandbytes, bitsandbytes' lay
 library calls stay in the graph), and the recipe's compiled path.
 
     python bench/nf4_compiled_check.py       # GPU only; prints one line per check and a timing table
+
+2026-12-06, one H100: equal bit for bit except weights quantized from float32 with nested scales (7 of 11.3M and
+63 of 45.1M one bf16 step apart); compiled output within one bf16 step of eager, input gradient to 1.5e-8 of
+4.0e-6; forward + backward 1.38 / 1.42 / 1.67 ms traced against 1.73 / 1.93 / 1.76 eager (q_proj, down_proj at
+1.3B, up_proj at 7B). Recorded in docs/benchmarks/recipe_vs_peft_2026-12-06.md (call D).
 """
 import torch
 
@@ -82,7 +87,7 @@ def time_paths() -> None:
 
         def with_library_calls(inputs):  # what the adapter ran before: the bitsandbytes layer itself
             return base(inputs) + layer.scaling * ((inputs @ layer.lora_A.param.to(inputs.dtype).T)
-                                                   @ layer.lora_B.param.to(inputs.dtype).T)
+                                                   @ layer.lora_B.param.to(inputs.dtype))
 
         paths = [layer, torch.compile(with_library_calls), torch.compile(layer)]
         times = [time_ms(lambda path=path: forward_backward(path, x), torch.device("cuda"), repeats=50, warmup=5)

@@ -105,8 +105,10 @@ def base_output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     torch ops (`dequantize_4bit_traced`), which the compiler fuses into one kernel that it can also re-run in the
     backward: bitsandbytes' own path is a Python call into a library per use and four or five kernels (the nested
     block scales, the 4-bit codes, in the backward a float32 copy then a cast), at each of a step's three uses of
-    the weight (forward, checkpoint recomputation, input gradient). Same values, same F.linear: the outputs and
-    gradients are bitsandbytes'. Eager calls (and 8-bit bases, the CPU's packed layout) keep bitsandbytes'."""
+    the weight (forward, checkpoint recomputation, input gradient). Same values and the same F.linear (on a GPU a
+    few weights in ten million, quantized from float32 with nested scales, land one bf16 step apart: the compiler
+    fuses the scales' multiply and add; bench/nf4_compiled_check.py). Eager calls (and 8-bit bases, the CPU's
+    packed layout) keep bitsandbytes'."""
     if not (torch.compiler.is_compiling() and base_kind(layer) == "4bit" and not _cpu_packed(layer.weight)):
         return layer(x)
     dtype = layer.compute_dtype or x.dtype
