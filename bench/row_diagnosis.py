@@ -5,6 +5,8 @@ graph-break logs on and a torch.profiler window (train.profile_steps), and keeps
 
 For each row, ``<out>/<row slug>/``: ``stderr.txt`` (the compile logs), ``ops.txt`` (the profile's operator
 tables) and ``metrics.jsonl``; the printed summary counts recompilations and graph breaks, with their reasons.
+``--python-profile`` profiles the window with cProfile instead (``python.txt``: DeepSpeed's hooks and the loop's
+Python by own and cumulative time), for a host-bound row whose time goes to Python rather than to operators.
 No dated result: this answers "where does the time go", the timed comparison stays in recipe_vs_peft.py.
 """
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="8,9", help="first,last optimizer step of the profile window")
     parser.add_argument("--torch-logs", default="recompiles,graph_breaks")
     parser.add_argument("--extra", default="", help="more overrides for every row, separated by spaces")
+    parser.add_argument("--python-profile", action="store_true",
+                        help="cProfile over the window (python.txt) instead of torch.profiler (ops.txt)")
     args = parser.parse_args(argv)
     args.breakdown = False
     rows = {row[0]: row for row in RECIPE_ROWS}
@@ -63,12 +67,14 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory() as work:
             command = [sys.executable, "launch/train.py", "--recipe", recipe,
                        *recipe_overrides(args, engine, method, list(extra) + args.extra.split()),
-                       f"train.output_dir={work}/run", f"train.profile_steps=[{first},{last}]"]
+                       f"train.output_dir={work}/run", f"train.profile_steps=[{first},{last}]",
+                       f"train.profile_python={str(args.python_profile).lower()}"]
             env = dict(os.environ, TORCH_LOGS=args.torch_logs,
                        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
             result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
             (target / "stderr.txt").write_text(result.stderr)
             for found, keep in ((Path(work) / "run" / "profile" / "ops.txt", "ops.txt"),
+                                (Path(work) / "run" / "profile" / "python.txt", "python.txt"),
                                 (Path(work) / "run" / "metrics.jsonl", "metrics.jsonl")):
                 if found.is_file():
                     shutil.copy(found, target / keep)

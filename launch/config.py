@@ -137,6 +137,7 @@ class TrainSection:
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
     time_breakdown: bool = False
     profile_steps: List[int] = field(default_factory=list)
+    profile_python: bool = False
     sample_prompts: List[str] = field(default_factory=list)
     stop_signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     stop_grace_s: float = 25.0

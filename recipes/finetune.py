@@ -235,7 +235,7 @@ def train_loop(cfg, setup: Setup, trainee: Trainee) -> dict:
     progress = tqdm(total=total_steps, initial=state.step, disable=setup.rank != 0, desc="train", dynamic_ncols=True)
     window = LogWindow(device)
     timer = PhaseTimer(device, enabled=bool(train.time_breakdown))
-    profiler = StepProfiler(train.profile_steps, output_dir, device, setup.rank)
+    profiler = StepProfiler(train.profile_steps, output_dir, device, setup.rank, python=bool(train.profile_python))
     last = {"loss": None, "eval_loss": None}
     engine.train()
     batches = data.order.micro_batches(data.train_ds, data.collate, state.epoch, state.batch_in_epoch)

@@ -7,9 +7,16 @@ profile/ops.txt holds two tables (operators by self device time, and by self hos
 that make the host wait for the device (synchronisations, blocking copies, cudaMalloc); profile/trace.json opens in
 chrome://tracing or Perfetto. Profiling slows the profiled steps: their throughput is not representative, and
 train.time_breakdown should be off when reading it.
+
+With train.profile_python=true the same steps run under Python's cProfile instead, and profile/python.txt lists the
+Python functions by own and by cumulative time: for a host-bound step whose time goes to Python (hooks of an
+engine, the loop's bookkeeping) rather than to operators.
 """
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 from pathlib import Path
 
 import torch
@@ -36,17 +43,21 @@ def profile_window(steps) -> tuple[int, int] | None:
 class StepProfiler:
     """Started before optimizer step ``first`` and stopped after step ``last`` (1-based, inclusive)."""
 
-    def __init__(self, steps, output_dir: str | Path, device: torch.device, rank: int, trace: bool = True):
+    def __init__(self, steps, output_dir: str | Path, device: torch.device, rank: int, trace: bool = True,
+                 python: bool = False):
         window = profile_window(steps)
         self.first, self.last = window or (None, None)
         self.enabled = window is not None and rank == 0
         self.out = Path(output_dir) / "profile"
-        self.device, self.trace = device, trace
+        self.device, self.trace, self.python = device, trace, python
         self.profiler = None
 
     def before_step(self, step: int) -> None:
         """Call with the number the coming optimizer step will have."""
-        if self.enabled and step == self.first and self.profiler is None:
+        if self.enabled and step == self.first and self.profiler is None and self.python:
+            self.profiler = cProfile.Profile()
+            self.profiler.enable()
+        elif self.enabled and step == self.first and self.profiler is None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.profiler = profile(activities=activities, record_shapes=False)
             self.profiler.__enter__()
@@ -56,8 +67,12 @@ class StepProfiler:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.profiler.__exit__(None, None, None)
-        self.write(self.profiler, self.last - self.first + 1)
+        if self.python:
+            self.profiler.disable()
+            self.write_python(self.profiler, self.last - self.first + 1)
+        else:
+            self.profiler.__exit__(None, None, None)
+            self.write(self.profiler, self.last - self.first + 1)
         self.profiler = None
         self.enabled = False
 
@@ -76,3 +91,13 @@ class StepProfiler:
         (self.out / "ops.txt").write_text("\n".join(lines) + "\n")
         if self.trace:
             profiler.export_chrome_trace(str(self.out / "trace.json"))
+
+    def write_python(self, profiler: cProfile.Profile, steps: int, rows: int = 40) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        text = io.StringIO()
+        text.write(f"optimizer steps {self.first}-{self.last} ({steps}); cProfile's times are totals over them\n")
+        stats = pstats.Stats(profiler, stream=text)
+        for order in ("tottime", "cumulative"):
+            text.write(f"\n## by {'own' if order == 'tottime' else 'cumulative'} time\n")
+            stats.sort_stats(order).print_stats(rows)
+        (self.out / "python.txt").write_text(text.getvalue())

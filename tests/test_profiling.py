@@ -1,4 +1,6 @@
 """train.profile_steps: torch.profiler over a window of optimizer steps, tables written by rank 0 only."""
+import re
+
 import pytest
 import torch
 
@@ -23,6 +25,26 @@ def test_profiles_exactly_the_window_and_writes_the_tables(tmp_path):
     assert "aten::mm" in ops and "## by self host time" in ops
     assert "aten::item: 1.0" in ops  # one .item() per step, counted among the waits for the device
     assert (tmp_path / "profile" / "trace.json").stat().st_size > 0
+
+
+def python_step(x: torch.Tensor) -> float:
+    return (x @ x).sum().item()
+
+
+def test_the_python_profile_covers_the_window_and_names_the_functions(tmp_path):
+    profiler = StepProfiler([2, 3], tmp_path, torch.device("cpu"), rank=0, python=True)
+    x, inside = torch.randn(64, 64), []
+    for step in range(1, 6):
+        profiler.before_step(step)
+        inside.append(profiler.profiler is not None)
+        python_step(x)
+        profiler.after_step(step)
+    assert inside == [False, True, True, False, False]
+    tables = (tmp_path / "profile" / "python.txt").read_text()
+    assert tables.startswith("optimizer steps 2-3 (2)") and "## by own time" in tables
+    # called once in each of the two profiled steps, not in the other three
+    assert re.search(r"\n\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+ \S*test_profiling.py:\d+\(python_step\)", tables)
+    assert not (tmp_path / "profile" / "ops.txt").exists()
 
 
 def test_other_ranks_and_an_empty_window_write_nothing(tmp_path):
