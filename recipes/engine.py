@@ -231,14 +231,19 @@ class DeepSpeedEngine:
 
 
 def whole_layer_fetch(model: torch.nn.Module, ds_config: dict) -> list[str]:
-    """Under ZeRO-3 on GPUs, each decoder layer (the classes the model names in ``_no_split_modules``, e.g.
-    LlamaDecoderLayer) is gathered and released as one unit: one hook pair and one gather per layer, instead of one
-    per projection, base weight and adapter factor. Returns the class names made units ([] when none).
+    """Under ZeRO-3 with gradient checkpointing, each decoder layer (the classes the model names in
+    ``_no_split_modules``, e.g. LlamaDecoderLayer) is gathered and released as one unit: one hook pair and one
+    gather per layer, instead of one per projection, base weight and adapter factor. Returns the class names made
+    units ([] when none).
 
-    Left to DeepSpeed's per-module fetch on CPU (DeepSpeed 0.19.8's whole-module fetch calls the CUDA-only
-    record_stream) and when the config sets ``stage3_module_granularity_threshold`` (DeepSpeed's own rule)."""
+    Only with checkpointing: DeepSpeed (0.19.8) gathers a unit again for its backward when the gradient reaches the
+    unit's output, which a checkpointed layer's recomputation uses; without checkpointing the backward of the
+    layer's own linear layers finds their weights released (an empty tensor: shown on CPU, one rank or two, with a
+    plain transformers model and DeepSpeed alone; the hooks are the same on GPUs), so per-module fetch stays. Also left alone when the config sets ``stage3_module_granularity_threshold``
+    (DeepSpeed's own rule)."""
     zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") != 3 or not torch.cuda.is_available() or zero.get("stage3_module_granularity_threshold"):
+    if zero.get("stage") != 3 or not getattr(model, "is_gradient_checkpointing", False) \
+            or zero.get("stage3_module_granularity_threshold"):
         return []
     from deepspeed.utils import set_z3_leaf_modules
     names = set(getattr(model, "_no_split_modules", None) or [])

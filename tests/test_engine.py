@@ -21,19 +21,20 @@ def leaves(model):
     return sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)})
 
 
-def test_zero3_on_gpus_gathers_each_decoder_layer_whole(tiny_llama, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+def test_zero3_with_checkpointing_gathers_each_decoder_layer_whole(tiny_llama):
+    tiny_llama.gradient_checkpointing_enable()
     units = engine.whole_layer_fetch(tiny_llama, {"zero_optimization": {"stage": 3}})
     assert units == ["LlamaDecoderLayer"]
     assert leaves(tiny_llama) == ["LlamaDecoderLayer"]
     assert sum(getattr(m, "_z3_leaf", False) for m in tiny_llama.modules()) == len(tiny_llama.model.layers)
 
 
-@pytest.mark.parametrize("case", ["cpu", "zero2", "threshold set"])
-def test_per_module_fetch_is_left_alone(tiny_llama, monkeypatch, case):
-    """On CPU (DeepSpeed 0.19.8's whole-module fetch needs CUDA), under ZeRO-2, and when the config chooses
-    DeepSpeed's own granularity rule, nothing is marked."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: case != "cpu")
+@pytest.mark.parametrize("case", ["no checkpointing", "zero2", "threshold set"])
+def test_per_module_fetch_is_left_alone(tiny_llama, case):
+    """Without checkpointing (DeepSpeed 0.19.8 would not gather a whole layer again for its backward), under
+    ZeRO-2, and when the config chooses DeepSpeed's own granularity rule, nothing is marked."""
+    if case != "no checkpointing":
+        tiny_llama.gradient_checkpointing_enable()
     zero = {"stage": 2 if case == "zero2" else 3}
     if case == "threshold set":
         zero["stage3_module_granularity_threshold"] = 1000
@@ -205,3 +206,41 @@ def test_deepspeed_turns_its_loss_scale_on_for_float16(dtype, fp16):
     config = engine.deepspeed_config(resolve("llama_lora", [f"model.dtype={dtype}", "deepspeed.config=zero2"]), 1)
     assert config["fp16"]["enabled"] is fp16
     assert not (config["fp16"]["enabled"] and config["bf16"]["enabled"])
+
+
+# ----- ZeRO-3's fetch units, trained -----------------------------------------------------------------------------
+def zero3_losses(checkpointing: bool, steps: int = 3) -> tuple[list[str], list[float]]:
+    """A few ZeRO-3 steps (every parameter partitioned) of the tiny LLaMA, its attention projections trained."""
+    from launch.config import resolve
+    cfg = resolve("llama_lora", [*TINY_MODEL, "deepspeed.config=zero3", "train.learning_rate=1e-2",
+                                 "train.warmup_steps=0", "deepspeed.overrides={zero_optimization: "
+                                 "{stage3_param_persistence_threshold: 0}, optimizer: {params: {torch_adam: true}}}"])
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**preset_config("tiny_llama")))
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad_(name.endswith(("q_proj.weight", "v_proj.weight")))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    built = engine.DeepSpeedEngine(model, engine.sized_for_model(engine.deepspeed_config(cfg, 1), 64), cfg.train, 10)
+    built.train()
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(steps):
+        loss = built(input_ids=tokens, labels=tokens).loss
+        built.backward(loss)
+        built.step()
+        losses.append(loss.item())
+    return built.fetch_units, losses
+
+
+def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group, monkeypatch):
+    """With checkpointing, whole-layer gathers give per-module fetch's losses; without it (where DeepSpeed's leaf
+    modules would hand the layer's backward released weights) per-module fetch stays and trains."""
+    units, whole = zero3_losses(checkpointing=True)
+    assert units == ["LlamaDecoderLayer"]
+    without_units, unchecked = zero3_losses(checkpointing=False)
+    assert without_units == [] and unchecked[-1] < unchecked[0]
+    monkeypatch.setattr(engine, "whole_layer_fetch", lambda model, config: [])
+    _, per_module = zero3_losses(checkpointing=True)
+    assert whole[-1] < whole[0]
+    assert whole == pytest.approx(per_module, rel=1e-6) and whole == pytest.approx(unchecked, rel=1e-5)

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
 
 STEPS = 12
-ARGS = ["launch/train.py", "--recipe", "llama_selora_srlora", "deepspeed.config=zero3",
+# with gradient checkpointing, so ZeRO-3 gathers each decoder layer whole (recipes/engine.py: whole_layer_fetch)
+ARGS = ["launch/train.py", "--recipe", "llama_selora_srlora", "deepspeed.config=zero3", "model.gradient_checkpointing=true",
         "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
         f"train.max_steps={STEPS}", "train.save_every=4", "train.warmup_steps=2", "train.eval_every=6",
         "srlora.schedule=fixed", "srlora.start_step=3", "srlora.interval=3", "srlora.end_step=9", "data.max_train_records=400", *TINY_MODEL]
@@ -63,6 +64,7 @@ def straight(tmp_path_factory):
 
 
 def test_zero3_recipe_runs_to_the_end_and_exports_a_peft_adapter(straight):
+    assert "ZeRO-3 gathers each LlamaDecoderLayer whole" in (straight.parent / "straight.log").read_text()
     assert sorted(losses(straight)) == list(range(1, STEPS + 1))
     assert {e["step"] for e in events(straight)} == {3, 6, 9}
     from peft import PeftModel
