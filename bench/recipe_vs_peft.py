@@ -248,10 +248,12 @@ def recipe_overrides(args, engine: str, method: str, extra: list[str]) -> list[s
     return overrides + list(extra)
 
 
-def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], work: Path) -> dict:
+def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], work: Path,
+               entry: str = "launch/train.py") -> dict:
+    """One recipe run in its own process (``entry``: launch/train.py or a script that takes its arguments)."""
     from recipes.metrics import read_metrics
     output = work / f"{recipe}_{engine}"
-    command = [sys.executable, "launch/train.py", "--recipe", recipe, *recipe_overrides(args, engine, method, extra),
+    command = [sys.executable, entry, "--recipe", recipe, *recipe_overrides(args, engine, method, extra),
                f"train.output_dir={output}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -59,6 +59,22 @@ def test_recipe_vs_peft_smoke(tmp_path):
     assert table.count("| tiny_llama 2x256 |") == 3
 
 
+def test_zero3_one_rank_sync_smoke(tmp_path, monkeypatch):
+    import no_sync_entry
+    import zero3_one_rank_sync
+    from deepspeed.runtime.zero.partition_parameters import NoGatherCoalescedHandle
+    monkeypatch.setattr(NoGatherCoalescedHandle, "wait", NoGatherCoalescedHandle.wait)  # restored after the test
+    no_sync_entry.skip_one_rank_sync()
+    assert NoGatherCoalescedHandle.wait is no_sync_entry.wait_without_sync
+    zero3_one_rank_sync.main(["--smoke", "--out", str(tmp_path)])
+    document = json.loads(dated(tmp_path, "zero3_one_rank_sync_smoke").read_text())
+    assert sorted(document["tokens_per_s"]) == sorted(zero3_one_rank_sync.VARIANTS)
+    assert all(positive(speed) for speeds in document["tokens_per_s"].values() for speed in speeds)
+    ratios = document["ratio_to_plain_engine"]["ZeRO-3"]
+    assert ratios == [pytest.approx(document["tokens_per_s"]["ZeRO-3"][0] / document["tokens_per_s"]["plain engine"][0])]
+    assert "| ZeRO-3 without the one-rank synchronisation |" in dated(tmp_path, "zero3_one_rank_sync_smoke", ".md").read_text()
+
+
 def test_bases_speed_smoke(tmp_path):
     import bases_speed
     rows = bases_speed.main(["--smoke", "--out", str(tmp_path)])
