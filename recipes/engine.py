@@ -231,25 +231,33 @@ class DeepSpeedEngine:
 
 
 def whole_layer_fetch(model: torch.nn.Module, ds_config: dict) -> list[str]:
-    """Under ZeRO-3 with gradient checkpointing, each decoder layer (the classes the model names in
-    ``_no_split_modules``, e.g. LlamaDecoderLayer) is gathered and released as one unit: one hook pair and one
-    gather per layer, instead of one per projection, base weight and adapter factor. Returns the class names made
-    units ([] when none).
+    """Under ZeRO-3, each decoder layer (the classes the model names in ``_no_split_modules``, e.g.
+    LlamaDecoderLayer) is gathered and released as one unit: one hook pair and one gather per layer, instead of one
+    per projection, base weight and adapter factor. Returns the class names made units ([] when none).
 
-    Only with checkpointing: DeepSpeed (0.19.8) gathers a unit again for its backward when the gradient reaches the
-    unit's output, which a checkpointed layer's recomputation uses; without checkpointing the backward of the
-    layer's own linear layers finds their weights released (an empty tensor: shown on CPU, one rank or two, with a
-    plain transformers model and DeepSpeed alone; the hooks are the same on GPUs), so per-module fetch stays. Also left alone when the config sets ``stage3_module_granularity_threshold``
-    (DeepSpeed's own rule)."""
+    DeepSpeed (0.19.8) reduces a unit's gradients in a full backward hook on the unit, which fires once the
+    gradient with respect to the unit's inputs exists, or, where no input requires a gradient (the first layer,
+    after frozen embeddings), as soon as the one with respect to its outputs does: before the layer's own backward,
+    whose weights it then meets released (a size-0 gradient, an error at the first backward). The model's input
+    embeddings are therefore made to require a gradient (transformers' ``enable_input_require_grads``, which its
+    gradient checkpointing already calls, as PEFT does), at the cost of the first layer's input-gradient products;
+    tests/test_engine.py compares the gradients with per-module fetch's, with and without checkpointing. Left to
+    DeepSpeed's per-module fetch when the config sets ``stage3_module_granularity_threshold`` (DeepSpeed's own
+    rule) and for a model without ``enable_input_require_grads`` that does not checkpoint."""
     zero = ds_config.get("zero_optimization", {})
-    if zero.get("stage") != 3 or not getattr(model, "is_gradient_checkpointing", False) \
-            or zero.get("stage3_module_granularity_threshold"):
+    if zero.get("stage") != 3 or zero.get("stage3_module_granularity_threshold"):
         return []
-    from deepspeed.utils import set_z3_leaf_modules
+    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if not checkpointing and not hasattr(model, "enable_input_require_grads"):
+        return []
     names = set(getattr(model, "_no_split_modules", None) or [])
     classes = sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
-    if classes:
-        set_z3_leaf_modules(model, classes)
+    if not classes:
+        return []
+    from deepspeed.utils import set_z3_leaf_modules
+    if not checkpointing:  # transformers' checkpointing has called it
+        model.enable_input_require_grads()
+    set_z3_leaf_modules(model, classes)
     return [c.__name__ for c in classes]
 
 

@@ -21,25 +21,34 @@ def leaves(model):
     return sorted({type(m).__name__ for m in model.modules() if getattr(m, "_z3_leaf", False)})
 
 
-def test_zero3_with_checkpointing_gathers_each_decoder_layer_whole(tiny_llama):
-    tiny_llama.gradient_checkpointing_enable()
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_zero3_gathers_each_decoder_layer_whole(tiny_llama, checkpointing):
+    tiny_llama.requires_grad_(False)  # a frozen base, as under adapters
+    if checkpointing:
+        tiny_llama.gradient_checkpointing_enable()
     units = engine.whole_layer_fetch(tiny_llama, {"zero_optimization": {"stage": 3}})
     assert units == ["LlamaDecoderLayer"]
     assert leaves(tiny_llama) == ["LlamaDecoderLayer"]
     assert sum(getattr(m, "_z3_leaf", False) for m in tiny_llama.modules()) == len(tiny_llama.model.layers)
+    # the first layer's input carries a gradient (transformers' checkpointing makes it so; without it, the
+    # engine), so DeepSpeed's hook on that layer waits for the layer's backward
+    embedded = tiny_llama.get_input_embeddings()(torch.tensor([[1, 2, 3]]))
+    assert embedded.requires_grad and len(tiny_llama.get_input_embeddings()._forward_hooks) == 1
 
 
-@pytest.mark.parametrize("case", ["no checkpointing", "zero2", "threshold set"])
+@pytest.mark.parametrize("case", ["zero2", "threshold set", "no input gradients to enable"])
 def test_per_module_fetch_is_left_alone(tiny_llama, case):
-    """Without checkpointing (DeepSpeed 0.19.8 would not gather a whole layer again for its backward), under
-    ZeRO-2, and when the config chooses DeepSpeed's own granularity rule, nothing is marked."""
-    if case != "no checkpointing":
-        tiny_llama.gradient_checkpointing_enable()
+    """Under ZeRO-2, when the config chooses DeepSpeed's own granularity rule, and for a model that neither
+    checkpoints nor can make its inputs require a gradient, nothing is marked."""
+    model = tiny_llama
     zero = {"stage": 2 if case == "zero2" else 3}
     if case == "threshold set":
         zero["stage3_module_granularity_threshold"] = 1000
-    assert engine.whole_layer_fetch(tiny_llama, {"zero_optimization": zero}) == []
-    assert leaves(tiny_llama) == []
+    if case == "no input gradients to enable":
+        model = torch.nn.Sequential(tiny_llama.model.layers[0])
+        model._no_split_modules = ["LlamaDecoderLayer"]
+    assert engine.whole_layer_fetch(model, {"zero_optimization": zero}) == []
+    assert leaves(model) == []
 
 
 def test_deepspeeds_parser_judges_a_config_for_several_processes_before_their_group_exists():
@@ -209,8 +218,13 @@ def test_deepspeed_turns_its_loss_scale_on_for_float16(dtype, fp16):
 
 
 # ----- ZeRO-3's fetch units, trained -----------------------------------------------------------------------------
-def zero3_losses(checkpointing: bool, steps: int = 3) -> tuple[list[str], list[float]]:
-    """A few ZeRO-3 steps (every parameter partitioned) of the tiny LLaMA, its attention projections trained."""
+TRAINED = ("q_proj.weight", "v_proj.weight")
+
+
+def zero3_run(checkpointing: bool, steps: int = 3) -> tuple[list[str], list[float], dict]:
+    """A few ZeRO-3 steps (every parameter partitioned) of the tiny LLaMA, its attention projections trained:
+    the fetch units, the losses, and the first step's whole gradients."""
+    from deepspeed.utils import safe_get_full_grad
     from launch.config import resolve
     cfg = resolve("llama_lora", [*TINY_MODEL, "deepspeed.config=zero3", "train.learning_rate=1e-2",
                                  "train.warmup_steps=0", "deepspeed.overrides={zero_optimization: "
@@ -218,29 +232,34 @@ def zero3_losses(checkpointing: bool, steps: int = 3) -> tuple[list[str], list[f
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**preset_config("tiny_llama")))
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.endswith(("q_proj.weight", "v_proj.weight")))
+        parameter.requires_grad_(name.endswith(TRAINED))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     built = engine.DeepSpeedEngine(model, engine.sized_for_model(engine.deepspeed_config(cfg, 1), 64), cfg.train, 10)
     built.train()
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
-    losses = []
-    for _ in range(steps):
+    losses, first_gradients = [], {}
+    for step in range(steps):
         loss = built(input_ids=tokens, labels=tokens).loss
         built.backward(loss)
+        if step == 0:
+            first_gradients = {name: safe_get_full_grad(parameter).clone()
+                               for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
         built.step()
         losses.append(loss.item())
-    return built.fetch_units, losses
+    return built.fetch_units, losses, first_gradients
 
 
-def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group, monkeypatch):
-    """With checkpointing, whole-layer gathers give per-module fetch's losses; without it (where DeepSpeed's leaf
-    modules would hand the layer's backward released weights) per-module fetch stays and trains."""
-    units, whole = zero3_losses(checkpointing=True)
-    assert units == ["LlamaDecoderLayer"]
-    without_units, unchecked = zero3_losses(checkpointing=False)
-    assert without_units == [] and unchecked[-1] < unchecked[0]
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group, monkeypatch, checkpointing):
+    """Whole-layer gathers give per-module fetch's gradients (the first layer's included: without checkpointing
+    its weights were met released before the inputs were made to require a gradient) and losses."""
+    units, whole, whole_gradients = zero3_run(checkpointing)
+    assert units == ["LlamaDecoderLayer"] and whole[-1] < whole[0]
     monkeypatch.setattr(engine, "whole_layer_fetch", lambda model, config: [])
-    _, per_module = zero3_losses(checkpointing=True)
-    assert whole[-1] < whole[0]
-    assert whole == pytest.approx(per_module, rel=1e-6) and whole == pytest.approx(unchecked, rel=1e-5)
+    _, per_module, per_module_gradients = zero3_run(checkpointing)
+    assert whole == pytest.approx(per_module, rel=1e-6)
+    assert sorted(whole_gradients) == sorted(per_module_gradients) and len(whole_gradients) == 4
+    for name, gradient in per_module_gradients.items():
+        assert gradient.norm() > 0
+        torch.testing.assert_close(whole_gradients[name], gradient, rtol=1e-5, atol=1e-7)

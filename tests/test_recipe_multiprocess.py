@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
 
 STEPS = 12
-# with gradient checkpointing, so ZeRO-3 gathers each decoder layer whole (recipes/engine.py: whole_layer_fetch)
+# with gradient checkpointing (tests/test_slurm.py's 4 ranks run without); ZeRO-3 gathers each decoder layer whole
 ARGS = ["launch/train.py", "--recipe", "llama_selora_srlora", "deepspeed.config=zero3", "model.gradient_checkpointing=true",
         "deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}}",
         f"train.max_steps={STEPS}", "train.save_every=4", "train.warmup_steps=2", "train.eval_every=6",
