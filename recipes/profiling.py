@@ -54,10 +54,12 @@ class StepProfiler:
 
     def before_step(self, step: int) -> None:
         """Call with the number the coming optimizer step will have."""
-        if self.enabled and step == self.first and self.profiler is None and self.python:
+        if not self.enabled or step != self.first or self.profiler is not None:
+            return
+        if self.python:
             self.profiler = cProfile.Profile()
             self.profiler.enable()
-        elif self.enabled and step == self.first and self.profiler is None:
+        else:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
             self.profiler = profile(activities=activities, record_shapes=False)
             self.profiler.__enter__()
