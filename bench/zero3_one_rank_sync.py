@@ -9,7 +9,7 @@ weights available without that synchronisation (`no_sync_entry.py`; a diagnosis,
 ``offload_param`` the fetch is a host-to-device copy and the wait is not to be skipped).
 
     python bench/zero3_one_rank_sync.py --rounds 2 --out $OUT      # one GPU call, the 1.3B shape by default
-    python bench/zero3_one_rank_sync.py --smoke                     # CPU, tiny (tests/test_bench.py)
+    python bench/zero3_one_rank_sync.py --smoke --rounds 1          # CPU, tiny
 
 Writes docs/benchmarks/zero3_one_rank_sync_<date>.{json,md}: each variant's tokens/s per round and, within each
 round, the ZeRO-3 variants over the plain engine.
@@ -47,12 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argument_parser(__doc__)
     add_row_arguments(parser, steps=12)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset, few steps, one round")
+    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny preset, few steps")
     args = parser.parse_args(argv)
     args.breakdown = False
     if args.smoke:
-        args.shape, args.batch, args.seq, args.steps, args.warmup, args.rank, args.rounds = \
-            "tiny_llama", 2, 256, 2, 1, 8, 1
+        args.shape, args.batch, args.seq, args.steps, args.warmup, args.rank = "tiny_llama", 2, 256, 2, 1, 8
     device, _, device_name = pick_device()
     with tempfile.TemporaryDirectory() as work:
         def run(name: str):
