@@ -29,7 +29,5 @@ def skip_one_rank_sync() -> None:
 
 if __name__ == "__main__":
     skip_one_rank_sync()
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    sys.argv = [str(root / "launch" / "train.py"), *sys.argv[1:]]
+    sys.argv = [str(Path(__file__).resolve().parents[1] / "launch" / "train.py"), *sys.argv[1:]]  # it finds its root
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -99,7 +99,7 @@ class StepProfiler:
         text = io.StringIO()
         text.write(f"optimizer steps {self.first}-{self.last} ({steps}); cProfile's times are totals over them\n")
         stats = pstats.Stats(profiler, stream=text)
-        for order in ("tottime", "cumulative"):
-            text.write(f"\n## by {'own' if order == 'tottime' else 'cumulative'} time\n")
+        for order, label in (("tottime", "own"), ("cumulative", "cumulative")):
+            text.write(f"\n## by {label} time\n")
             stats.sort_stats(order).print_stats(rows)
         (self.out / "python.txt").write_text(text.getvalue())
