@@ -27,9 +27,13 @@ WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize
          "cudaFree", "cudaHostAlloc", "aten::item", "aten::_local_scalar_dense", "aten::nonzero")
 
 
-def profile_window(steps) -> tuple[int, int] | None:
-    """train.profile_steps as (first, last), None when empty; a ValueError naming the key when malformed."""
+def profile_window(steps, python: bool = False) -> tuple[int, int] | None:
+    """train.profile_steps as (first, last), None when empty; a ValueError naming the key when malformed, or when
+    ``python`` (train.profile_python) asks for a profile of no steps."""
     steps = list(steps or [])
+    if python and not steps:
+        raise ValueError("train.profile_python=true profiles the steps of train.profile_steps, which is []; "
+                         "give train.profile_steps=[first, last] too")
     try:
         first, last = (int(s) for s in steps) if steps else (None, None)
     except (TypeError, ValueError):
@@ -45,7 +49,7 @@ class StepProfiler:
 
     def __init__(self, steps, output_dir: str | Path, device: torch.device, rank: int, trace: bool = True,
                  python: bool = False):
-        window = profile_window(steps)
+        window = profile_window(steps, python)
         self.first, self.last = window or (None, None)
         self.enabled = window is not None and rank == 0
         self.out = Path(output_dir) / "profile"

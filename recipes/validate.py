@@ -92,7 +92,7 @@ def validate(cfg, device: torch.device | None = None) -> RunPlan:
     except CompileConfigError as error:
         raise RecipeConfigError(str(error)) from None
     try:
-        profile_window(cfg.train.profile_steps)
+        profile_window(cfg.train.profile_steps, bool(cfg.train.profile_python))
     except ValueError as error:
         raise RecipeConfigError(str(error)) from None
     adapter = adapter_config_from(cfg.adapter)

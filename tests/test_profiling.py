@@ -59,3 +59,9 @@ def test_a_malformed_window_names_the_key(steps):
     with pytest.raises(ValueError, match=r"train.profile_steps=.*give \[first, last\]"):
         profile_window(steps)
     assert profile_window([]) is None and profile_window([2, 2]) == (2, 2)
+
+
+def test_a_python_profile_of_no_steps_names_both_keys():
+    with pytest.raises(ValueError, match=r"train.profile_python=true .* give train.profile_steps=\[first, last\]"):
+        profile_window([], python=True)
+    assert profile_window([3, 4], python=True) == (3, 4)
