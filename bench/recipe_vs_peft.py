@@ -75,6 +75,10 @@ RECIPE_ROWS = [
      [PF, zero_overrides(contiguous_gradients=True)], False),
     ("recipe ZeRO-3 LoRA (padding-free)", "zero3", "lora", "llama_lora", [PF], False),
     ("recipe ZeRO-3 LoRA (padding-free compiled)", "zero3", "lora", "llama_lora", [PF, COMPILED], False),
+    # every base matrix released after its layer and gathered again, as on several ranks (DeepSpeed's default
+    # persistence threshold), against one rank's default of keeping every weight gathered
+    ("recipe ZeRO-3 LoRA (padding-free partitioned)", "zero3", "lora", "llama_lora",
+     [PF, zero_overrides(stage3_param_persistence_threshold=100000)], False),
     # ZeRO-3's settings weighed on one GPU: no prefetch of the next layers (no trace of the fetch order kept),
     # gradients reduced on the compute stream, each adapter gradient left where autograd put it (as zero2.json)
     ("recipe ZeRO-3 LoRA (padding-free no prefetch)", "zero3", "lora", "llama_lora",

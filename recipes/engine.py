@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -179,6 +180,9 @@ class DeepSpeedEngine:
         nvtx.enable_nvtx = False
         self.config = ds_config
         self.fetch_units = whole_layer_fetch(model, ds_config)
+        zero = ds_config.get("zero_optimization", {})
+        self.keeps_weights_gathered = (zero.get("stage") == 3 and
+                                       zero.get("stage3_param_persistence_threshold") == ONE_RANK_PERSISTENCE)
         # DeepSpeed builds the optimizer, then the schedule on it (the plain engine's, `lr_schedule`); it steps the
         # schedule at each accumulation boundary and saves and loads its state with the checkpoint.
         self.ds, _, _, self.scheduler = deepspeed.initialize(
@@ -398,8 +402,25 @@ def planned_deepspeed_config(cfg, world_size: int, loss_scale: bool) -> dict:
         params.setdefault("torch_adam", True)
         config.setdefault("zero_force_ds_cpu_optimizer", False)
 
-    config.setdefault("zero_optimization", {"stage": 0})
+    zero = config.setdefault("zero_optimization", {"stage": 0})
+    if keeps_one_rank_gathered(zero, world_size):
+        _fill(zero, "stage3_param_persistence_threshold", ONE_RANK_PERSISTENCE)
     return config
+
+
+# A threshold no parameter exceeds: every weight is gathered once and never released.
+ONE_RANK_PERSISTENCE = sys.maxsize
+
+
+def keeps_one_rank_gathered(zero: dict, world_size: int) -> bool:
+    """Whether ZeRO-3 keeps every weight gathered (the persistence threshold the JSON leaves "auto" filled with
+    `ONE_RANK_PERSISTENCE`): on one rank, whose partition is the whole model, where the weights stay on the device.
+    There a weight's gather is a view of its partition (no copy, no memory), and releasing and re-gathering it at
+    every layer only costs DeepSpeed's hooks and, at a one-rank partition, a whole-stream synchronisation per
+    fetch (`NoGatherCoalescedHandle.wait`, DeepSpeed 0.19.8). Not with ``offload_param``, whose partitions live on
+    the host or NVMe: a persistent weight would be held on the device."""
+    offload = (zero.get("offload_param") or {}).get("device", "none")
+    return zero.get("stage") == 3 and world_size == 1 and offload in (None, "none")
 
 
 def sized_for_model(planned: dict, hidden_size: int | None) -> dict:

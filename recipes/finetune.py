@@ -162,6 +162,9 @@ def build(cfg, setup: Setup) -> Trainee:
     engine = engines.build_engine(model, cfg, total_steps, plan.deepspeed, plan.precision.loss_scaling)
     if getattr(engine, "fetch_units", None):
         setup.say(f"ZeRO-3 gathers each {' and '.join(engine.fetch_units)} whole (one gather per layer)")
+    if getattr(engine, "keeps_weights_gathered", False):
+        setup.say("ZeRO-3 on one rank keeps every weight gathered (its partition is the whole model: no memory "
+                  "saved by releasing); set zero_optimization.stage3_param_persistence_threshold to partition anyway")
     if plan.compiled:
         compile_regions(model)
     setup.say(plan.compile_line)

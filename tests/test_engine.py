@@ -221,14 +221,16 @@ def test_deepspeed_turns_its_loss_scale_on_for_float16(dtype, fp16):
 TRAINED = ("q_proj.weight", "v_proj.weight")
 
 
-def zero3_run(checkpointing: bool, steps: int = 3) -> tuple[list[str], list[float], dict]:
-    """A few ZeRO-3 steps (every parameter partitioned) of the tiny LLaMA, its attention projections trained:
-    the fetch units, the losses, and the first step's whole gradients."""
+def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> tuple[list[str], list[float], dict]:
+    """A few ZeRO-3 steps of the tiny LLaMA, its attention projections trained: the fetch units, the losses, and
+    the first step's whole gradients. ``partitioned``: every parameter partitioned (persistence threshold 0), else
+    the threshold the engine fills for one rank."""
     from deepspeed.utils import safe_get_full_grad
     from launch.config import resolve
+    persistence = "stage3_param_persistence_threshold: 0" if partitioned else ""
     cfg = resolve("llama_lora", [*TINY_MODEL, "deepspeed.config=zero3", "train.learning_rate=1e-2",
-                                 "train.warmup_steps=0", "deepspeed.overrides={zero_optimization: "
-                                 "{stage3_param_persistence_threshold: 0}, optimizer: {params: {torch_adam: true}}}"])
+                                 "train.warmup_steps=0", f"deepspeed.overrides={{zero_optimization: {{{persistence}}}, "
+                                 "optimizer: {params: {torch_adam: true}}}"])
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**preset_config("tiny_llama")))
     for name, parameter in model.named_parameters():
@@ -247,6 +249,8 @@ def zero3_run(checkpointing: bool, steps: int = 3) -> tuple[list[str], list[floa
                                for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
         built.step()
         losses.append(loss.item())
+    zero3_run.released = sorted(name for name, parameter in built.module.named_parameters() if parameter.numel() == 0)
+    zero3_run.keeps_gathered = built.keeps_weights_gathered
     return built.fetch_units, losses, first_gradients
 
 
@@ -263,3 +267,33 @@ def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group,
     for name, gradient in per_module_gradients.items():
         assert gradient.norm() > 0
         torch.testing.assert_close(whole_gradients[name], gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_zero3_on_one_rank_keeps_every_weight_gathered_and_trains_the_same(one_process_group):
+    """On one rank ZeRO-3 fills the persistence threshold so that no weight is ever released (its partition is the
+    whole model): the same losses and gradients as with every weight partitioned, and nothing is left released
+    after the steps (partitioned: every frozen base matrix is)."""
+    _, gathered, gathered_gradients = zero3_run(checkpointing=True, partitioned=False)
+    assert zero3_run.keeps_gathered and zero3_run.released == []
+    _, partitioned, partitioned_gradients = zero3_run(checkpointing=True, partitioned=True)
+    assert not zero3_run.keeps_gathered
+    assert "model.layers.0.mlp.up_proj.weight" in zero3_run.released
+    assert gathered == pytest.approx(partitioned, rel=1e-6) and gathered[-1] < gathered[0]
+    for name, gradient in partitioned_gradients.items():
+        torch.testing.assert_close(gathered_gradients[name], gradient, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("world_size,zero,expected", [
+    (1, {}, engine.ONE_RANK_PERSISTENCE),
+    (2, {}, 128 * 64),
+    (1, {"offload_param": {"device": "cpu"}}, 128 * 64),
+    (1, {"stage3_param_persistence_threshold": 0}, 0),
+])
+def test_zero3_persistence_threshold_follows_the_ranks(world_size, zero, expected):
+    """Filled for one rank with no parameter offload; the width rule for several ranks or offloaded parameters;
+    an explicit value is kept."""
+    from launch.config import resolve
+    overrides = "{zero_optimization: {%s}}" % ", ".join(f"{k}: {json.dumps(v)}" for k, v in zero.items())
+    cfg = resolve("llama_lora", ["deepspeed.config=zero3", f"deepspeed.overrides={overrides}"])
+    config = engine.deepspeed_config(cfg, world_size, 64)
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == expected
