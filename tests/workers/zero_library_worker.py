@@ -152,17 +152,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--stage", type=int, default=None)
+    parser.add_argument("--stages", default=None,
+                        help="comma-separated ZeRO stages, run one after the other into OUT/zero<stage> (one launch)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     if "WORLD_SIZE" in os.environ:
         import deepspeed
         deepspeed.init_distributed(dist_backend="gloo")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for method in args.methods.split(","):
-        run(method, args.model, out, args.stage)
+    stages = [int(stage) for stage in args.stages.split(",")] if args.stages else [None]
+    for stage in stages:
+        out = Path(args.out) / (f"zero{stage}" if stage is not None else "")
+        out.mkdir(parents=True, exist_ok=True)
+        for method in args.methods.split(","):
+            run(method, args.model, out, stage)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # else gloo's threads can abort the exit (pytorch#190489)
 
