@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import subprocess
 import sys
@@ -62,18 +61,6 @@ def time_ms(fn, device: torch.device, repeats: int = 1, warmup: int = 0) -> floa
     return statistics.median(times)
 
 
-def interleaved_rounds(runs: dict, rounds: int, seed: int = 0) -> dict[object, list]:
-    """Each of ``rounds`` rounds calls every ``runs[key]()`` once, in a fresh shuffled order, so a drift of the
-    machine's speed falls on every key alike; returns each key's results, one per round."""
-    results = {key: [] for key in runs}
-    order, shuffle = list(runs), random.Random(seed)
-    for _ in range(rounds):
-        shuffle.shuffle(order)
-        for key in order:
-            results[key].append(runs[key]())
-    return results
-
-
 def median_range(values) -> tuple[float, float, float]:
     """(median, min, max) of ``values``."""
     values = list(values)
@@ -81,9 +68,13 @@ def median_range(values) -> tuple[float, float, float]:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, with "+changes" where tracked files differ from it (a GPU machine's copy of a working
+    tree can carry an older HEAD than the code it runs)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD")
+        return commit + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

@@ -34,11 +34,7 @@ def test_results_are_dated_and_carry_device_and_commit(tmp_path):
     assert saved["date"] == time.strftime("%Y-%m-%d") and saved["commit"] and path.with_suffix(".md").is_file()
 
 
-def test_interleaved_rounds_visit_every_run_once_per_round():
-    calls = []
-    results = common.interleaved_rounds({key: lambda key=key: calls.append(key) or len(calls) for key in "abc"}, 4)
-    assert sorted(calls) == sorted("abc" * 4) and all(len(values) == 4 for values in results.values())
-    assert set(calls[:3]) == set("abc")  # a round visits every key before the next round starts
+def test_median_range_and_timing():
     assert common.median_range([3, 1, 2]) == (2, 1, 3)
     device = common.pick_device(cpu=True)[0]
     assert positive(common.time_ms(lambda: sum(range(1000)), device, repeats=3))
@@ -57,34 +53,6 @@ def test_recipe_vs_peft_smoke(tmp_path):
     assert recipe["ratio_to_trainer"] == pytest.approx(recipe["tokens_per_s"] / trainer["tokens_per_s"])
     table = dated(tmp_path, "recipe_vs_peft_smoke", ".md").read_text()
     assert table.count("| tiny_llama 2x256 |") == 3
-
-
-def test_zero3_one_rank_sync_ratios_within_rounds(tmp_path, monkeypatch):
-    """The script's own logic, on made-up speeds (each variant's recipe run is recipe_vs_peft's, smoke-tested
-    above): the entry point's patch, which variant runs where, ratios taken within a round, the table."""
-    import no_sync_entry
-    import zero3_one_rank_sync
-    from deepspeed.runtime.zero.partition_parameters import NoGatherCoalescedHandle
-    monkeypatch.setattr(NoGatherCoalescedHandle, "wait", NoGatherCoalescedHandle.wait)  # restored after the test
-    no_sync_entry.skip_one_rank_sync()
-    assert NoGatherCoalescedHandle.wait is no_sync_entry.wait_without_sync
-    speeds = {("plain", "launch/train.py"): [100.0, 200.0], ("zero3", "launch/train.py"): [50.0, 80.0],
-              ("zero3", zero3_one_rank_sync.NO_SYNC_ENTRY): [90.0, 120.0]}
-    runs = []
-
-    def fake_row(args, recipe, engine, method, extra, work, entry):
-        runs.append((engine, entry, recipe, extra))
-        return {"tokens_per_s": speeds[(engine, entry)][sum(r[:2] == (engine, entry) for r in runs) - 1]}
-
-    monkeypatch.setattr(zero3_one_rank_sync, "recipe_row", fake_row)
-    result = zero3_one_rank_sync.main(["--smoke", "--rounds", "2", "--out", str(tmp_path)])
-    assert len(runs) == 6 and all(r[2] == "llama_lora" and r[3] == ["data.padding_free=true"] for r in runs)
-    assert result["ratio_to_plain_engine"] == {"ZeRO-3": [0.5, 0.4],
-                                               "ZeRO-3 without the one-rank synchronisation": [0.9, 0.6]}
-    document = json.loads(dated(tmp_path, "zero3_one_rank_sync_smoke").read_text())
-    assert document["tokens_per_s"]["plain engine"] == [100.0, 200.0] and document["rounds"] == 2
-    table = dated(tmp_path, "zero3_one_rank_sync_smoke", ".md").read_text()
-    assert "| ZeRO-3 without the one-rank synchronisation | 105 [90-120] | 0.75 [0.60-0.90] |" in table
 
 
 def test_bases_speed_smoke(tmp_path):
