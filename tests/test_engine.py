@@ -8,7 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from recipes import engine
-from conftest import TINY_MODEL, free_port
+from conftest import SMALL_RUN, TINY_MODEL, free_port
 from recipes.modeling import preset_config
 
 
@@ -297,3 +297,23 @@ def test_zero3_persistence_threshold_follows_the_ranks(world_size, zero, expecte
     cfg = resolve("llama_lora", ["deepspeed.config=zero3", f"deepspeed.overrides={overrides}"])
     config = engine.deepspeed_config(cfg, world_size, 64)
     assert config["zero_optimization"]["stage3_param_persistence_threshold"] == expected
+
+
+def test_srlora_under_one_rank_zero3_fuses_into_gathered_weights_as_into_partitioned_ones(one_process_group, tmp_path):
+    """SRLoRA's recompositions write the fused pairs into the frozen base weights: on one rank, where every weight
+    stays gathered, the whole run's losses equal those of a run with every weight partitioned."""
+    from launch.config import resolve
+    from recipes import finetune
+    losses = {}
+    for name, persistence in (("gathered", ""), ("partitioned", "stage3_param_persistence_threshold: 0")):
+        out = tmp_path / name
+        cfg = resolve("llama_srlora", [*SMALL_RUN, "deepspeed.config=zero3", "train.max_steps=8",
+                                       "train.warmup_steps=2", "train.save_every=0", "train.export_peft=false",
+                                       "srlora.schedule=fixed", "srlora.start_step=3", "srlora.interval=2",
+                                       "srlora.end_step=7", f"train.output_dir={out}",
+                                       f"deepspeed.overrides={{zero_optimization: {{{persistence}}}}}"])
+        finetune.run(cfg)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [line["loss"] for line in lines if "loss" in line]
+        assert sum("srlora" in line for line in lines) == 3
+    assert len(losses["gathered"]) == 8 and losses["gathered"] == pytest.approx(losses["partitioned"], rel=1e-6)
