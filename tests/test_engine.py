@@ -2,6 +2,7 @@
 both engines step (DeepSpeed in one in-process rank), float16's loss scaler on the plain engine."""
 import json
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -221,10 +222,17 @@ def test_deepspeed_turns_its_loss_scale_on_for_float16(dtype, fp16):
 TRAINED = ("q_proj.weight", "v_proj.weight")
 
 
-def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> tuple[list[str], list[float], dict]:
-    """A few ZeRO-3 steps of the tiny LLaMA, its attention projections trained: the fetch units, the losses, and
-    the first step's whole gradients. ``partitioned``: every parameter partitioned (persistence threshold 0), else
-    the threshold the engine fills for one rank."""
+class Zero3Run(NamedTuple):
+    units: list[str]            # the fetch units
+    losses: list[float]
+    gradients: dict             # the first step's whole gradients of the trained weights
+    released: list[str]         # the weights left released after the steps
+    keeps_gathered: bool        # the engine's keeps_weights_gathered
+
+
+def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> Zero3Run:
+    """A few ZeRO-3 steps of the tiny LLaMA, its attention projections trained. ``partitioned``: every parameter
+    partitioned (persistence threshold 0), else the threshold the engine fills for one rank."""
     from deepspeed.utils import safe_get_full_grad
     from launch.config import resolve
     persistence = "stage3_param_persistence_threshold: 0" if partitioned else ""
@@ -249,19 +257,18 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> 
                                for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
         built.step()
         losses.append(loss.item())
-    zero3_run.released = sorted(name for name, parameter in built.module.named_parameters() if parameter.numel() == 0)
-    zero3_run.keeps_gathered = built.keeps_weights_gathered
-    return built.fetch_units, losses, first_gradients
+    released = sorted(name for name, parameter in built.module.named_parameters() if parameter.numel() == 0)
+    return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group, monkeypatch, checkpointing):
     """Whole-layer gathers give per-module fetch's gradients (the first layer's included: without checkpointing
     its weights were met released before the inputs were made to require a gradient) and losses."""
-    units, whole, whole_gradients = zero3_run(checkpointing)
+    units, whole, whole_gradients, _, _ = zero3_run(checkpointing)
     assert units == ["LlamaDecoderLayer"] and whole[-1] < whole[0]
     monkeypatch.setattr(engine, "whole_layer_fetch", lambda model, config: [])
-    _, per_module, per_module_gradients = zero3_run(checkpointing)
+    _, per_module, per_module_gradients, _, _ = zero3_run(checkpointing)
     assert whole == pytest.approx(per_module, rel=1e-6)
     assert sorted(whole_gradients) == sorted(per_module_gradients) and len(whole_gradients) == 4
     for name, gradient in per_module_gradients.items():
@@ -273,14 +280,14 @@ def test_zero3_on_one_rank_keeps_every_weight_gathered_and_trains_the_same(one_p
     """On one rank ZeRO-3 fills the persistence threshold so that no weight is ever released (its partition is the
     whole model): the same losses and gradients as with every weight partitioned, and nothing is left released
     after the steps (partitioned: every frozen base matrix is)."""
-    _, gathered, gathered_gradients = zero3_run(checkpointing=True, partitioned=False)
-    assert zero3_run.keeps_gathered and zero3_run.released == []
-    _, partitioned, partitioned_gradients = zero3_run(checkpointing=True, partitioned=True)
-    assert not zero3_run.keeps_gathered
-    assert "model.layers.0.mlp.up_proj.weight" in zero3_run.released
-    assert gathered == pytest.approx(partitioned, rel=1e-6) and gathered[-1] < gathered[0]
-    for name, gradient in partitioned_gradients.items():
-        torch.testing.assert_close(gathered_gradients[name], gradient, rtol=1e-5, atol=1e-7)
+    gathered = zero3_run(checkpointing=True, partitioned=False)
+    assert gathered.keeps_gathered and gathered.released == []
+    partitioned = zero3_run(checkpointing=True, partitioned=True)
+    assert not partitioned.keeps_gathered
+    assert "model.layers.0.mlp.up_proj.weight" in partitioned.released
+    assert gathered.losses == pytest.approx(partitioned.losses, rel=1e-6) and gathered.losses[-1] < gathered.losses[0]
+    for name, gradient in partitioned.gradients.items():
+        torch.testing.assert_close(gathered.gradients[name], gradient, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("world_size,zero,expected", [
