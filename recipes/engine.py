@@ -168,11 +168,26 @@ class PlainEngine:
 
 
 # ----- DeepSpeed ---------------------------------------------------------------------------------------------
+def import_deepspeed():
+    """``import deepspeed``, without the MLflow import it makes on the way when MLflow is installed: DeepSpeed's
+    autotuner (which selora never runs) imports it at module level, about 3 s of every rank's start on a 2-core CPU
+    (MLflow brings scipy, pandas and fastapi). MLflow stays importable: train.report_to=[mlflow] imports it later as
+    usual. Every first import of DeepSpeed on the recipe's path goes through here."""
+    if "deepspeed" not in sys.modules and "mlflow" not in sys.modules:
+        sys.modules["mlflow"] = None  # `import mlflow` raises ImportError; the autotuner then records "no MLflow"
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            del sys.modules["mlflow"]
+    import deepspeed
+    return deepspeed
+
+
 class DeepSpeedEngine:
     """The same interface over ``deepspeed.initialize``'s engine."""
 
     def __init__(self, model: torch.nn.Module, ds_config: dict, train, total_steps: int):
-        import deepspeed
+        deepspeed = import_deepspeed()
         from deepspeed.utils import nvtx
 
         # DeepSpeed wraps its hooks in NVTX ranges: two accelerator calls per hook, over a million per step at
@@ -295,6 +310,7 @@ def check_deepspeed_config(cfg, planned: dict) -> None:
     its list of known ones (a scheduler section is refused by `deepspeed_json`: the lr schedule is selora's).
     ``planned``: `planned_deepspeed_config`'s result (or `deepspeed_config`'s)."""
     import pydantic
+    import_deepspeed()
     from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS, DeepSpeedConfig
     config = sized_for_model(planned, None)
     where = f"deepspeed.config={str(cfg.deepspeed.config)!r} (with deepspeed.overrides)"
@@ -469,7 +485,7 @@ def zero3_init_context(cfg, planned: dict | None):
 
 @contextlib.contextmanager
 def _zero3_init(config: dict):
-    import deepspeed
+    deepspeed = import_deepspeed()
     from transformers.integrations import HfDeepSpeedConfig
 
     hf_config = HfDeepSpeedConfig(copy.deepcopy(config))  # noqa: F841 - must stay alive while the model loads

@@ -377,7 +377,7 @@ def setup_distributed(cfg, device: torch.device) -> tuple[int, int]:
         if not started_by_launcher:
             own = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
             os.environ.update(own, **{OWN_GROUP_ENV: ",".join(own)})
-        import deepspeed
+        deepspeed = engines.import_deepspeed()
 
         # A collective that waits longer than this (a rank died or hangs) raises on every rank still waiting.
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",

@@ -1,6 +1,7 @@
 """recipes/validate.py's RunPlan: every value the run resolves from the config (dtype, quantization backend, padding
 multiple, attention, world size, DeepSpeed config) is worked out once per start, and recipes/finetune.py hands the
 resolved value down instead of model loading, the engine or ZeRO-3's init context resolving it again."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -85,7 +86,8 @@ def test_each_resolution_runs_once_per_start_under_deepspeed_zero3(tmp_path):
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts == {"check_quantization_backend": 1, "resolve_precision": 1, "resolve_dtype": 1, "pad_multiple": 1,
                       "resolve_attention": 1, "check_world_size": 1, "deepspeed_json": 1,
-                      "planned_deepspeed_config": 1, "zero3_init": 1, "exit": 0, "left_behind": []}
+                      "planned_deepspeed_config": 1, "zero3_init": 1, "exit": 0, "left_behind": [],
+                      "mlflow_loaded": False, "mlflow_importable": importlib.util.find_spec("mlflow") is not None}
 
 
 def finetune_run(overrides: list[str], recipe: str = "llama_selora") -> dict:
@@ -106,5 +108,13 @@ if __name__ == "__main__":  # the ZeRO-3 run of the test above, in its own proce
                      "deepspeed.zero3_init=true"])
     # launch/train.py leaves the one-process group it made: nothing for the interpreter's exit to tear down.
     left_behind = [key for key in LAUNCHER_ENV if key in os.environ] + ["group"] * torch.distributed.is_initialized()
+    # DeepSpeed was imported without MLflow (recipes/engine.import_deepspeed), which can still be imported after it
+    mlflow_loaded = "mlflow" in sys.modules
+    try:
+        import mlflow  # noqa: F401
+        mlflow_importable = True
+    except ImportError:
+        mlflow_importable = False
     print(json.dumps({**{name: len(c) for name, c in found.items()}, "zero3_init": len(zero3), "exit": code,
-                      "left_behind": left_behind}))
+                      "left_behind": left_behind, "mlflow_loaded": mlflow_loaded,
+                      "mlflow_importable": mlflow_importable}))
