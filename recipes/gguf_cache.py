@@ -1,5 +1,6 @@
 """A .gguf file de-quantized once: its model and tokenizer kept as a plain Hugging Face folder (float32 safetensors),
-so later runs start in a second instead of the ~35 s transformers takes to read SmolLM2-135M's .gguf on a CPU.
+so later runs start in a second instead of the ~40 s transformers takes to read SmolLM2-135M's .gguf on a CPU (the
+conversion itself, recipes/modeling._convert_gguf, takes about 20 s: it parses the file once).
 
 The folder is keyed by the file (resolved path, size, modification time) and the transformers version that
 converted it, so an edited or replaced file, or a new converter, makes a new entry. It is made through

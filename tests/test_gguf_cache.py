@@ -65,8 +65,9 @@ def test_the_cached_smollm2_is_the_gguf_s_own_model_and_tokenizer(selora_cache):
     _, gguf = model_source(cfg.model)
     cached, _ = load_model(cfg.model, torch.device("cpu"))
     assert any(selora_cache.rglob("model.safetensors"))
-    import gguf as gguf_py  # the conversion's once-built name maps are gone: the direct read is transformers' own
+    import gguf as gguf_py  # the conversion's once-parsed file and maps are gone: the direct read is transformers' own
     assert gguf_py.get_tensor_name_map is gguf_py.tensor_mapping.get_tensor_name_map
+    assert gguf_py.GGUFReader is gguf_py.gguf_reader.GGUFReader
     direct = _read_gguf(gguf, torch.float32)
     for (name, a), (_, b) in zip(cached.state_dict().items(), direct.state_dict().items()):
         assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b), name
