@@ -93,6 +93,7 @@ RECIPE_ROWS = [
     # model.fused_loss=auto fuses the output layer and the loss on a GPU with liger-kernel: these keep the logits
     ("recipe plain LoRA (padding-free logits)", "plain", "lora", "llama_lora", [PF, UNFUSED], False),
     ("recipe plain SeLoRA (padding-free logits)", "plain", "selora", "llama_selora", [PF, UNFUSED], False),
+    ("recipe ZeRO-3 LoRA (padding-free logits)", "zero3", "lora", "llama_lora", [PF, UNFUSED], False),
     # 4-bit rows are compared with a PEFT loop on the same bitsandbytes nf4 base (QLORA_LOOP)
     ("recipe plain 4-bit LoRA (padding-free)", "plain", "lora", "qlora_lora", [PF], False),
     ("recipe plain 4-bit SeLoRA (padding-free)", "plain", "selora", "qlora_selora", [PF], False),

@@ -7,6 +7,12 @@ the largest tensor of the step. liger-kernel (BSD-2-Clause; the switch LLaMA-Fac
 the loss and the gradient of the hidden states chunk by chunk in its forward. Only the training forward (labels
 given) is routed through it; generation and label-free calls keep transformers' own forward. The summed token loss
 over ``num_items_in_batch`` is the recipe's loss, as with transformers.
+
+Under ZeRO-3 the output weight is partitioned and the fused route reads it outside the output layer's forward:
+DeepSpeed's engine finds a partitioned parameter read during its forward outside its own module, gathers it and from
+then on fetches and releases it with the module that read it (the whole model here; "external parameters" in
+DeepSpeed's ZeRO-3 documentation), so nothing is done here (tests/test_fused_loss.py checks the loss sees the
+weight whole, leaves it released, and gives the logits path's losses).
 """
 from __future__ import annotations
 
@@ -32,9 +38,10 @@ def liger_available() -> str | None:
 
 def fused_loss_choice(setting, device: torch.device, zero_stage: int) -> tuple[bool, str]:
     """Whether to route the training loss through liger-kernel, and the one log line that says so and why. ``auto``
-    fuses where it can run: on a GPU with liger-kernel installed, outside ZeRO-3 (whose partitioned output weight
-    is gathered only inside the output layer's own forward). ``true`` where it cannot run is an error, raised
-    before any model is loaded. ``setting``: one of CHOICES (a YAML true/false arrives as a bool)."""
+    fuses where it can run: on a GPU with liger-kernel installed, under any engine (ZeRO-3 included).
+    ``true`` where it cannot run is an error, raised before any model is loaded. ``setting``: one of CHOICES (a YAML
+    true/false arrives as a bool); ``zero_stage``: DeepSpeed's ZeRO stage, 0 for the plain engine (named in the
+    log line)."""
     choice = str(setting).lower()
     if choice not in CHOICES:
         raise FusedLossConfigError(f"model.fused_loss={setting!r}: choose one of {', '.join(CHOICES)}")
@@ -43,15 +50,15 @@ def fused_loss_choice(setting, device: torch.device, zero_stage: int) -> tuple[b
     missing = liger_available() if device.type == "cuda" else None
     reasons = [reason for reason, applies in (
         ("not on a GPU", device.type != "cuda"),
-        (missing, missing is not None),
-        ("under ZeRO-3", zero_stage == 3)) if applies]
+        (missing, missing is not None)) if applies]
     if reasons and choice == "true":
         raise FusedLossConfigError(f"model.fused_loss=true cannot run here ({'; '.join(reasons)}); set "
                                    "model.fused_loss=auto or false")
     if reasons:
         return False, f"model.fused_loss=auto: logits, then transformers' cross-entropy ({'; '.join(reasons)})"
+    gathered = "; under ZeRO-3 DeepSpeed gathers the output weight for it" if zero_stage == 3 else ""
     return True, (f"model.fused_loss={choice}: output layer and cross-entropy fused (liger-kernel; no logits are "
-                  "kept)")
+                  f"kept{gathered})")
 
 
 def liger_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:

@@ -8,9 +8,11 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from recipes import engine
+from recipes import engine, finetune, fused_loss, validate as validation
+from recipes.fused_loss import use_fused_loss
 from conftest import SMALL_RUN, TINY_MODEL, free_port
 from recipes.modeling import preset_config
+from test_fused_loss import CUDA, losses, reference_loss
 
 
 @pytest.fixture
@@ -324,3 +326,69 @@ def test_srlora_under_one_rank_zero3_fuses_into_gathered_weights_as_into_partiti
         losses[name] = [line["loss"] for line in lines if "loss" in line]
         assert sum("srlora" in line for line in lines) == 3
     assert len(losses["gathered"]) == 8 and losses["gathered"] == pytest.approx(losses["partitioned"], rel=1e-6)
+
+
+# ----- the fused loss under ZeRO-3 (the output weight read outside its layer) ------------------------------------
+
+class GradientInForward(torch.autograd.Function):
+    """`reference_loss` under liger's contract: the hidden states' gradient is computed in the forward and the
+    backward only scales it, never reading the output weight (which ZeRO-3 has released again by then)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, num_items_in_batch):
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_()
+            loss = reference_loss(leaf, weight.detach(), labels, num_items_in_batch)
+            (gradient,) = torch.autograd.grad(loss, leaf)
+        ctx.save_for_backward(gradient)
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (gradient,) = ctx.saved_tensors
+        return gradient * grad_output, None, None, None
+
+
+def test_under_zero3_the_fused_loss_sees_the_output_weight_whole_and_trains_as_the_logits(
+        tmp_path, monkeypatch, one_process_group):
+    """ZeRO-3 with every weight partitioned (as on several ranks): the fused route reads the output weight outside
+    its layer's forward, DeepSpeed gathers it for the loss and leaves it released after the step; the losses equal
+    those of the logits path under the same engine, and so do those of one rank's default, where every weight stays
+    gathered."""
+    from launch.config import resolve
+    seen = []
+
+    def loss(hidden, weight, labels, num_items_in_batch):
+        seen.append(weight.numel())
+        return GradientInForward.apply(hidden, weight, labels, num_items_in_batch)  # as liger: no weight after
+
+    monkeypatch.setattr(fused_loss, "LOSS", loss)
+    choice = validation.fused_loss_choice
+    monkeypatch.setattr(validation, "fused_loss_choice", lambda setting, device, stage: choice(setting, CUDA, stage))
+    monkeypatch.setattr(fused_loss, "liger_available", lambda: None)
+    runs, heads = {}, {}
+    zero3 = "deepspeed.config=zero3"
+    partitioned = ("deepspeed.overrides={zero_optimization: {stage3_param_persistence_threshold: 0}, "
+                   "optimizer: {params: {torch_adam: true}}}")
+    for name, extra in (("logits", ["model.fused_loss=false", zero3, partitioned]),
+                        ("partitioned", ["model.fused_loss=true", zero3, partitioned]),
+                        ("gathered", ["model.fused_loss=true", zero3,
+                                      "deepspeed.overrides={optimizer: {params: {torch_adam: true}}}"])):
+        out = tmp_path / name
+        seen.clear()
+        setup = {}
+        monkeypatch.setattr(finetune, "use_fused_loss", lambda model, *args, **kwargs: setup.update(model=model)
+                            or use_fused_loss(model, *args, **kwargs))
+        finetune.run(resolve("llama_lora", SMALL_RUN + [
+            "train.max_steps=3", "train.save_every=0", "train.gradient_accumulation_steps=2",
+            "train.micro_batch_size=2", "data.padding_free=true", "train.export_peft=false",
+            "train.learning_rate=1e-2", f"train.output_dir={out}", *extra]))
+        runs[name] = losses(out)
+        if name != "logits":
+            heads[name] = (set(seen), setup["model"].lm_head.weight.numel())
+    vocab, hidden = 4096, 128
+    assert heads["partitioned"] == ({vocab * hidden}, 0)  # whole inside the loss, released after it
+    assert heads["gathered"] == ({vocab * hidden}, vocab * hidden)
+    assert len(runs["logits"]) == 3 and runs["logits"][-1] < runs["logits"][0]
+    assert runs["partitioned"] == pytest.approx(runs["logits"], rel=1e-5, abs=1e-6)
+    assert runs["gathered"] == pytest.approx(runs["logits"], rel=1e-5, abs=1e-6)

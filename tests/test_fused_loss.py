@@ -32,13 +32,15 @@ def reference_loss(hidden, weight, labels, num_items_in_batch):
     return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
 
 
-def test_auto_fuses_on_a_gpu_with_liger_outside_zero3(monkeypatch):
+
+def test_auto_fuses_on_a_gpu_with_liger_under_every_engine(monkeypatch):
     monkeypatch.setattr(fused_loss, "liger_available", lambda: None)
     assert fused_loss_choice("auto", CUDA, 0)[0] and fused_loss_choice("auto", CUDA, 2)[0]
     assert fused_loss_choice(True, CUDA, 2) == (True, "model.fused_loss=true: output layer and cross-entropy fused "
                                                       "(liger-kernel; no logits are kept)")
-    on, line = fused_loss_choice("auto", CUDA, 3)
-    assert not on and line == "model.fused_loss=auto: logits, then transformers' cross-entropy (under ZeRO-3)"
+    assert fused_loss_choice("auto", CUDA, 3) == (True, "model.fused_loss=auto: output layer and cross-entropy fused "
+                                                        "(liger-kernel; no logits are kept; under ZeRO-3 DeepSpeed "
+                                                        "gathers the output weight for it)")
     assert not fused_loss_choice(False, CUDA, 0)[0]
     monkeypatch.setattr(fused_loss, "liger_available", lambda: "no liger_kernel: pip install 'selora[gpu]'")
     on, line = fused_loss_choice("auto", CUDA, 0)
@@ -114,3 +116,4 @@ def test_a_fused_run_trains_as_the_unfused_one(tmp_path, monkeypatch):
     assert len(routed) == 1  # only the fused run
     assert len(runs["true"]) == len(runs["false"]) >= 3
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6)
+
