@@ -11,8 +11,8 @@ over ``num_items_in_batch`` is the recipe's loss, as with transformers.
 Under ZeRO-3 the output weight is partitioned and the fused route reads it outside the output layer's forward:
 DeepSpeed's engine finds a partitioned parameter read during its forward outside its own module, gathers it and from
 then on fetches and releases it with the module that read it (the whole model here; "external parameters" in
-DeepSpeed's ZeRO-3 documentation), so nothing is done here (tests/test_fused_loss.py checks the loss sees the
-weight whole, leaves it released, and gives the logits path's losses).
+DeepSpeed's ZeRO-3 documentation), so nothing is done here (tests/test_engine.py checks the loss sees the weight
+whole, leaves it released, and gives the logits path's losses).
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def torchrun(processes: int) -> list[str]:
+    """The command that starts ``processes`` ranks of a script on this machine (torchrun, rendezvous on a free port);
+    the script and its arguments follow."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_port", str(free_port())]
 
 
 def build_tiny_llama(**overrides) -> LlamaForCausalLM:

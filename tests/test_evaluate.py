@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from conftest import free_port
+from conftest import torchrun
 from launch import evaluate
 from launch.config import resolve
 from recipes import evaluation, finetune, inference
@@ -152,7 +152,6 @@ def test_bad_input_is_one_error_line(tmp_path, capsys):
 def test_torchrun_shards_give_the_single_process_report(tmp_path):
     import os
     import subprocess
-    import sys
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
     records = [dict(r, instruction=r["instruction"] + " " * i) for i, r in enumerate(MATH + MATH[:1])]  # 5: uneven
@@ -160,8 +159,7 @@ def test_torchrun_shards_give_the_single_process_report(tmp_path):
              "--task", f"m={write(tmp_path / 'm.jsonl', records)}", "--max-new-tokens", "4", "--batch-size", "2"]
     assert evaluate.main([*tasks, "--out", str(tmp_path / "one.json")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                    "--master_port", str(free_port()), "launch/evaluate.py", *tasks,
+    subprocess.run([*torchrun(2), "launch/evaluate.py", *tasks,
                     "--out", str(tmp_path / "two.json")], cwd=root, env=env, check=True, timeout=300)
     one, two = (json.loads((tmp_path / f"{n}.json").read_text())["tasks"] for n in ("one", "two"))
     for name in ("tf", "m"):

@@ -32,7 +32,6 @@ def reference_loss(hidden, weight, labels, num_items_in_batch):
     return total / (num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum())
 
 
-
 def test_auto_fuses_on_a_gpu_with_liger_under_every_engine(monkeypatch):
     monkeypatch.setattr(fused_loss, "liger_available", lambda: None)
     assert fused_loss_choice("auto", CUDA, 0)[0] and fused_loss_choice("auto", CUDA, 2)[0]
@@ -116,4 +115,3 @@ def test_a_fused_run_trains_as_the_unfused_one(tmp_path, monkeypatch):
     assert len(routed) == 1  # only the fused run
     assert len(runs["true"]) == len(runs["false"]) >= 3
     assert runs["true"] == pytest.approx(runs["false"], rel=1e-5, abs=1e-6)
-

@@ -7,13 +7,12 @@ two-node test: 4 ranks through the sbatch script.)
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import TINY_MODEL, free_port
+from conftest import TINY_MODEL, free_port, torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess
@@ -33,9 +32,8 @@ def launch(output_dir: Path, extra_env: dict | None = None, background: bool = F
     kept for the design's own command) starts two more Python processes that import DeepSpeed before the ranks
     start, about 12 s of a tiny two-rank run's 34 on 2 cores; the ranks run the same recipe either way."""
     env = {**os.environ, **CPU, **(extra_env or {})}
-    port = str(free_port())
-    starter = (["deepspeed", "--num_gpus", "2", "--master_port", port] if launcher == "deepspeed" else
-               [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port])
+    starter = (["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] if launcher == "deepspeed" else
+               torchrun(2))
     command = starter + args + [f"train.output_dir={output_dir}"]
     log = open(output_dir.parent / f"{output_dir.name}.log", "a")
     process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,

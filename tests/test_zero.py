@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import free_port
+from conftest import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "workers" / "zero_library_worker.py"
@@ -40,8 +40,7 @@ def tiny_model(path: Path) -> Path:
 
 def launch_ranks(args: list[str], log: Path, processes: int = 2, timeout: int = 600) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(free_port())] + args
+    command = torchrun(processes) + args
     with open(log, "w") as handle:
         result = subprocess.run(command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
     assert result.returncode == 0, f"{processes}-rank run failed, see {log}:\n" + log.read_text()[-4000:]
@@ -56,10 +55,10 @@ def runs(tmp_path_factory):
                    env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1"), capture_output=True)
     outputs = {"single": single}
     launch_ranks([str(WORKER), "--model", str(model), "--out", str(base), "--stages", "2,3"],
-                     base / "two_ranks.log")  # ZeRO-2, then ZeRO-3, in the same two processes
+                 base / "two_ranks.log")  # ZeRO-2, then ZeRO-3, in the same two processes
     outputs.update({stage: base / f"zero{stage}" for stage in (2, 3)})
     launch_ranks([str(WORKER), "--model", str(model), "--out", str(base / FOUR), "--stages", "3",
-                      "--methods", ",".join(SVD_METHODS)], base / f"{FOUR}.log", processes=4)
+                  "--methods", ",".join(SVD_METHODS)], base / f"{FOUR}.log", processes=4)
     outputs[FOUR] = base / FOUR / "zero3"
     return outputs
 
