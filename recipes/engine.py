@@ -206,6 +206,7 @@ class DeepSpeedEngine:
         self.module = self.ds.module
         self.optimizer = self.ds.optimizer
         self.accumulation = int(self.ds.gradient_accumulation_steps())
+        self.skips_fetch_hooks = self.keeps_weights_gathered and drop_fetch_hooks(self.ds)
 
     def __call__(self, **batch):
         return self.ds(**batch)
@@ -247,6 +248,24 @@ class DeepSpeedEngine:
         if self.ds.zero_optimization_partition_weights():
             return self.ds._zero3_consolidated_16bit_state_dict() or {}
         return self.module.state_dict()
+
+
+def drop_fetch_hooks(ds_engine) -> bool:
+    """On one rank with every weight kept gathered (`keeps_one_rank_gathered`), removes ZeRO-3's per-module fetch
+    and release hooks, which there have nothing to fetch or release and only cost host time at every layer's
+    forward, recomputation and backward (`fetch_sub_module`, `release_sub_module`, their parameter walks and stream
+    waits). DeepSpeed's own method does it, as its DeepCompile does when it takes over the gathering. A weight
+    found released is still gathered: DeepSpeed releases every weight at the optimizer step and gathers the
+    persistent ones again after it, and a weight a ``GatheredParameters`` context (saving, SRLoRA's recomposition)
+    released on leaving is gathered when the next forward reads it (the engine's forward marks every module "in
+    forward", as for the fused loss's output weight). ZeRO-3's gradient reduction (its per-layer backward hooks),
+    optimizer and checkpoints are untouched; tests/test_engine.py compares losses and gradients with every weight
+    partitioned. Returns False, the hooks kept, where this DeepSpeed has no such method."""
+    remove_hooks = getattr(getattr(ds_engine.optimizer, "parameter_offload", None), "_remove_module_hooks", None)
+    if remove_hooks is None:
+        return False
+    remove_hooks()
+    return True
 
 
 def whole_layer_fetch(model: torch.nn.Module, ds_config: dict) -> list[str]:

@@ -163,8 +163,11 @@ def build(cfg, setup: Setup) -> Trainee:
     if getattr(engine, "fetch_units", None):
         setup.say(f"ZeRO-3 gathers each {' and '.join(engine.fetch_units)} whole (one gather per layer)")
     if getattr(engine, "keeps_weights_gathered", False):
+        hooks = ("; its per-layer fetch and release hooks, with nothing to do, are off"
+                 if getattr(engine, "skips_fetch_hooks", False) else "")
         setup.say("ZeRO-3 on one rank keeps every weight gathered (its partition is the whole model: no memory "
-                  "saved by releasing); set zero_optimization.stage3_param_persistence_threshold to partition anyway")
+                  f"saved by releasing){hooks}; set zero_optimization.stage3_param_persistence_threshold to "
+                  "partition anyway")
     if plan.compiled:
         compile_regions(model)
     setup.say(plan.compile_line)

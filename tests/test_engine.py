@@ -230,6 +230,7 @@ class Zero3Run(NamedTuple):
     gradients: dict             # the first step's whole gradients of the trained weights
     released: list[str]         # the weights left released after the steps
     keeps_gathered: bool        # the engine's keeps_weights_gathered
+    layer_hooks: int            # forward (pre-)hooks left on the first decoder layer: ZeRO-3's fetch and release
 
 
 def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> Zero3Run:
@@ -259,18 +260,26 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> 
                                for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
         built.step()
         losses.append(loss.item())
+        if step == 0:  # gathered for a change, as SRLoRA's recomposition does: released again on leaving
+            import deepspeed
+            weight = built.module.model.layers[0].mlp.up_proj.weight
+            with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+                weight.data.mul_(1.5)
+            assert weight.numel() == 0
     released = sorted(name for name, parameter in built.module.named_parameters() if parameter.numel() == 0)
-    return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered)
+    layer = built.module.model.layers[0]
+    return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered,
+                    len(layer._forward_pre_hooks) + len(layer._forward_hooks))
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
 def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group, monkeypatch, checkpointing):
     """Whole-layer gathers give per-module fetch's gradients (the first layer's included: without checkpointing
     its weights were met released before the inputs were made to require a gradient) and losses."""
-    units, whole, whole_gradients, _, _ = zero3_run(checkpointing)
+    units, whole, whole_gradients, *_ = zero3_run(checkpointing)
     assert units == ["LlamaDecoderLayer"] and whole[-1] < whole[0]
     monkeypatch.setattr(engine, "whole_layer_fetch", lambda model, config: [])
-    _, per_module, per_module_gradients, _, _ = zero3_run(checkpointing)
+    _, per_module, per_module_gradients, *_ = zero3_run(checkpointing)
     assert whole == pytest.approx(per_module, rel=1e-6)
     assert sorted(whole_gradients) == sorted(per_module_gradients) and len(whole_gradients) == 4
     for name, gradient in per_module_gradients.items():
@@ -280,12 +289,14 @@ def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group,
 
 def test_zero3_on_one_rank_keeps_every_weight_gathered_and_trains_the_same(one_process_group):
     """On one rank ZeRO-3 fills the persistence threshold so that no weight is ever released (its partition is the
-    whole model): the same losses and gradients as with every weight partitioned, and nothing is left released
-    after the steps (partitioned: every frozen base matrix is)."""
+    whole model) and drops the per-layer fetch and release hooks that then have nothing to do: the same losses and
+    gradients as with every weight partitioned (a weight changed in a GatheredParameters context after the first
+    step, which leaves it released, included: it is gathered again for the next forward), and nothing is left
+    released after the steps (partitioned: every frozen base matrix is)."""
     gathered = zero3_run(checkpointing=True, partitioned=False)
-    assert gathered.keeps_gathered and gathered.released == []
+    assert gathered.keeps_gathered and gathered.released == [] and gathered.layer_hooks == 0
     partitioned = zero3_run(checkpointing=True, partitioned=True)
-    assert not partitioned.keeps_gathered
+    assert not partitioned.keeps_gathered and partitioned.layer_hooks > 0
     assert "model.layers.0.mlp.up_proj.weight" in partitioned.released
     assert gathered.losses == pytest.approx(partitioned.losses, rel=1e-6) and gathered.losses[-1] < gathered.losses[0]
     for name, gradient in partitioned.gradients.items():
