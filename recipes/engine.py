@@ -25,6 +25,7 @@ import contextlib
 import copy
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -193,6 +194,10 @@ class DeepSpeedEngine:
         # DeepSpeed wraps its hooks in NVTX ranges: two accelerator calls per hook, over a million per step at
         # the 1B shape under ZeRO-3. Nsight users set deepspeed.utils.nvtx.enable_nvtx = True again.
         nvtx.enable_nvtx = False
+        # DeepSpeed 0.19.8 reduces gradients through torch.distributed.reduce_scatter_tensor, which torch 2.13
+        # deprecates: a FutureWarning (two log lines) per gradient bucket, 4,800 lines in a 30-step CPU run.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated",
+                                category=FutureWarning)
         self.config = ds_config
         self.fetch_units = whole_layer_fetch(model, ds_config)
         zero = ds_config.get("zero_optimization", {})

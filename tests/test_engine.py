@@ -2,6 +2,7 @@
 both engines step (DeepSpeed in one in-process rank), float16's loss scaler on the plain engine."""
 import json
 import math
+import warnings
 from typing import NamedTuple
 
 import pytest
@@ -293,8 +294,12 @@ def test_zero3_on_one_rank_keeps_every_weight_gathered_and_trains_the_same(one_p
     gradients as with every weight partitioned (a weight changed in a GatheredParameters context after the first
     step, which leaves it released, included: it is gathered again for the next forward), and nothing is left
     released after the steps (partitioned: every frozen base matrix is)."""
-    gathered = zero3_run(checkpointing=True, partitioned=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gathered = zero3_run(checkpointing=True, partitioned=False)
     assert gathered.keeps_gathered and gathered.released == [] and gathered.layer_hooks == 0
+    # DeepSpeed's gradient reduction calls an API torch deprecates: one warning per bucket, silenced by the engine
+    assert not [w for w in caught if "reduce_scatter_tensor" in str(w.message)]
     partitioned = zero3_run(checkpointing=True, partitioned=True)
     assert not partitioned.keeps_gathered and partitioned.layer_hooks > 0
     assert "model.layers.0.mlp.up_proj.weight" in partitioned.released
