@@ -3,6 +3,7 @@ both engines step (DeepSpeed in one in-process rank), float16's loss scaler on t
 import json
 import math
 import warnings
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -234,23 +235,33 @@ class Zero3Run(NamedTuple):
     layer_hooks: int            # forward (pre-)hooks left on the first decoder layer: ZeRO-3's fetch and release
 
 
-def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> Zero3Run:
+def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, resume_from: Path | None = None
+              ) -> Zero3Run:
     """A few ZeRO-3 steps of the tiny LLaMA, its attention projections trained. ``partitioned``: every parameter
-    partitioned (persistence threshold 0), else the threshold the engine fills for one rank."""
+    partitioned (persistence threshold 0), else the threshold the engine fills for one rank. After the second
+    micro-batch (the first optimizer step) a frozen weight is changed in a GatheredParameters context, as SRLoRA's
+    recomposition does, which leaves it released. ``resume_from``: the first optimizer step's checkpoint is written
+    there just before, and the run goes on in a new engine over a new model that loads it."""
     from deepspeed.utils import safe_get_full_grad
     from launch.config import resolve
     persistence = "stage3_param_persistence_threshold: 0" if partitioned else ""
     cfg = resolve("llama_lora", [*TINY_MODEL, "deepspeed.config=zero3", "train.learning_rate=1e-2",
                                  "train.warmup_steps=0", f"deepspeed.overrides={{zero_optimization: {{{persistence}}}, "
                                  "optimizer: {params: {torch_adam: true}}}"])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**preset_config("tiny_llama")))
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(name.endswith(TRAINED))
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    built = engine.DeepSpeedEngine(model, engine.sized_for_model(engine.deepspeed_config(cfg, 1), 64), cfg.train, 10)
-    built.train()
+
+    def new_engine():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**preset_config("tiny_llama")))
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.endswith(TRAINED))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        built = engine.DeepSpeedEngine(model, engine.sized_for_model(engine.deepspeed_config(cfg, 1), 64), cfg.train,
+                                       10)
+        built.train()
+        return built
+
+    built = new_engine()
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     losses, first_gradients = [], {}
     for step in range(steps):
@@ -261,7 +272,11 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True) -> 
                                for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
         built.step()
         losses.append(loss.item())
-        if step == 0:  # gathered for a change, as SRLoRA's recomposition does: released again on leaving
+        if step == 1 and resume_from is not None:  # the end of the first optimizer step (2 micro-batches)
+            built.save(resume_from / "step_1")
+            built = new_engine()
+            built.load(resume_from / "step_1")
+        if step == 1:
             import deepspeed
             weight = built.module.model.layers[0].mlp.up_proj.weight
             with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
@@ -306,6 +321,16 @@ def test_zero3_on_one_rank_keeps_every_weight_gathered_and_trains_the_same(one_p
     assert gathered.losses == pytest.approx(partitioned.losses, rel=1e-6) and gathered.losses[-1] < gathered.losses[0]
     for name, gradient in partitioned.gradients.items():
         torch.testing.assert_close(gathered.gradients[name], gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_zero3_on_one_rank_without_the_fetch_hooks_resumes_exactly(one_process_group, tmp_path):
+    """A checkpoint written after the first optimizer step (DeepSpeed's save releases and re-gathers the weights)
+    and loaded by a new engine over a new model: the steps after it give the uninterrupted run's losses, bit for
+    bit."""
+    straight = zero3_run(checkpointing=True, steps=4, partitioned=False)
+    resumed = zero3_run(checkpointing=True, steps=4, partitioned=False, resume_from=tmp_path)
+    assert resumed.layer_hooks == 0 and resumed.released == []
+    assert resumed.losses == straight.losses and straight.losses[-1] < straight.losses[0]
 
 
 @pytest.mark.parametrize("world_size,zero,expected", [
