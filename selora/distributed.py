@@ -40,16 +40,23 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     import deepspeed  # only needed when parameters really are partitioned
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    # Inside a module's forward ZeRO-3 may already hold a parameter whole: read it as it is (gathering it
-    # again would free it under the module's feet). Writes always happen outside forward, on released params.
+    if modifier_rank is not None:
+        # A write goes through GatheredParameters, which sends the modifier's values to every rank and partitions
+        # them again on leaving, also for a weight ZeRO-3 keeps whole between steps (a persistent one: every
+        # weight on one rank). A weight a running module's forward holds would be freed under it: refused.
+        if any(p.ds_status == ZeroParamStatus.AVAILABLE and p.ds_active_sub_modules for p in params):
+            raise RuntimeError("cannot modify a ZeRO-3 parameter that a running forward holds; modify it between "
+                               "steps")
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+        return
+    # A read: a weight ZeRO-3 already holds whole (inside a module's forward, or persistent) is read as it is;
+    # gathering it again would free it on leaving, under the module's feet.
     partitioned = [p for p in params if p.ds_status != ZeroParamStatus.AVAILABLE]
-    if modifier_rank is not None and len(partitioned) != len(params):
-        raise RuntimeError("cannot modify a ZeRO-3 parameter that a running forward holds; modify it between steps")
     if not partitioned:
         yield
         return
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=modifier_rank):
+    with deepspeed.zero.GatheredParameters(partitioned):
         yield
 
 

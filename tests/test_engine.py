@@ -369,6 +369,31 @@ def test_srlora_under_one_rank_zero3_fuses_into_gathered_weights_as_into_partiti
     assert len(losses["gathered"]) == 8 and losses["gathered"] == pytest.approx(losses["partitioned"], rel=1e-6)
 
 
+def test_one_rank_zero3_writes_the_merged_model_as_with_every_weight_partitioned(one_process_group, tmp_path):
+    """train.save_merged=true writes the adapters into the frozen base weights at export. On one rank, where every
+    weight stays gathered between steps, that write was refused as if a running forward held the weight: the
+    merged model now equals the one written with every weight partitioned, and differs from a run that learned
+    nothing (learning rate 1e-12: the adapters' product stays about zero, so its merged model is the base)."""
+    from safetensors.torch import load_file
+    from launch.config import resolve
+    from recipes import finetune
+    merged = {}
+    for name, persistence, rate in (("gathered", "", 1e-2), ("partitioned", "stage3_param_persistence_threshold: 0", 1e-2),
+                                    ("unlearned", "", 1e-12)):
+        out = tmp_path / name
+        cfg = resolve("llama_selora", [*SMALL_RUN, "deepspeed.config=zero3", "train.max_steps=3", "train.save_every=0",
+                                       "train.export_peft=false", "train.save_merged=true", f"train.learning_rate={rate}",
+                                       f"train.output_dir={out}",
+                                       f"deepspeed.overrides={{zero_optimization: {{{persistence}}}}}"])
+        finetune.run(cfg)
+        merged[name] = load_file(str(out / "merged" / "model.safetensors"))
+    assert merged["gathered"].keys() == merged["partitioned"].keys() == merged["unlearned"].keys()
+    for key, tensor in merged["partitioned"].items():
+        torch.testing.assert_close(merged["gathered"][key], tensor, rtol=1e-5, atol=1e-7)
+    query = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(merged["gathered"][query], merged["unlearned"][query], rtol=1e-4, atol=1e-6)
+
+
 # ----- the fused loss under ZeRO-3 (the output weight read outside its layer) ------------------------------------
 
 class GradientInForward(torch.autograd.Function):
