@@ -117,6 +117,7 @@ def set_full_value(param: torch.Tensor, value: torch.Tensor) -> None:
         start, end = _shard_range(param)
         shard = param.ds_tensor
         shard.data[: end - start].copy_(value.reshape(-1)[start:end].to(shard.dtype))
+        _refresh_whole_copy(param)
     else:
         param.data.copy_(value.to(param.dtype))
     if _has_master_copy(param):
@@ -132,14 +133,29 @@ def add_low_rank(param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -
         param.data.add_((left.float() @ right.float()).to(param.dtype))
         return
     start, end = _shard_range(param)
-    if end <= start:
+    if end > start:
+        columns = param.ds_shape[1]
+        first_row, last_row = start // columns, (end - 1) // columns
+        block = (left[first_row:last_row + 1].float() @ right.float()).reshape(-1)
+        offset = first_row * columns
+        shard = param.ds_tensor
+        shard.data[: end - start].add_(block[start - offset:end - offset].to(shard.dtype))
+    _refresh_whole_copy(param)
+
+
+def _refresh_whole_copy(param: torch.Tensor) -> None:
+    """After a write into this rank's shard: a weight ZeRO-3 holds whole between steps (a persistent one, e.g. the
+    adapter factors under the recipe's threshold on several ranks) keeps a copy besides its shard, stale now, which
+    the next forward would use; it is gathered again from the shards. Every rank must call it (a collective). On
+    one rank the copy is a view of the shard: nothing to do."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if param.ds_status != ZeroParamStatus.AVAILABLE:
         return
-    columns = param.ds_shape[1]
-    first_row, last_row = start // columns, (end - 1) // columns
-    block = (left[first_row:last_row + 1].float() @ right.float()).reshape(-1)
-    offset = first_row * columns
-    shard = param.ds_tensor
-    shard.data[: end - start].add_(block[start - offset:end - offset].to(shard.dtype))
+    if param.data.untyped_storage().data_ptr() == param.ds_tensor.untyped_storage().data_ptr():
+        return
+    param.partition(has_been_updated=False)  # drops the stale copy; the shard is the truth
+    param.all_gather()
 
 
 def reset_optimizer_rows(optimizer, param: torch.Tensor, rows: torch.Tensor) -> int:

@@ -93,6 +93,19 @@ def test_zero3_recipe_runs_to_the_end_and_exports_a_peft_adapter(straight):
     assert any(k.endswith("base_delta_A") and v.shape[0] > 0 for k, v in saved.items())  # fusions were recorded
 
 
+def test_zero3_with_the_recipes_persistence_threshold_recomposes_as_with_every_weight_partitioned(straight, tmp_path):
+    """Under the recipe's own ZeRO-3 threshold the adapter factors (and, at this tiny width, the base weights) stay
+    whole on every rank between steps, a copy beside each rank's shard. SRLoRA writes its recompositions into the
+    shards: the whole copies are gathered again, so the losses after every recomposition equal the partitioned
+    run's bit for bit (they drifted from step 4 on, after the first recomposition, while the copies went stale)."""
+    default = tmp_path / "default_threshold"
+    default.mkdir()
+    args = [a for a in ARGS if "stage3_param_persistence_threshold" not in a]
+    assert launch(default, args=args).returncode == 0, (tmp_path / "default_threshold.log").read_text()[-3000:]
+    assert {e["step"] for e in events(default)} == {3, 6, 9}
+    assert losses(default) == losses(straight)
+
+
 def test_the_designs_command_runs_on_two_processes_with_zero2(tmp_path):
     """Exactly `deepspeed launch/train.py --recipe llama_selora` plus an output dir, a step cap and one sample
     prompt instead of the recipe's three (the recipe's own model and data): no DeepSpeed config is named, so ZeRO-2
