@@ -212,6 +212,7 @@ class DeepSpeedEngine:
         self.optimizer = self.ds.optimizer
         self.accumulation = int(self.ds.gradient_accumulation_steps())
         self.skips_fetch_hooks = self.keeps_weights_gathered and drop_fetch_hooks(self.ds)
+        self.keeps_weights_through_step = self.keeps_weights_gathered and keep_weights_through_step(self.ds)
 
     def __call__(self, **batch):
         return self.ds(**batch)
@@ -270,6 +271,41 @@ def drop_fetch_hooks(ds_engine) -> bool:
     if remove_hooks is None:
         return False
     remove_hooks()
+    return True
+
+
+def keep_weights_through_step(ds_engine) -> bool:
+    """On one rank with every weight kept gathered (`keeps_one_rank_gathered`), stops ZeRO-3's optimizer from
+    releasing every weight before its step and gathering it again after (`_partition_all_parameters`, then
+    `_post_step`'s gather of the persistent weights). On one rank a gather of several weights makes each whole a
+    view of its partition, which the step then updates in place: the round trip changes nothing, yet it walks
+    every parameter twice (739 at the 1.3B shape) and ends in a whole-device synchronisation
+    (`NoGatherCoalescedHandle.wait`, DeepSpeed 0.19.8), after which the next step's first kernels meet an idle GPU.
+
+    Instead, before the step, a weight whose whole is a copy (DeepSpeed gathers a lone weight into a new buffer:
+    the first forward's, and any that a ``GatheredParameters`` context, saving or SRLoRA, left released and a
+    forward gathered again) is made a view of its partition, as DeepSpeed's one-rank gather of several makes it:
+    the two hold the same values then (the optimizer has not run), and the step's update reaches the view. A
+    checkpoint still releases every weight first, as DeepSpeed does (its ZeRO-3 module file holds the released,
+    empty weights; the partitions hold the values). tests/test_engine.py compares losses and gradients with every
+    weight partitioned, over several steps, with a frozen weight changed between them, and across a resume.
+    Returns False, the round trip kept, where this DeepSpeed's optimizer has no such method, or where it offloads
+    its state (whose swap paths release every weight to refresh the partitions)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    optimizer = ds_engine.optimizer
+    release_all = getattr(optimizer, "_partition_all_parameters", None)
+    if not callable(release_all) or getattr(optimizer, "offload_optimizer", True):
+        return False
+    parameters = list(ds_engine.module.parameters())
+
+    def view_partitions() -> None:
+        for param in parameters:
+            if param.ds_status == ZeroParamStatus.AVAILABLE and param.data_ptr() != param.ds_tensor.data_ptr():
+                param.data = param.ds_tensor.data.narrow(0, 0, param.ds_numel).view(param.ds_shape)
+
+    optimizer._partition_all_parameters = view_partitions
+    optimizer.checkpoint_event_prologue = release_all
     return True
 
 

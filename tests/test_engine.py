@@ -233,6 +233,8 @@ class Zero3Run(NamedTuple):
     released: list[str]         # the weights left released after the steps
     keeps_gathered: bool        # the engine's keeps_weights_gathered
     layer_hooks: int            # forward (pre-)hooks left on the first decoder layer: ZeRO-3's fetch and release
+    copies: list[str]           # gathered weights whose whole is a copy, not a view of their partition
+    freed_in_last_step: int     # weights released during the last micro-step (forward, backward and step)
 
 
 def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, resume_from: Path | None = None
@@ -261,10 +263,21 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
         built.train()
         return built
 
+    from deepspeed.runtime.zero import partition_parameters
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    freed = []
+    free_param = partition_parameters.free_param
+
+    def counting_free_param(param):
+        freed.append(param)
+        free_param(param)
+
     built = new_engine()
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     losses, first_gradients = [], {}
     for step in range(steps):
+        freed.clear()
+        partition_parameters.free_param = counting_free_param if step == steps - 1 else free_param
         loss = built(input_ids=tokens, labels=tokens).loss
         built.backward(loss)
         if step == 0:
@@ -282,10 +295,14 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
             with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
                 weight.data.mul_(1.5)
             assert weight.numel() == 0
+    partition_parameters.free_param = free_param
     released = sorted(name for name, parameter in built.module.named_parameters() if parameter.numel() == 0)
+    copies = sorted(name for name, parameter in built.module.named_parameters()
+                    if parameter.ds_status == ZeroParamStatus.AVAILABLE
+                    and parameter.data_ptr() != parameter.ds_tensor.data_ptr())
     layer = built.module.model.layers[0]
     return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered,
-                    len(layer._forward_pre_hooks) + len(layer._forward_hooks))
+                    len(layer._forward_pre_hooks) + len(layer._forward_hooks), copies, len(freed))
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -305,18 +322,21 @@ def test_zero3_trains_the_same_with_each_layer_gathered_whole(one_process_group,
 
 def test_zero3_on_one_rank_keeps_every_weight_gathered_and_trains_the_same(one_process_group):
     """On one rank ZeRO-3 fills the persistence threshold so that no weight is ever released (its partition is the
-    whole model) and drops the per-layer fetch and release hooks that then have nothing to do: the same losses and
-    gradients as with every weight partitioned (a weight changed in a GatheredParameters context after the first
-    step, which leaves it released, included: it is gathered again for the next forward), and nothing is left
-    released after the steps (partitioned: every frozen base matrix is)."""
+    whole model), drops the per-layer fetch and release hooks that then have nothing to do and the optimizer's
+    release and re-gather of every weight around its step: the same losses and gradients as with every weight
+    partitioned (a weight changed in a GatheredParameters context after the first step, which leaves it released,
+    included: it is gathered again for the next forward), and after two optimizer steps nothing is released, every
+    whole is a view of its partition, and the last step released no weight (partitioned: every frozen base matrix
+    is released, at every layer)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gathered = zero3_run(checkpointing=True, partitioned=False)
+        gathered = zero3_run(checkpointing=True, steps=4, partitioned=False)
     assert gathered.keeps_gathered and gathered.released == [] and gathered.layer_hooks == 0
+    assert gathered.copies == [] and gathered.freed_in_last_step == 0
     # DeepSpeed's gradient reduction calls an API torch deprecates: one warning per bucket, silenced by the engine
     assert not [w for w in caught if "reduce_scatter_tensor" in str(w.message)]
-    partitioned = zero3_run(checkpointing=True, partitioned=True)
-    assert not partitioned.keeps_gathered and partitioned.layer_hooks > 0
+    partitioned = zero3_run(checkpointing=True, steps=4, partitioned=True)
+    assert not partitioned.keeps_gathered and partitioned.layer_hooks > 0 and partitioned.freed_in_last_step > 0
     assert "model.layers.0.mlp.up_proj.weight" in partitioned.released
     assert gathered.losses == pytest.approx(partitioned.losses, rel=1e-6) and gathered.losses[-1] < gathered.losses[0]
     for name, gradient in partitioned.gradients.items():
@@ -329,7 +349,7 @@ def test_zero3_on_one_rank_without_the_fetch_hooks_resumes_exactly(one_process_g
     bit."""
     straight = zero3_run(checkpointing=True, steps=4, partitioned=False)
     resumed = zero3_run(checkpointing=True, steps=4, partitioned=False, resume_from=tmp_path)
-    assert resumed.layer_hooks == 0 and resumed.released == []
+    assert resumed.layer_hooks == 0 and resumed.released == [] and resumed.copies == []
     assert resumed.losses == straight.losses and straight.losses[-1] < straight.losses[0]
 
 
