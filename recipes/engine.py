@@ -260,17 +260,30 @@ def drop_fetch_hooks(ds_engine) -> bool:
     """On one rank with every weight kept gathered (`keeps_one_rank_gathered`), removes ZeRO-3's per-module fetch
     and release hooks, which there have nothing to fetch or release and only cost host time at every layer's
     forward, recomputation and backward (`fetch_sub_module`, `release_sub_module`, their parameter walks and stream
-    waits). DeepSpeed's own method does it, as its DeepCompile does when it takes over the gathering. A weight
-    found released is still gathered: DeepSpeed releases every weight at the optimizer step and gathers the
-    persistent ones again after it, and a weight a ``GatheredParameters`` context (saving, SRLoRA's recomposition)
-    released on leaving is gathered when the next forward reads it (the engine's forward marks every module "in
-    forward", as for the fused loss's output weight). ZeRO-3's gradient reduction (its per-layer backward hooks),
-    optimizer and checkpoints are untouched; tests/test_engine.py compares losses and gradients with every weight
-    partitioned. Returns False, the hooks kept, where this DeepSpeed has no such method."""
+    waits). DeepSpeed's own method does it, as its DeepCompile does when it takes over the gathering.
+
+    What the hooks did once remains to do: gather a weight that is released. DeepSpeed releases every weight
+    when it writes a checkpoint (and gathers them again after), and a ``GatheredParameters`` context (SRLoRA's
+    recomposition, a merge) releases its weights on leaving. One hook before each forward of the whole model
+    gathers whatever is released then, every weight at the first forward; it runs outside the compiled decoder
+    regions, which cannot gather (under TorchDynamo DeepSpeed's gather-on-access is off, and a compiled region
+    that meets a released weight fails). ZeRO-3's gradient reduction (its per-layer backward hooks), optimizer
+    and checkpoints are untouched; tests/test_engine.py compares losses and gradients with every weight
+    partitioned, eager and compiled. Returns False, the hooks kept, where this DeepSpeed has no such method."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     remove_hooks = getattr(getattr(ds_engine.optimizer, "parameter_offload", None), "_remove_module_hooks", None)
     if remove_hooks is None:
         return False
     remove_hooks()
+    parameters = list(ds_engine.module.parameters())
+
+    def gather_released(module, args) -> None:
+        released = [p for p in parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        if released:
+            released[0].all_gather(param_list=released)
+
+    ds_engine.module.register_forward_pre_hook(gather_released)
     return True
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from recipes import engine, finetune, fused_loss, validate as validation
+from recipes import compiled_regions, engine, finetune, fused_loss, validate as validation
+from recipes.compiled_regions import compile_regions
 from recipes.fused_loss import use_fused_loss
 from conftest import SMALL_RUN, TINY_MODEL, free_port
 from recipes.modeling import preset_config
@@ -237,13 +238,14 @@ class Zero3Run(NamedTuple):
     freed_in_last_step: int     # weights released during the last micro-step (forward, backward and step)
 
 
-def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, resume_from: Path | None = None
-              ) -> Zero3Run:
+def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, resume_from: Path | None = None,
+              compiled: bool = False) -> Zero3Run:
     """A few ZeRO-3 steps of the tiny LLaMA, its attention projections trained. ``partitioned``: every parameter
     partitioned (persistence threshold 0), else the threshold the engine fills for one rank. After the second
     micro-batch (the first optimizer step) a frozen weight is changed in a GatheredParameters context, as SRLoRA's
     recomposition does, which leaves it released. ``resume_from``: the first optimizer step's checkpoint is written
-    there just before, and the run goes on in a new engine over a new model that loads it."""
+    there just before, and the run goes on in a new engine over a new model that loads it. ``compiled``: the
+    decoder regions compiled as the recipe does on a GPU (the caller sets a backend that runs on the CPU)."""
     from deepspeed.utils import safe_get_full_grad
     from launch.config import resolve
     persistence = "stage3_param_persistence_threshold: 0" if partitioned else ""
@@ -260,6 +262,9 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         built = engine.DeepSpeedEngine(model, engine.sized_for_model(engine.deepspeed_config(cfg, 1), 64), cfg.train,
                                        10)
+        if compiled:
+            torch._dynamo.reset()
+            compile_regions(built.module)
         built.train()
         return built
 
@@ -341,6 +346,19 @@ def test_zero3_on_one_rank_keeps_every_weight_gathered_and_trains_the_same(one_p
     assert gathered.losses == pytest.approx(partitioned.losses, rel=1e-6) and gathered.losses[-1] < gathered.losses[0]
     for name, gradient in partitioned.gradients.items():
         torch.testing.assert_close(gathered.gradients[name], gradient, rtol=1e-5, atol=1e-7)
+
+
+def test_zero3_on_one_rank_without_the_fetch_hooks_trains_compiled_regions(one_process_group, monkeypatch, tmp_path):
+    """Compiled decoder regions cannot gather a weight (DeepSpeed's gather-on-access is off under TorchDynamo):
+    without the fetch hooks, the weights released at start, by the GatheredParameters change after the first step
+    and by writing a checkpoint are gathered before each forward of the model, so the compiled run gives the eager
+    run's losses and resumes exactly (before, its first forward failed: 'Attempting to broadcast a dimension ...'
+    on a norm's released weight)."""
+    monkeypatch.setattr(compiled_regions, "BACKEND", "aot_eager")
+    eager = zero3_run(checkpointing=True, steps=4, partitioned=False)
+    compiled = zero3_run(checkpointing=True, steps=4, partitioned=False, compiled=True, resume_from=tmp_path)
+    assert compiled.layer_hooks == 0 and compiled.released == [] and compiled.copies == []
+    assert compiled.losses == pytest.approx(eager.losses, rel=1e-6)
 
 
 def test_zero3_on_one_rank_without_the_fetch_hooks_resumes_exactly(one_process_group, tmp_path):
