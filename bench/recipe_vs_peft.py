@@ -269,7 +269,7 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        return {"error": (result.stderr or result.stdout).strip().splitlines()[-1][:300]}
+        return {"error": failure_line(result.stderr or result.stdout)}
     lines = [line for line in read_metrics(output / "metrics.jsonl") if "tokens_per_s" in line]
     timed = [line for line in lines if line["step"] > args.warmup]
     # Each line covers one step: its wall time is its real tokens over its tokens/s.
@@ -294,6 +294,15 @@ def recipe_row(args, recipe: str, engine: str, method: str, extra: list[str], wo
     if recomposition_steps:
         row["recomposition_s"] = round(extra_time / len(recomposition_steps), 3)
     return row
+
+
+def failure_line(output: str) -> str:
+    """The line of a failed run's output that says what failed: the recipe's own 'failed after optimizer step'
+    line where there is one (a traceback's last line is often a library's hint, e.g. TorchDynamo's
+    'Set TORCHDYNAMO_VERBOSE=1 ...'), else the last line."""
+    lines = output.strip().splitlines() or [""]
+    said = [line for line in lines if "failed after optimizer step" in line]
+    return (said or lines)[-1][:300]
 
 
 # ----- table -------------------------------------------------------------------------------------------------

@@ -115,3 +115,14 @@ def test_row_diagnosis_smoke(tmp_path, capsys):
     assert "== recipe plain LoRA (padding-free eager): exit 0; recompiles 0, graph breaks 0" in summary
     assert row_diagnosis.summarise("Recompiling function forward in x.py\n  triggered by the following guard "
                                    "failure(s):\nGraph break in user code at y.py:3")["graph break"] == 1
+
+
+def test_a_failed_row_reports_the_recipes_own_failure_line():
+    """A failed recipe row names what failed (the recipe's own line), not a library's hint printed after it."""
+    import recipe_vs_peft
+    output = ("train:   0%|\nrank 0: failed after optimizer step 0 (TorchRuntimeError: RuntimeError when making fake "
+              "tensor call); checkpoints/latest ...\nTraceback (most recent call last):\n  File ...\n"
+              "[rank0]: Set TORCHDYNAMO_VERBOSE=1 for the internal stack trace\n")
+    assert recipe_vs_peft.failure_line(output).startswith("rank 0: failed after optimizer step 0 (TorchRuntimeError")
+    assert recipe_vs_peft.failure_line("Error: data.max_length=128 leaves no room\n") == \
+        "Error: data.max_length=128 leaves no room"
