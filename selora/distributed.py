@@ -147,7 +147,8 @@ def _refresh_whole_copy(param: torch.Tensor) -> None:
     """After a write into this rank's shard: a weight ZeRO-3 holds whole between steps (a persistent one, e.g. the
     adapter factors under the recipe's threshold on several ranks) keeps a copy besides its shard, stale now, which
     the next forward would use; it is gathered again from the shards. Every rank must call it (a collective). On
-    one rank the copy is a view of the shard: nothing to do."""
+    one rank the copy is usually a view of the shard (nothing to do); a weight DeepSpeed gathered alone is a copy
+    there too, and is gathered again like the others."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     if param.ds_status != ZeroParamStatus.AVAILABLE:
