@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 
 from recipes import config_files
 from recipes.modeling import resolve_precision
+from selora.distributed import whole_is_its_partition
 
 CONFIG_DIR = config_files.CONFIGS / "deepspeed"
 ADAMW_BETAS = (0.9, 0.999)
@@ -314,7 +315,7 @@ def keep_weights_through_step(ds_engine) -> bool:
 
     def view_partitions() -> None:
         for param in parameters:
-            if param.ds_status == ZeroParamStatus.AVAILABLE and param.data_ptr() != param.ds_tensor.data_ptr():
+            if param.ds_status == ZeroParamStatus.AVAILABLE and not whole_is_its_partition(param):
                 param.data = param.ds_tensor.data.narrow(0, 0, param.ds_numel).view(param.ds_shape)
 
     optimizer._partition_all_parameters = view_partitions

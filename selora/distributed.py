@@ -143,6 +143,12 @@ def add_low_rank(param: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -
     _refresh_whole_copy(param)
 
 
+def whole_is_its_partition(param: torch.Tensor) -> bool:
+    """Whether a gathered ZeRO-3 weight's whole is a view of this rank's partition rather than a copy beside it
+    (one rank: DeepSpeed gathers several weights as views, a lone one into a new buffer)."""
+    return param.data_ptr() == param.ds_tensor.data_ptr()
+
+
 def _refresh_whole_copy(param: torch.Tensor) -> None:
     """After a write into this rank's shard: a weight ZeRO-3 holds whole between steps (a persistent one, e.g. the
     adapter factors under the recipe's threshold on several ranks) keeps a copy besides its shard, stale now, which
@@ -151,9 +157,7 @@ def _refresh_whole_copy(param: torch.Tensor) -> None:
     there too, and is gathered again like the others."""
     from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-    if param.ds_status != ZeroParamStatus.AVAILABLE:
-        return
-    if param.data.untyped_storage().data_ptr() == param.ds_tensor.untyped_storage().data_ptr():
+    if param.ds_status != ZeroParamStatus.AVAILABLE or whole_is_its_partition(param):
         return
     param.partition(has_been_updated=False)  # drops the stale copy; the shard is the truth
     param.all_gather()
