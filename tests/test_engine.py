@@ -280,27 +280,29 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
     built = new_engine()
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     losses, first_gradients = [], {}
-    for step in range(steps):
-        freed.clear()
-        partition_parameters.free_param = counting_free_param if step == steps - 1 else free_param
-        loss = built(input_ids=tokens, labels=tokens).loss
-        built.backward(loss)
-        if step == 0:
-            first_gradients = {name: safe_get_full_grad(parameter).clone()
-                               for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
-        built.step()
-        losses.append(loss.item())
-        if step == 1 and resume_from is not None:  # the end of the first optimizer step (2 micro-batches)
-            built.save(resume_from / "step_1")
-            built = new_engine()
-            built.load(resume_from / "step_1")
-        if step == 1:
-            import deepspeed
-            weight = built.module.model.layers[0].mlp.up_proj.weight
-            with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
-                weight.data.mul_(1.5)
-            assert weight.numel() == 0
-    partition_parameters.free_param = free_param
+    try:
+        for step in range(steps):
+            freed.clear()
+            partition_parameters.free_param = counting_free_param if step == steps - 1 else free_param
+            loss = built(input_ids=tokens, labels=tokens).loss
+            built.backward(loss)
+            if step == 0:
+                first_gradients = {name: safe_get_full_grad(parameter).clone()
+                                   for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
+            built.step()
+            losses.append(loss.item())
+            if step == 1 and resume_from is not None:  # the end of the first optimizer step (2 micro-batches)
+                built.save(resume_from / "step_1")
+                built = new_engine()
+                built.load(resume_from / "step_1")
+            if step == 1:
+                import deepspeed
+                weight = built.module.model.layers[0].mlp.up_proj.weight
+                with deepspeed.zero.GatheredParameters([weight], modifier_rank=0):
+                    weight.data.mul_(1.5)
+                assert weight.numel() == 0
+    finally:  # a failing run must not leave DeepSpeed's free_param counting for the tests after it
+        partition_parameters.free_param = free_param
     released = sorted(name for name, parameter in built.module.named_parameters() if parameter.numel() == 0)
     copies = sorted(name for name, parameter in built.module.named_parameters()
                     if parameter.ds_status == ZeroParamStatus.AVAILABLE
