@@ -6,7 +6,8 @@ graph-break logs on and a torch.profiler window (train.profile_steps), and keeps
 For each row, ``<out>/<row slug>/``: ``stderr.txt`` (the compile logs), ``ops.txt`` (the profile's operator
 tables) and ``metrics.jsonl``; the printed summary counts recompilations and graph breaks, with their reasons.
 ``--python-profile`` profiles the window with cProfile instead (``python.txt``: DeepSpeed's hooks and the loop's
-Python by own and cumulative time), for a host-bound row whose time goes to Python rather than to operators.
+Python by own and cumulative time; ``python.prof``, every function, for pstats), for a host-bound row whose time
+goes to Python rather than to operators.
 No dated result: this answers "where does the time go", the timed comparison stays in recipe_vs_peft.py.
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             (target / "stderr.txt").write_text(result.stderr)
             for found, keep in ((Path(work) / "run" / "profile" / "ops.txt", "ops.txt"),
                                 (Path(work) / "run" / "profile" / "python.txt", "python.txt"),
+                                (Path(work) / "run" / "profile" / "python.prof", "python.prof"),
                                 (Path(work) / "run" / "metrics.jsonl", "metrics.jsonl")):
                 if found.is_file():
                     shutil.copy(found, target / keep)

@@ -10,7 +10,8 @@ train.time_breakdown should be off when reading it.
 
 With train.profile_python=true the same steps run under Python's cProfile instead, and profile/python.txt lists the
 Python functions by own and by cumulative time: for a host-bound step whose time goes to Python (hooks of an
-engine, the loop's bookkeeping) rather than to operators.
+engine, the loop's bookkeeping) rather than to operators. profile/python.prof holds every function's counts
+(pstats, snakeviz), to compare two runs function by function.
 """
 from __future__ import annotations
 
@@ -107,3 +108,4 @@ class StepProfiler:
             text.write(f"\n## by {label} time\n")
             stats.sort_stats(order).print_stats(rows)
         (self.out / "python.txt").write_text(text.getvalue())
+        profiler.dump_stats(self.out / "python.prof")  # every function, for pstats, snakeviz or a diff of two runs

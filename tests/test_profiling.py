@@ -1,4 +1,5 @@
 """train.profile_steps: torch.profiler over a window of optimizer steps, tables written by rank 0 only."""
+import pstats
 import re
 
 import pytest
@@ -45,6 +46,9 @@ def test_the_python_profile_covers_the_window_and_names_the_functions(tmp_path):
     # called once in each of the two profiled steps, not in the other three
     assert re.search(r"\n\s+2\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+ \S*test_profiling.py:\d+\(python_step\)", tables)
     assert not (tmp_path / "profile" / "ops.txt").exists()
+    counts = {name: calls for (_, _, name), (_, calls, *_) in
+              pstats.Stats(str(tmp_path / "profile" / "python.prof")).stats.items()}
+    assert counts["python_step"] == 2
 
 
 def test_other_ranks_and_an_empty_window_write_nothing(tmp_path):
