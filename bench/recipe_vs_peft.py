@@ -80,9 +80,9 @@ RECIPE_ROWS = [
     ("recipe ZeRO-3 LoRA (padding-free partitioned)", "zero3", "lora", "llama_lora",
      [PF, zero_overrides(stage3_param_persistence_threshold=100000)], False),
     # every weight kept gathered as on one rank by default, but through a threshold the engine does not recognise
-    # as its own, so that ZeRO-3's per-layer fetch and release hooks stay on and its optimizer step releases and
-    # re-gathers every weight (the engine's behaviour before recipes/engine.py drop_fetch_hooks and
-    # keep_weights_through_step)
+    # as its own, so that DeepSpeed's own path stays: per-layer fetch and release hooks, the release and re-gather
+    # of every weight around each optimizer step, per-weight gradient hooks, buckets and reduce-scatters, and the
+    # per-weight clipping norm (the engine's behaviour before recipes/zero3_one_rank.py)
     ("recipe ZeRO-3 LoRA (padding-free fetch hooks)", "zero3", "lora", "llama_lora",
      [PF, zero_overrides(stage3_param_persistence_threshold=10**15)], False),
     # ZeRO-3's settings weighed on one GPU: no prefetch of the next layers (no trace of the fetch order kept),

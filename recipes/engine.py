@@ -15,9 +15,10 @@ The loop in recipes/finetune.py only ever touches:
     engine.save(dir) / engine.load(dir)   optimizer + scheduler (+ DeepSpeed's own files) in one directory
     engine.full_state_dict()              every weight, whole (ZeRO-3 gathers to rank 0), for a merged export
 
-Everything DeepSpeed-specific lives in this file: the JSON configs under configs/deepspeed/, filling their
-"auto" values from cfg.train (once per start: `planned_deepspeed_config`, which recipes/validate.py calls) and
-from the model's size (`sized_for_model`), deepspeed.initialize, and the ZeRO-3 init context for model loading.
+Everything DeepSpeed-specific lives in this file: the JSON configs under configs/deepspeed/, filling their "auto"
+values from cfg.train (once per start: `planned_deepspeed_config`, which recipes/validate.py calls) and from the
+model's size (`sized_for_model`), deepspeed.initialize, and the ZeRO-3 init context for model loading; and in
+recipes/zero3_one_rank.py, the ZeRO-3 machinery that has nothing to do on one rank, switched off.
 """
 from __future__ import annotations
 
@@ -31,9 +32,8 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from recipes import config_files
+from recipes import config_files, zero3_one_rank
 from recipes.modeling import resolve_precision
-from selora.distributed import whole_is_its_partition
 
 CONFIG_DIR = config_files.CONFIGS / "deepspeed"
 ADAMW_BETAS = (0.9, 0.999)
@@ -212,8 +212,8 @@ class DeepSpeedEngine:
         self.module = self.ds.module
         self.optimizer = self.ds.optimizer
         self.accumulation = int(self.ds.gradient_accumulation_steps())
-        self.skips_fetch_hooks = self.keeps_weights_gathered and drop_fetch_hooks(self.ds)
-        self.keeps_weights_through_step = self.keeps_weights_gathered and keep_weights_through_step(self.ds)
+        # What ZeRO-3 does for nothing on one rank, switched off: phrases for the run's log (recipes/finetune.py)
+        self.one_rank_changes = zero3_one_rank.switch_off(self.ds) if self.keeps_weights_gathered else []
 
     def __call__(self, **batch):
         return self.ds(**batch)
@@ -255,72 +255,6 @@ class DeepSpeedEngine:
         if self.ds.zero_optimization_partition_weights():
             return self.ds._zero3_consolidated_16bit_state_dict() or {}
         return self.module.state_dict()
-
-
-def drop_fetch_hooks(ds_engine) -> bool:
-    """On one rank with every weight kept gathered (`keeps_one_rank_gathered`), removes ZeRO-3's per-module fetch
-    and release hooks, which there have nothing to fetch or release and only cost host time at every layer's
-    forward, recomputation and backward (`fetch_sub_module`, `release_sub_module`, their parameter walks and stream
-    waits). DeepSpeed's own method does it, as its DeepCompile does when it takes over the gathering.
-
-    What the hooks did once remains to do: gather a weight that is released. DeepSpeed releases every weight
-    when it writes a checkpoint (and gathers them again after), and a ``GatheredParameters`` context (SRLoRA's
-    recomposition, a merge) releases its weights on leaving. One hook before each forward of the whole model
-    gathers whatever is released then, every weight at the first forward; it runs outside the compiled decoder
-    regions, which cannot gather (under TorchDynamo DeepSpeed's gather-on-access is off, and a compiled region
-    that meets a released weight fails). ZeRO-3's gradient reduction (its per-layer backward hooks), optimizer
-    and checkpoints are untouched; tests/test_engine.py compares losses and gradients with every weight
-    partitioned, eager and compiled. Returns False, the hooks kept, where this DeepSpeed has no such method."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    remove_hooks = getattr(getattr(ds_engine.optimizer, "parameter_offload", None), "_remove_module_hooks", None)
-    if remove_hooks is None:
-        return False
-    remove_hooks()
-    parameters = list(ds_engine.module.parameters())
-
-    def gather_released(module, args) -> None:
-        released = [p for p in parameters if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
-        if released:
-            released[0].all_gather(param_list=released)
-
-    ds_engine.module.register_forward_pre_hook(gather_released)
-    return True
-
-
-def keep_weights_through_step(ds_engine) -> bool:
-    """On one rank with every weight kept gathered (`keeps_one_rank_gathered`), stops ZeRO-3's optimizer from
-    releasing every weight before its step and gathering it again after (`_partition_all_parameters`, then
-    `_post_step`'s gather of the persistent weights). On one rank a gather of several weights makes each whole a
-    view of its partition, which the step then updates in place: the round trip changes nothing, yet it walks
-    every parameter twice (739 at the 1.3B shape) and ends in a whole-device synchronisation
-    (`NoGatherCoalescedHandle.wait`, DeepSpeed 0.19.8), after which the next step's first kernels meet an idle GPU.
-
-    Instead, before the step, a weight whose whole is a copy (DeepSpeed gathers a lone weight into a new buffer:
-    the first forward's, and any that a ``GatheredParameters`` context, saving or SRLoRA, left released and a
-    forward gathered again) is made a view of its partition, as DeepSpeed's one-rank gather of several makes it:
-    the two hold the same values then (the optimizer has not run), and the step's update reaches the view. A
-    checkpoint still releases every weight first, as DeepSpeed does (its ZeRO-3 module file holds the released,
-    empty weights; the partitions hold the values). tests/test_engine.py compares losses and gradients with every
-    weight partitioned, over several steps, with a frozen weight changed between them, and across a resume.
-    Returns False, the round trip kept, where this DeepSpeed's optimizer has no such method, or where it offloads
-    its state (whose swap paths release every weight to refresh the partitions)."""
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-    optimizer = ds_engine.optimizer
-    release_all = getattr(optimizer, "_partition_all_parameters", None)
-    if not callable(release_all) or getattr(optimizer, "offload_optimizer", True):
-        return False
-    parameters = list(ds_engine.module.parameters())
-
-    def view_partitions() -> None:
-        for param in parameters:
-            if param.ds_status == ZeroParamStatus.AVAILABLE and not whole_is_its_partition(param):
-                param.data = param.ds_tensor.data.narrow(0, 0, param.ds_numel).view(param.ds_shape)
-
-    optimizer._partition_all_parameters = view_partitions
-    optimizer.checkpoint_event_prologue = release_all
-    return True
 
 
 def whole_layer_fetch(model: torch.nn.Module, ds_config: dict) -> list[str]:

@@ -163,12 +163,9 @@ def build(cfg, setup: Setup) -> Trainee:
     if getattr(engine, "fetch_units", None):
         setup.say(f"ZeRO-3 gathers each {' and '.join(engine.fetch_units)} whole (one gather per layer)")
     if getattr(engine, "keeps_weights_gathered", False):
-        hooks = ("; its per-layer fetch and release hooks, with nothing to do, are off"
-                 if getattr(engine, "skips_fetch_hooks", False) else "")
-        if getattr(engine, "keeps_weights_through_step", False):
-            hooks += ", and its optimizer step no longer releases and re-gathers them"
+        changes = "".join(f"; {change}" for change in engine.one_rank_changes)
         setup.say("ZeRO-3 on one rank keeps every weight gathered (its partition is the whole model: no memory "
-                  f"saved by releasing){hooks}; set zero_optimization.stage3_param_persistence_threshold to "
+                  f"saved by releasing){changes}; set zero_optimization.stage3_param_persistence_threshold to "
                   "partition anyway")
     if plan.compiled:
         compile_regions(model)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from recipes import compiled_regions, engine, finetune, fused_loss, validate as validation
+from recipes import compiled_regions, engine, finetune, fused_loss, validate as validation, zero3_one_rank
 from recipes.compiled_regions import compile_regions
 from recipes.fused_loss import use_fused_loss
 from conftest import SMALL_RUN, TINY_MODEL, free_port
@@ -236,6 +236,9 @@ class Zero3Run(NamedTuple):
     layer_hooks: int            # forward (pre-)hooks left on the first decoder layer: ZeRO-3's fetch and release
     copies: list[str]           # gathered weights whose whole is a copy, not a view of their partition
     freed_in_last_step: int     # weights released during the last micro-step (forward, backward and step)
+    accumulated: dict           # the whole gradients of the trained weights summed over the first optimizer step
+    gradient_hooks: int         # ZeRO-3's gradient-reduction hooks left (per weight, and per whole-gathered layer)
+    gradient_norms: list[float] # DeepSpeed's global gradient norm after each optimizer step (before clipping)
 
 
 def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, resume_from: Path | None = None,
@@ -279,7 +282,12 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
 
     built = new_engine()
     tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
-    losses, first_gradients = [], {}
+    losses, first_gradients, accumulated, gradient_norms = [], {}, {}, []
+
+    def whole_gradients():
+        return {name: safe_get_full_grad(parameter).clone()
+                for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
+
     try:
         for step in range(steps):
             freed.clear()
@@ -287,9 +295,11 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
             loss = built(input_ids=tokens, labels=tokens).loss
             built.backward(loss)
             if step == 0:
-                first_gradients = {name: safe_get_full_grad(parameter).clone()
-                                   for name, parameter in built.module.named_parameters() if name.endswith(TRAINED)}
-            built.step()
+                first_gradients = whole_gradients()
+            if step == 1:  # both micro-batches of the first optimizer step
+                accumulated = whole_gradients()
+            if built.step():
+                gradient_norms.append(float(built.ds.get_global_grad_norm()))
             losses.append(loss.item())
             if step == 1 and resume_from is not None:  # the end of the first optimizer step (2 micro-batches)
                 built.save(resume_from / "step_1")
@@ -308,8 +318,10 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
                     if parameter.ds_status == ZeroParamStatus.AVAILABLE
                     and parameter.data_ptr() != parameter.ds_tensor.data_ptr())
     layer = built.module.model.layers[0]
+    gradient_hooks = len(built.optimizer._grad_acc_hooks) + len(built.optimizer._leaf_module_hooks)
     return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered,
-                    len(layer._forward_pre_hooks) + len(layer._forward_hooks), copies, len(freed))
+                    len(layer._forward_pre_hooks) + len(layer._forward_hooks), copies, len(freed), accumulated,
+                    gradient_hooks, gradient_norms)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -371,6 +383,66 @@ def test_zero3_on_one_rank_without_the_fetch_hooks_resumes_exactly(one_process_g
     resumed = zero3_run(checkpointing=True, steps=4, partitioned=False, resume_from=tmp_path)
     assert resumed.layer_hooks == 0 and resumed.released == [] and resumed.copies == []
     assert resumed.losses == straight.losses and straight.losses[-1] < straight.losses[0]
+
+
+def test_zero3_on_one_rank_writes_gradients_straight_into_their_partitions(one_process_group, monkeypatch):
+    """On one rank ZeRO-3's gradient reduction (a hook per trained weight and per whole-gathered layer, a bucket
+    copy and a reduce-scatter over a world of one per gradient) is replaced by one batched copy, or add, of every
+    gradient into its partition at the end of each backward: no gradient hook is left, and the first micro-batch's
+    gradients, their sum over the optimizer step's two micro-batches (the same tokens twice: twice the first) and
+    the losses are DeepSpeed's own path's, bit for bit."""
+    direct = zero3_run(checkpointing=True, steps=4, partitioned=False)
+    monkeypatch.setattr(zero3_one_rank, "gradients_straight_to_partitions", lambda ds_engine: False)
+    hooked = zero3_run(checkpointing=True, steps=4, partitioned=False)
+    assert direct.gradient_hooks == 0 and hooked.gradient_hooks > 0
+    assert direct.losses == hooked.losses and direct.losses[-1] < direct.losses[0]
+    assert sorted(direct.gradients) == sorted(hooked.gradients) and len(direct.gradients) == 4
+    for name, gradient in hooked.gradients.items():
+        assert gradient.norm() > 0 and torch.equal(direct.gradients[name], gradient)
+        assert torch.equal(direct.accumulated[name], hooked.accumulated[name])
+        assert torch.equal(direct.accumulated[name], 2 * gradient)
+
+
+
+def test_zero3_on_one_rank_takes_the_clipping_norm_in_one_pass(one_process_group, monkeypatch):
+    """On one rank the gradient norm for clipping is one batched norm over every gradient partition instead of
+    DeepSpeed's two kernels per weight: the same norms (clipping on: above train.max_grad_norm=1) and losses."""
+    one_pass = zero3_run(checkpointing=True, steps=6, partitioned=False)
+    monkeypatch.setattr(zero3_one_rank, "gradient_norm_in_one_pass", lambda ds_engine: False)
+    per_weight = zero3_run(checkpointing=True, steps=6, partitioned=False)
+    assert len(one_pass.gradient_norms) == 3 and min(per_weight.gradient_norms) > 1.0
+    assert one_pass.gradient_norms == pytest.approx(per_weight.gradient_norms, rel=1e-6)
+    assert one_pass.losses == pytest.approx(per_weight.losses, rel=1e-6)
+
+class TwoBranches(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x, branch):
+        return getattr(self, branch)(x).square().mean()
+
+
+def test_zero3_on_one_rank_counts_a_trained_weight_without_a_gradient_as_zero(one_process_group):
+    """A trained weight that a micro-batch does not use has no gradient: its partition starts the optimizer step at
+    zero (as DeepSpeed's layer hook zero-fills it), not at the last step's gradient."""
+    from deepspeed.utils import safe_get_full_grad
+    from launch.config import resolve
+    cfg = resolve("llama_lora", ["deepspeed.config=zero3", "deepspeed.overrides={optimizer: {params: {torch_adam: true}}}"])
+    torch.manual_seed(0)
+    built = engine.DeepSpeedEngine(TwoBranches(), engine.sized_for_model(engine.deepspeed_config(cfg, 1), 8),
+                                   cfg.train, 10)
+    assert built.keeps_weights_gathered and len(built.one_rank_changes) == 4
+    x = torch.randn(4, 8)
+    gradients = []
+    for branch in ("a", "a", "b", "b"):
+        built.backward(built(x=x, branch=branch))
+        gradients.append({name: safe_get_full_grad(p).clone() for name, p in built.module.named_parameters()})
+        built.step()
+    assert gradients[1]["a.weight"].norm() > 0 and gradients[1]["b.weight"].norm() == 0
+    assert gradients[2]["a.weight"].norm() == 0 and gradients[2]["b.weight"].norm() > 0
+    torch.testing.assert_close(gradients[3]["b.weight"], 2 * gradients[2]["b.weight"])
+    assert gradients[3]["a.weight"].norm() == 0
 
 
 @pytest.mark.parametrize("world_size,zero,expected", [
