@@ -239,22 +239,24 @@ class Zero3Run(NamedTuple):
     accumulated: dict           # the whole gradients of the trained weights summed over the first optimizer step
     gradient_hooks: int         # ZeRO-3's gradient-reduction hooks left (per weight, and per whole-gathered layer)
     gradient_norms: list[float] # DeepSpeed's global gradient norm after each optimizer step (before clipping)
+    weight_dtype: torch.dtype   # the trained weights' (DeepSpeed's bf16 mode makes them bfloat16)
 
 
 def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, resume_from: Path | None = None,
-              compiled: bool = False) -> Zero3Run:
+              compiled: bool = False, bf16: bool = False) -> Zero3Run:
     """A few ZeRO-3 steps of the tiny LLaMA, its attention projections trained. ``partitioned``: every parameter
     partitioned (persistence threshold 0), else the threshold the engine fills for one rank. After the second
     micro-batch (the first optimizer step) a frozen weight is changed in a GatheredParameters context, as SRLoRA's
     recomposition does, which leaves it released. ``resume_from``: the first optimizer step's checkpoint is written
     there just before, and the run goes on in a new engine over a new model that loads it. ``compiled``: the
-    decoder regions compiled as the recipe does on a GPU (the caller sets a backend that runs on the CPU)."""
+    decoder regions compiled as the recipe does on a GPU (the caller sets a backend that runs on the CPU).
+    ``bf16``: DeepSpeed's bf16 mode, as on a GPU (bfloat16 weights and gradients, float32 partitions of them)."""
     from deepspeed.utils import safe_get_full_grad
     from launch.config import resolve
     persistence = "stage3_param_persistence_threshold: 0" if partitioned else ""
     cfg = resolve("llama_lora", [*TINY_MODEL, "deepspeed.config=zero3", "train.learning_rate=1e-2",
                                  "train.warmup_steps=0", f"deepspeed.overrides={{zero_optimization: {{{persistence}}}, "
-                                 "optimizer: {params: {torch_adam: true}}}"])
+                                 f"optimizer: {{params: {{torch_adam: true}}}}, bf16: {{enabled: {str(bf16).lower()}}}}}"])
 
     def new_engine():
         torch.manual_seed(0)
@@ -321,7 +323,7 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
     gradient_hooks = len(built.optimizer._grad_acc_hooks) + len(built.optimizer._leaf_module_hooks)
     return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered,
                     len(layer._forward_pre_hooks) + len(layer._forward_hooks), copies, len(freed), accumulated,
-                    gradient_hooks, gradient_norms)
+                    gradient_hooks, gradient_norms, built.module.model.layers[0].self_attn.q_proj.weight.dtype)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -385,16 +387,19 @@ def test_zero3_on_one_rank_without_the_fetch_hooks_resumes_exactly(one_process_g
     assert resumed.losses == straight.losses and straight.losses[-1] < straight.losses[0]
 
 
-def test_zero3_on_one_rank_writes_gradients_straight_into_their_partitions(one_process_group, monkeypatch):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_zero3_on_one_rank_writes_gradients_straight_into_their_partitions(one_process_group, monkeypatch, bf16):
     """On one rank ZeRO-3's gradient reduction (a hook per trained weight and per whole-gathered layer, a bucket
     copy and a reduce-scatter over a world of one per gradient) is replaced by one batched copy, or add, of every
     gradient into its partition at the end of each backward: no gradient hook is left, and the first micro-batch's
     gradients, their sum over the optimizer step's two micro-batches (the same tokens twice: twice the first) and
-    the losses are DeepSpeed's own path's, bit for bit."""
-    direct = zero3_run(checkpointing=True, steps=4, partitioned=False)
+    the losses are DeepSpeed's own path's, bit for bit; in float32, and in DeepSpeed's bf16 mode as on a GPU
+    (bfloat16 gradients into float32 partitions)."""
+    direct = zero3_run(checkpointing=True, steps=4, partitioned=False, bf16=bf16)
     monkeypatch.setattr(zero3_one_rank, "gradients_straight_to_partitions", lambda ds_engine: False)
-    hooked = zero3_run(checkpointing=True, steps=4, partitioned=False)
+    hooked = zero3_run(checkpointing=True, steps=4, partitioned=False, bf16=bf16)
     assert direct.gradient_hooks == 0 and hooked.gradient_hooks > 0
+    assert direct.weight_dtype == (torch.bfloat16 if bf16 else torch.float32)
     assert direct.losses == hooked.losses and direct.losses[-1] < direct.losses[0]
     assert sorted(direct.gradients) == sorted(hooked.gradients) and len(direct.gradients) == 4
     for name, gradient in hooked.gradients.items():
