@@ -42,6 +42,32 @@ def summarise(stderr: str) -> dict:
     return {**counts, "reasons": reasons.most_common(6)}
 
 
+def run_row(args, row: tuple, target: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    """Runs one row of recipe_vs_peft.py (``row``: its RECIPE_ROWS entry) with the profile window ``args.profile``
+    (cProfile with ``args.python_profile``) and ``extra`` overrides, in its own process; keeps what it wrote in
+    ``target``: stderr.txt, ops.txt or python.txt and python.prof, metrics.jsonl."""
+    _, engine, method, recipe, row_extra, _core = row
+    first, last = args.profile.split(",")
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as work:
+        command = [sys.executable, "launch/train.py", "--recipe", recipe,
+                   *recipe_overrides(args, engine, method, list(row_extra) + extra),
+                   f"train.output_dir={work}/run", f"train.profile_steps=[{first},{last}]",
+                   f"train.profile_python={str(args.python_profile).lower()}"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        if args.torch_logs:  # an empty TORCH_LOGS breaks torch's import
+            env["TORCH_LOGS"] = args.torch_logs
+        result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        (target / "stderr.txt").write_text(result.stderr)
+        for found, keep in ((Path(work) / "run" / "profile" / "ops.txt", "ops.txt"),
+                            (Path(work) / "run" / "profile" / "python.txt", "python.txt"),
+                            (Path(work) / "run" / "profile" / "python.prof", "python.prof"),
+                            (Path(work) / "run" / "metrics.jsonl", "metrics.jsonl")):
+            if found.is_file():
+                shutil.copy(found, target / keep)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argument_parser(__doc__)
     parser.add_argument("--rows", required=True, help="comma-separated row names of recipe_vs_peft.py")
@@ -61,25 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     first, last = args.profile.split(",")
     for name in names:
-        _, engine, method, recipe, extra, _core = rows[name]
-        slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-        target = out / slug
-        target.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory() as work:
-            command = [sys.executable, "launch/train.py", "--recipe", recipe,
-                       *recipe_overrides(args, engine, method, list(extra) + args.extra.split()),
-                       f"train.output_dir={work}/run", f"train.profile_steps=[{first},{last}]",
-                       f"train.profile_python={str(args.python_profile).lower()}"]
-            env = dict(os.environ, TORCH_LOGS=args.torch_logs,
-                       PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-            result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-            (target / "stderr.txt").write_text(result.stderr)
-            for found, keep in ((Path(work) / "run" / "profile" / "ops.txt", "ops.txt"),
-                                (Path(work) / "run" / "profile" / "python.txt", "python.txt"),
-                                (Path(work) / "run" / "profile" / "python.prof", "python.prof"),
-                                (Path(work) / "run" / "metrics.jsonl", "metrics.jsonl")):
-                if found.is_file():
-                    shutil.copy(found, target / keep)
+        target = out / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        result = run_row(args, rows[name], target, args.extra.split())
         summary = summarise(result.stderr)
         metrics = read_metrics(target / "metrics.jsonl") if (target / "metrics.jsonl").is_file() else []
         speeds = [line["tokens_per_s"] for line in metrics

@@ -117,6 +117,20 @@ def test_row_diagnosis_smoke(tmp_path, capsys):
                                    "failure(s):\nGraph break in user code at y.py:3")["graph break"] == 1
 
 
+def test_host_calls_smoke(tmp_path):
+    """Python calls per optimizer step, counted: one-rank ZeRO-3 as the engine runs it makes far fewer than with
+    DeepSpeed's own path (the fetch-hooks row), most of whose extra calls are DeepSpeed's."""
+    import host_calls
+    rows = host_calls.main(["--rows", "recipe ZeRO-3 LoRA (padding-free),recipe ZeRO-3 LoRA (padding-free fetch hooks)",
+                            "--shape", "tiny_llama", "--rank", "8", "--steps", "2", "--warmup", "2",
+                            "--profile", "3,3", "--out", str(tmp_path)])
+    engine_path, deepspeed_path = rows
+    assert 0 < engine_path["deepspeed_calls_per_step"] < engine_path["calls_per_step"]
+    assert deepspeed_path["calls_per_step"] > 1.5 * engine_path["calls_per_step"]
+    assert deepspeed_path["deepspeed_calls_per_step"] > 3 * engine_path["deepspeed_calls_per_step"]
+    assert deepspeed_path["most_added"] and all(added > 0 for _, added in deepspeed_path["most_added"])
+    assert json.loads(dated(tmp_path, "host_calls").read_text())["rows"][1]["row"] == deepspeed_path["row"]
+
 def test_a_failed_row_reports_the_recipes_own_failure_line():
     """A failed recipe row names what failed (the recipe's own line), not a library's hint printed after it."""
     import recipe_vs_peft
