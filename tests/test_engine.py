@@ -240,20 +240,23 @@ class Zero3Run(NamedTuple):
     gradient_hooks: int         # ZeRO-3's gradient-reduction hooks left (per weight, and per whole-gathered layer)
     gradient_norms: list[float] # DeepSpeed's global gradient norm after each optimizer step (before clipping)
     weight_dtype: torch.dtype   # the trained weights' (DeepSpeed's bf16 mode makes them bfloat16)
+    one_rank_changes: list[str] # what recipes/zero3_one_rank.py switched off
 
 
 def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, resume_from: Path | None = None,
-              compiled: bool = False, bf16: bool = False) -> Zero3Run:
+              compiled: bool = False, bf16: bool = False, offload_optimizer: bool = False) -> Zero3Run:
     """A few ZeRO-3 steps of the tiny LLaMA, its attention projections trained. ``partitioned``: every parameter
     partitioned (persistence threshold 0), else the threshold the engine fills for one rank. After the second
     micro-batch (the first optimizer step) a frozen weight is changed in a GatheredParameters context, as SRLoRA's
     recomposition does, which leaves it released. ``resume_from``: the first optimizer step's checkpoint is written
     there just before, and the run goes on in a new engine over a new model that loads it. ``compiled``: the
     decoder regions compiled as the recipe does on a GPU (the caller sets a backend that runs on the CPU).
-    ``bf16``: DeepSpeed's bf16 mode, as on a GPU (bfloat16 weights and gradients, float32 partitions of them)."""
+    ``bf16``: DeepSpeed's bf16 mode, as on a GPU (bfloat16 weights and gradients, float32 partitions of them).
+    ``offload_optimizer``: the optimizer's state and step on the host (DeepSpeed's offload_optimizer)."""
     from deepspeed.utils import safe_get_full_grad
     from launch.config import resolve
-    persistence = "stage3_param_persistence_threshold: 0" if partitioned else ""
+    persistence = ", ".join((["stage3_param_persistence_threshold: 0"] if partitioned else [])
+                            + (["offload_optimizer: {device: cpu}"] if offload_optimizer else []))
     cfg = resolve("llama_lora", [*TINY_MODEL, "deepspeed.config=zero3", "train.learning_rate=1e-2",
                                  "train.warmup_steps=0", f"deepspeed.overrides={{zero_optimization: {{{persistence}}}, "
                                  f"optimizer: {{params: {{torch_adam: true}}}}, bf16: {{enabled: {str(bf16).lower()}}}}}"])
@@ -323,7 +326,8 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
     gradient_hooks = len(built.optimizer._grad_acc_hooks) + len(built.optimizer._leaf_module_hooks)
     return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered,
                     len(layer._forward_pre_hooks) + len(layer._forward_hooks), copies, len(freed), accumulated,
-                    gradient_hooks, gradient_norms, built.module.model.layers[0].self_attn.q_proj.weight.dtype)
+                    gradient_hooks, gradient_norms, built.module.model.layers[0].self_attn.q_proj.weight.dtype,
+                    built.one_rank_changes)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
@@ -418,6 +422,20 @@ def test_zero3_on_one_rank_takes_the_clipping_norm_in_one_pass(one_process_group
     assert len(one_pass.gradient_norms) == 3 and min(per_weight.gradient_norms) > 1.0
     assert one_pass.gradient_norms == pytest.approx(per_weight.gradient_norms, rel=1e-6)
     assert one_pass.losses == pytest.approx(per_weight.losses, rel=1e-6)
+
+
+def test_zero3_on_one_rank_with_an_offloaded_optimizer_keeps_deepspeeds_step_and_gradient_path(one_process_group):
+    """An offloaded optimizer (its state and step on the host) needs DeepSpeed's release around the step and its
+    gradient path: only the fetch hooks go, and the run trains as the one with every change (the same losses, and
+    gradients summed over an optimizer step)."""
+    every_change = zero3_run(checkpointing=True, steps=4, partitioned=False)
+    offloaded = zero3_run(checkpointing=True, steps=4, partitioned=False, offload_optimizer=True)
+    assert len(every_change.one_rank_changes) == 4 and every_change.gradient_hooks == 0
+    assert offloaded.one_rank_changes == every_change.one_rank_changes[:1] and offloaded.gradient_hooks > 0
+    assert offloaded.losses == pytest.approx(every_change.losses, rel=1e-6)
+    for name, gradient in every_change.accumulated.items():  # (offloaded, they reach the host at the step's end)
+        assert gradient.norm() > 0
+        torch.testing.assert_close(offloaded.accumulated[name], gradient, rtol=1e-6, atol=0)
 
 class TwoBranches(torch.nn.Module):
     def __init__(self):
