@@ -3,14 +3,16 @@
 On one rank a ZeRO-3 partition is the whole model: with every weight kept gathered (the persistence threshold
 `recipes.engine.keeps_one_rank_gathered` fills), nothing is ever fetched, released or reduced across ranks, yet
 DeepSpeed (0.19.8) still runs its per-layer fetch and release hooks, releases and re-gathers every weight around
-each optimizer step, and sends each gradient through a per-weight hook, a bucket copy and a reduce-scatter over a
-world of one, and takes the clipping norm one gradient at a time. `switch_off` removes those four, after ``deepspeed.initialize``, and returns what it removed, in
-words, for the run's log. Each is left in place where this DeepSpeed lacks what it replaces, or where the
-optimizer is offloaded (its swap paths need the releases and DeepSpeed's gradient path).
+each optimizer step, sends each gradient through a per-weight hook, a bucket copy and a reduce-scatter over a world
+of one, and takes the clipping norm one gradient at a time. `switch_off` replaces those four, after
+``deepspeed.initialize``, and returns what it replaced, in words, for the run's log. Each is left in place where
+this DeepSpeed lacks what it replaces, and all but the first where the optimizer is offloaded (its swap paths need
+the releases and DeepSpeed's gradient path).
 
-tests/test_engine.py compares every change with DeepSpeed's own path: the same losses and gradients, eager and
-with compiled decoder regions, across a frozen weight changed in a ``GatheredParameters`` context and across a
-checkpoint resumed by a new engine.
+tests/test_engine.py compares every change with DeepSpeed's own path: the same losses and gradients (bit for bit
+where nothing is reordered), eager and with compiled decoder regions, in float32 and DeepSpeed's bf16 mode, across
+a frozen weight changed in a ``GatheredParameters`` context and across a checkpoint resumed by a new engine;
+bench/host_calls.py counts the Python each saves.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ GRADIENT_PARTITIONS = "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partitio
 
 
 def switch_off(ds_engine) -> list[str]:
-    """Applies the three one-rank changes to ``ds_engine`` (``deepspeed.initialize``'s engine, ZeRO-3, one rank,
+    """Applies the one-rank changes to ``ds_engine`` (``deepspeed.initialize``'s engine, ZeRO-3, one rank,
     every weight kept gathered); returns a phrase for each one made."""
     made = []
     if drop_fetch_hooks(ds_engine):
