@@ -326,7 +326,7 @@ def zero3_run(checkpointing: bool, steps: int = 3, partitioned: bool = True, res
     gradient_hooks = len(built.optimizer._grad_acc_hooks) + len(built.optimizer._leaf_module_hooks)
     return Zero3Run(built.fetch_units, losses, first_gradients, released, built.keeps_weights_gathered,
                     len(layer._forward_pre_hooks) + len(layer._forward_hooks), copies, len(freed), accumulated,
-                    gradient_hooks, gradient_norms, built.module.model.layers[0].self_attn.q_proj.weight.dtype,
+                    gradient_hooks, gradient_norms, layer.self_attn.q_proj.weight.dtype,
                     built.one_rank_changes)
 
 
@@ -412,7 +412,6 @@ def test_zero3_on_one_rank_writes_gradients_straight_into_their_partitions(one_p
         assert torch.equal(direct.accumulated[name], 2 * gradient)
 
 
-
 def test_zero3_on_one_rank_takes_the_clipping_norm_in_one_pass(one_process_group, monkeypatch):
     """On one rank the gradient norm for clipping is one batched norm over every gradient partition instead of
     DeepSpeed's two kernels per weight: the same norms (clipping on: above train.max_grad_norm=1) and losses."""
@@ -436,6 +435,7 @@ def test_zero3_on_one_rank_with_an_offloaded_optimizer_keeps_deepspeeds_step_and
     for name, gradient in every_change.accumulated.items():  # (offloaded, they reach the host at the step's end)
         assert gradient.norm() > 0
         torch.testing.assert_close(offloaded.accumulated[name], gradient, rtol=1e-6, atol=0)
+
 
 class TwoBranches(torch.nn.Module):
     def __init__(self):
