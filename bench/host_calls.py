@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from common import argument_parser, write_results
-from recipe_vs_peft import RECIPE_ROWS, add_row_arguments
-from row_diagnosis import run_row
+from recipe_vs_peft import add_row_arguments
+from row_diagnosis import named_rows, run_row
 
 DEFAULT_ROWS = ("recipe plain LoRA (padding-free),recipe ZeRO-2 LoRA (padding-free),recipe ZeRO-3 LoRA (padding-free),"
                 "recipe ZeRO-3 LoRA (padding-free fetch hooks)")
@@ -56,18 +56,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--profile", default="6,7", help="first,last optimizer step counted (after the warm-up)")
     args = parser.parse_args(argv)
     args.breakdown, args.python_profile, args.torch_logs = False, True, ""
-    known = {row[0]: row for row in RECIPE_ROWS}
-    names = [name.strip() for name in args.rows.split(",")]
-    unknown = [name for name in names if name not in known]
-    if unknown:
-        parser.error(f"--rows: no row named {unknown}")
+    wanted = named_rows(parser, args.rows)
     first, last = (int(step) for step in args.profile.split(","))
     steps = last - first + 1
     rows, base = [], None
     with tempfile.TemporaryDirectory() as work:
-        for name in names:
-            target = Path(work) / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-            result = run_row(args, known[name], target, [])
+        for row in wanted:
+            name = row[0]
+            result, target = run_row(args, row, Path(work), [])
             if result.returncode != 0 or not (target / "python.prof").is_file():
                 raise SystemExit(f"{name}: the run failed:\n" + "\n".join(result.stderr.strip().splitlines()[-8:]))
             counts = calls_by_function(target / "python.prof")

@@ -42,12 +42,24 @@ def summarise(stderr: str) -> dict:
     return {**counts, "reasons": reasons.most_common(6)}
 
 
-def run_row(args, row: tuple, target: Path, extra: list[str]) -> subprocess.CompletedProcess:
+def named_rows(parser, text: str) -> list[tuple]:
+    """The RECIPE_ROWS entries ``text`` names (comma-separated), in its order; an unknown name is a usage error."""
+    known = {row[0]: row for row in RECIPE_ROWS}
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"--rows: no row named {unknown}")
+    return [known[name] for name in names]
+
+
+def run_row(args, row: tuple, out: Path, extra: list[str]) -> tuple[subprocess.CompletedProcess, Path]:
     """Runs one row of recipe_vs_peft.py (``row``: its RECIPE_ROWS entry) with the profile window ``args.profile``
     (cProfile with ``args.python_profile``) and ``extra`` overrides, in its own process; keeps what it wrote in
-    ``target``: stderr.txt, ops.txt or python.txt and python.prof, metrics.jsonl."""
-    _, engine, method, recipe, row_extra, _core = row
+    ``out``/<row slug>: stderr.txt, ops.txt or python.txt and python.prof, metrics.jsonl. Returns the run and that
+    folder."""
+    name, engine, method, recipe, row_extra, _core = row
     first, last = args.profile.split(",")
+    target = out / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
         command = [sys.executable, "launch/train.py", "--recipe", recipe,
@@ -65,7 +77,7 @@ def run_row(args, row: tuple, target: Path, extra: list[str]) -> subprocess.Comp
                             (Path(work) / "run" / "metrics.jsonl", "metrics.jsonl")):
             if found.is_file():
                 shutil.copy(found, target / keep)
-    return result
+    return result, target
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,16 +91,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="cProfile over the window (python.txt) instead of torch.profiler (ops.txt)")
     args = parser.parse_args(argv)
     args.breakdown = False
-    rows = {row[0]: row for row in RECIPE_ROWS}
-    names = [name.strip() for name in args.rows.split(",")]
-    unknown = [name for name in names if name not in rows]
-    if unknown:
-        parser.error(f"--rows: no row named {unknown}")
+    rows = named_rows(parser, args.rows)
     out = Path(args.out)
     first, last = args.profile.split(",")
-    for name in names:
-        target = out / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-        result = run_row(args, rows[name], target, args.extra.split())
+    for row in rows:
+        name = row[0]
+        result, target = run_row(args, row, out, args.extra.split())
         summary = summarise(result.stderr)
         metrics = read_metrics(target / "metrics.jsonl") if (target / "metrics.jsonl").is_file() else []
         speeds = [line["tokens_per_s"] for line in metrics

@@ -131,6 +131,7 @@ def test_host_calls_smoke(tmp_path):
     assert deepspeed_path["most_added"] and all(added > 0 for _, added in deepspeed_path["most_added"])
     assert json.loads(dated(tmp_path, "host_calls").read_text())["rows"][1]["row"] == deepspeed_path["row"]
 
+
 def test_a_failed_row_reports_the_recipes_own_failure_line():
     """A failed recipe row names what failed (the recipe's own line), not a library's hint printed after it."""
     import recipe_vs_peft
